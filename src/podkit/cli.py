@@ -1,0 +1,152 @@
+"""The `podkit` command: `up`, `validate`, `status`, and one subcommand per component."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from podkit import __version__
+
+app = typer.Typer(
+    name="podkit",
+    help="Patterns for reliable distributed systems: run a spec locally, or its components.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"podkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """podkit: patterns for reliable distributed systems."""
+
+
+SpecPath = Annotated[Path, typer.Argument(help="The system spec (YAML).")]
+
+
+def _print_spec_error(exc: Exception) -> None:
+    from podkit.system.spec import SpecError
+
+    assert isinstance(exc, SpecError)
+    n = len(exc.issues)
+    err.print(f"[bold red]{n} problem{'s' if n != 1 else ''} in the spec:[/]", highlight=False)
+    for issue in exc.issues:
+        err.print(f"  {issue}", highlight=False, markup=False)
+
+
+@app.command()
+def validate(spec: SpecPath) -> None:
+    """Check a spec; print every problem with its file, line and field, exit 2 if any."""
+    from podkit.system.spec import SpecError, load_spec
+
+    try:
+        loaded = load_spec(spec)
+    except SpecError as exc:
+        _print_spec_error(exc)
+        raise typer.Exit(2) from None
+    replicas = sum(p.replicas for p in loaded.pods)
+    out.print(
+        f"{spec}: ok ({len(loaded.pods)} pods, {replicas} replicas, "
+        f"{len(loaded.services)} services)",
+        highlight=False,
+    )
+
+
+@app.command()
+def up(
+    spec: SpecPath,
+    subnet: Annotated[
+        str | None,
+        typer.Option(help="Loopback network for pod addresses, e.g. 127.42.0.0/16."),
+    ] = None,
+) -> None:
+    """Run every pod of a spec on this machine until Ctrl-C."""
+    from podkit.system.spec import SpecError
+    from podkit.system.up import run_up
+
+    try:
+        code = _run(run_up(spec, subnet=subnet))
+    except SpecError as exc:
+        _print_spec_error(exc)
+        raise typer.Exit(2) from None
+    except RuntimeError as exc:
+        err.print(f"[bold red]podkit up:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(
+    name: Annotated[str | None, typer.Argument(help="A system's name; all when omitted.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print raw JSON.")] = False,
+) -> None:
+    """Show the pods, replicas, readiness, restarts and ports of running systems."""
+    import json
+
+    from podkit.system.control import fetch_status, run_dir, running_systems
+
+    systems = [s for s in running_systems() if name is None or s["name"] == name]
+    if not systems:
+        err.print(f"no running podkit system{f' named {name}' if name else ''} (in {run_dir()})")
+        raise typer.Exit(1)
+    for info in systems:
+        try:
+            data = fetch_status(info["control"])
+        except OSError as exc:
+            err.print(f"{info['name']}: control endpoint {info['control']} did not answer: {exc}")
+            continue
+        if as_json:
+            print(json.dumps(data, indent=2))
+            continue
+        table = Table(title=f"{data['name']} (pid {data['pid']})")
+        for col in ("pod", "ip", "container", "state", "ready", "restarts", "pid"):
+            table.add_column(col)
+        for pod in data["pods"]:
+            for c in pod["containers"]:
+                table.add_row(
+                    pod["name"],
+                    pod["ip"],
+                    c["name"],
+                    c["state"],
+                    "yes" if c["ready"] else "no",
+                    str(c["restarts"]),
+                    str(c["pid"] or "-"),
+                )
+        out.print(table)
+        for svc in data["services"]:
+            eps = ", ".join(svc["endpoints"]) or "no ready endpoint"
+            out.print(f"service {svc['name']}: {svc['url']} -> {eps}", highlight=False)
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

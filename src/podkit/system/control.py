@@ -1,0 +1,114 @@
+"""The control endpoint of `podkit up` (loopback only) and the client `podkit status` uses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from podkit.system.runtime import Runtime
+
+
+def run_dir() -> Path:
+    """Where running systems leave their control address: $PODKIT_RUN_DIR or a per-user dir."""
+    return Path(os.environ.get("PODKIT_RUN_DIR") or f"/tmp/podkit-{os.getuid()}")
+
+
+class ControlServer:
+    """Serves `GET /status` (JSON) and `GET /healthz` for one runtime on 127.0.0.1."""
+
+    def __init__(self, runtime: Runtime, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.runtime = runtime
+        self.host = host
+        self.port = port
+        self._server: asyncio.Server | None = None
+        self.file: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        directory = run_dir()
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.file = directory / f"{self.runtime.spec.name}.json"
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps({"name": self.runtime.spec.name, "pid": os.getpid(), "control": self.url})
+        )
+        tmp.replace(self.file)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            parts = request.split(b" ", 2)
+            path = parts[1].decode() if len(parts) > 1 else ""
+            if parts[0] == b"GET" and path == "/status":
+                status, body = 200, json.dumps(self.runtime.status()).encode()
+            elif parts[0] == b"GET" and path == "/healthz":
+                status, body = 200, b'{"ok": true}'
+            else:
+                status, body = 404, b'{"error": "not found: try GET /status"}'
+            reason = {200: "OK", 404: "Not Found"}[status]
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                info = json.loads(self.file.read_text())
+                if info.get("pid") == os.getpid():
+                    self.file.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_systems() -> list[dict[str, Any]]:
+    """The run files of systems whose `podkit up` is still alive (stale files are removed)."""
+    out = []
+    directory = run_dir()
+    if not directory.is_dir():
+        return []
+    for file in sorted(directory.glob("*.json")):
+        try:
+            info = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue
+        if not _alive(int(info.get("pid", 0))):
+            with contextlib.suppress(OSError):
+                file.unlink()
+            continue
+        out.append(info)
+    return out
+
+
+def fetch_status(control_url: str, timeout: float = 3.0) -> dict[str, Any]:
+    """GET the status of a running system from its control endpoint."""
+    with urllib.request.urlopen(control_url + "/status", timeout=timeout) as resp:
+        data: dict[str, Any] = json.loads(resp.read())
+    return data

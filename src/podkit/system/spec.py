@@ -1,0 +1,451 @@
+"""The system spec: pods, containers, probes, services and backends, loaded from YAML.
+
+A wrong spec raises `SpecError`, which lists every problem with the file, line,
+field path and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from podkit.system.yamlpos import YAMLSyntaxError, load_with_positions, nearest_position
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+BACKEND_SCHEMES = ("memory", "sqlite", "redis", "rediss", "nats", "etcd", "k8s")
+
+
+def _scalar_to_str(value: Any) -> Any:
+    """Numbers and booleans in commands and env are meant as text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+def _dns_label(value: str) -> str:
+    if len(value) > 63 or not DNS_LABEL.match(value):
+        raise PydanticCustomError(
+            "dns_label",
+            "'{value}' is not a valid name: use lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit, at most 63 characters",
+            {"value": value},
+        )
+    return value
+
+
+Text = Annotated[str, BeforeValidator(_scalar_to_str)]
+Name = Annotated[str, BeforeValidator(_dns_label)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+PortRef = Port | str
+Seconds = Annotated[float, Field(ge=0)]
+
+
+class Model(BaseModel):
+    """Base of every spec model: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class HTTPProbe(Model):
+    path: str = "/"
+    port: PortRef
+    host: str | None = None
+
+
+class TCPProbe(Model):
+    port: PortRef
+
+
+class ExecProbe(Model):
+    command: list[Text] = Field(min_length=1)
+
+
+class Probe(Model):
+    """Exactly one of http, tcp or exec, with Kubernetes' timing knobs (in seconds)."""
+
+    http: HTTPProbe | None = None
+    tcp: TCPProbe | None = None
+    exec: ExecProbe | None = None
+    initial_delay: Seconds = 0.0
+    period: Annotated[float, Field(gt=0)] = 1.0
+    timeout: Annotated[float, Field(gt=0)] = 1.0
+    success_threshold: Annotated[int, Field(ge=1)] = 1
+    failure_threshold: Annotated[int, Field(ge=1)] = 3
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Probe:
+        kinds = [k for k in ("http", "tcp", "exec") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise PydanticCustomError(
+                "probe_kind",
+                "a probe needs exactly one of 'http', 'tcp' or 'exec' (got {got})",
+                {"got": ", ".join(kinds) or "none"},
+            )
+        return self
+
+
+class Container(Model):
+    """One process of a pod: a command of the user's, or a podkit component."""
+
+    name: Name
+    command: list[Text] | None = None
+    args: list[Text] = []
+    component: str | None = None
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+    env: dict[str, Text] = {}
+    ports: dict[Name, Port] = {}
+    volumes: dict[Name, str] = Field(
+        default_factory=dict, description="volume name -> mount path (on Kubernetes)"
+    )
+    workdir: str | None = None
+    readiness: Probe | None = None
+    liveness: Probe | None = None
+
+    @model_validator(mode="after")
+    def _command_or_component(self) -> Container:
+        if self.command is None and self.component is None:
+            raise PydanticCustomError(
+                "missing_command",
+                "container '{name}' needs a 'command' (a program to run) "
+                "or a 'component' (a podkit component)",
+                {"name": self.name},
+            )
+        if self.command is not None and self.component is not None:
+            raise PydanticCustomError(
+                "command_and_component",
+                "container '{name}' has both 'command' and 'component': choose one",
+                {"name": self.name},
+            )
+        if self.with_ and self.component is None:
+            raise PydanticCustomError(
+                "with_without_component",
+                "container '{name}': 'with' configures a component, but none is named",
+                {"name": self.name},
+            )
+        return self
+
+
+class Pod(Model):
+    """A group of containers that share an address and volumes, run as `replicas` copies."""
+
+    name: Name
+    replicas: Annotated[int, Field(ge=0, le=250)] = 1
+    restart: Literal["Always", "OnFailure", "Never"] = "Always"
+    grace_period: Seconds = 10.0
+    volumes: list[Name] = []
+    containers: list[Container] = Field(min_length=1)
+
+
+class Service(Model):
+    """A stable port that balances over the ready replicas of one pod."""
+
+    name: Name
+    port: Port
+    pods: Name
+    target: PortRef
+    host: str = "127.0.0.1"
+    policy: Literal["round-robin"] = "round-robin"
+
+
+class Spec(Model):
+    """A whole system: named backends, pods and services."""
+
+    name: Name
+    backends: dict[Name, str] = {}
+    pods: list[Pod] = []
+    services: list[Service] = []
+
+    @field_validator("backends")
+    @classmethod
+    def _backend_urls(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, url in value.items():
+            scheme = url.split("://", 1)[0] if "://" in url else ""
+            if scheme not in BACKEND_SCHEMES:
+                raise PydanticCustomError(
+                    "backend_url",
+                    "backend '{key}': '{url}' is not a backend URL; expected one of {schemes}",
+                    {
+                        "key": key,
+                        "url": url,
+                        "schemes": ", ".join(f"{s}://" for s in BACKEND_SCHEMES),
+                    },
+                )
+        return value
+
+    def pod(self, name: str) -> Pod:
+        for pod in self.pods:
+            if pod.name == name:
+                return pod
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem in a spec: where it is and what was expected."""
+
+    file: str
+    line: int | None
+    column: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line is not None:
+            where += f":{self.line}:{self.column}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; `issues` lists every problem found."""
+
+    def __init__(self, issues: list[Issue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+def format_path(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel class inside an annotation like `Probe | None` or `list[Pod]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _model_in(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType, list, dict):
+        args = typing.get_args(annotation)
+        for arg in args[-1:] if origin is dict else args:
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Spec
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            continue
+        field = next(
+            (f for n, f in model.model_fields.items() if n == part or f.alias == part), None
+        )
+        if field is None:
+            return None
+        model = _model_in(field.annotation)
+    return model
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _describe(err: Any) -> str:
+    kind = err["type"]
+    loc = tuple(err["loc"])
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        name = loc[-1]
+        if model is None:
+            return f"unknown field '{name}'"
+        known = _field_names(model)
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown field '{name}'{hint}; expected one of: {', '.join(known)}"
+    if kind == "missing":
+        return f"missing required field '{loc[-1]}'"
+    msg = str(err["msg"])
+    if kind.startswith(("dns_label", "probe_kind", "missing_command", "backend_url")):
+        return msg
+    if kind in ("command_and_component", "with_without_component"):
+        return msg
+    if "input" in err and not isinstance(err["input"], dict | list):
+        return f"{msg} (got {err['input']!r})"
+    return msg
+
+
+def _check_references(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
+    """Cross-field checks: names unique, references resolve, ports do not clash."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    pod_names: dict[str, int] = {}
+    for i, pod in enumerate(spec.pods):
+        if pod.name in pod_names:
+            problems.append((("pods", i, "name"), f"pod name '{pod.name}' is used twice"))
+        pod_names[pod.name] = i
+        seen_containers: set[str] = set()
+        port_owner: dict[int, str] = {}
+        port_names: dict[str, int] = {}
+        for j, c in enumerate(pod.containers):
+            base: tuple[str | int, ...] = ("pods", i, "containers", j)
+            if c.name in seen_containers:
+                problems.append(((*base, "name"), f"container name '{c.name}' is used twice"))
+            seen_containers.add(c.name)
+            for pname, number in c.ports.items():
+                if number in port_owner:
+                    problems.append(
+                        (
+                            (*base, "ports", pname),
+                            f"port {number} is already used by container "
+                            f"'{port_owner[number]}' of this pod",
+                        )
+                    )
+                if pname in port_names:
+                    problems.append(((*base, "ports", pname), f"port name '{pname}' is used twice"))
+                port_owner[number] = c.name
+                port_names[pname] = number
+            for vol in c.volumes:
+                if vol not in pod.volumes:
+                    problems.append(
+                        (
+                            (*base, "volumes", vol),
+                            f"volume '{vol}' is not declared in the pod's 'volumes' "
+                            f"(declared: {', '.join(pod.volumes) or 'none'})",
+                        )
+                    )
+            if c.component is not None:
+                from podkit.system.components import known_components
+
+                known = known_components()
+                if c.component not in known:
+                    close = difflib.get_close_matches(c.component, known, n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    problems.append(
+                        (
+                            (*base, "component"),
+                            f"unknown component '{c.component}'{hint}; known: "
+                            f"{', '.join(known) or 'none yet'}",
+                        )
+                    )
+        for j, c in enumerate(pod.containers):
+            for kind in ("readiness", "liveness"):
+                probe: Probe | None = getattr(c, kind)
+                target = probe.http or probe.tcp if probe else None
+                if (
+                    target is not None
+                    and isinstance(target.port, str)
+                    and target.port not in port_names
+                ):
+                    sub = "http" if probe and probe.http else "tcp"
+                    problems.append(
+                        (
+                            ("pods", i, "containers", j, kind, sub, "port"),
+                            f"no port named '{target.port}' in pod '{pod.name}' "
+                            f"(named ports: {', '.join(port_names) or 'none'})",
+                        )
+                    )
+    svc_ports: dict[tuple[str, int], str] = {}
+    svc_names: set[str] = set()
+    for k, svc in enumerate(spec.services):
+        if svc.name in svc_names:
+            problems.append((("services", k, "name"), f"service name '{svc.name}' is used twice"))
+        svc_names.add(svc.name)
+        if (svc.host, svc.port) in svc_ports:
+            problems.append(
+                (
+                    ("services", k, "port"),
+                    f"port {svc.port} is already used by service '{svc_ports[svc.host, svc.port]}'",
+                )
+            )
+        svc_ports[svc.host, svc.port] = svc.name
+        if svc.pods not in pod_names:
+            problems.append(
+                (
+                    ("services", k, "pods"),
+                    f"no pod named '{svc.pods}' (pods: {', '.join(pod_names) or 'none'})",
+                )
+            )
+        elif isinstance(svc.target, str):
+            pod = spec.pods[pod_names[svc.pods]]
+            names = [n for c in pod.containers for n in c.ports]
+            if svc.target not in names:
+                problems.append(
+                    (
+                        ("services", k, "target"),
+                        f"pod '{pod.name}' has no port named '{svc.target}' "
+                        f"(named ports: {', '.join(names) or 'none'})",
+                    )
+                )
+    return problems
+
+
+def parse_spec(text: str, file: str = "<spec>") -> Spec:
+    """Parse and validate spec text; raise `SpecError` naming every problem."""
+    try:
+        data, positions = load_with_positions(text)
+    except YAMLSyntaxError as exc:
+        pos = exc.position
+        raise SpecError(
+            [
+                Issue(
+                    file,
+                    pos.line if pos else None,
+                    pos.column if pos else None,
+                    "",
+                    f"invalid YAML: {exc.message}",
+                )
+            ]
+        ) from None
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise SpecError(
+            [Issue(file, 1, 1, "", f"a spec is a mapping with 'name' and 'pods', got {got}")]
+        )
+
+    def issue(loc: tuple[str | int, ...], message: str) -> Issue:
+        pos = nearest_position(positions, loc)
+        return Issue(
+            file, pos.line if pos else None, pos.column if pos else None, format_path(loc), message
+        )
+
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        issues = [issue(tuple(e["loc"]), _describe(e)) for e in exc.errors()]
+        raise SpecError(issues) from None
+    problems = _check_references(spec)
+    if problems:
+        raise SpecError([issue(loc, msg) for loc, msg in problems])
+    return spec
+
+
+def load_spec(path: str | os.PathLike[str]) -> Spec:
+    """Read and validate a spec file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(
+            [Issue(str(p), None, None, "", f"cannot read spec: {exc.strerror}")]
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError([Issue(str(p), None, None, "", f"not UTF-8 text: {exc.reason}")]) from None
+    return parse_spec(text, str(p))

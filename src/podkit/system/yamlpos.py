@@ -1,0 +1,90 @@
+"""YAML loading that remembers where every value came from (file, line, column)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+Path = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Position:
+    """A place in a source file; line and column count from 1."""
+
+    line: int
+    column: int
+
+
+class YAMLSyntaxError(ValueError):
+    """The text is not valid YAML; carries the position of the fault."""
+
+    def __init__(self, message: str, position: Position | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.position = position
+
+
+def _pos(node: yaml.Node) -> Position:
+    return Position(node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.positions: dict[Path, Position] = {}
+        self._constructor = yaml.constructor.SafeConstructor()
+
+    def build(self, node: yaml.Node, path: Path) -> Any:
+        self.positions[path] = _pos(node)
+        if isinstance(node, yaml.MappingNode):
+            self._constructor.flatten_mapping(node)
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = self._constructor.construct_object(key_node, deep=True)
+                if not isinstance(key, str | int | float | bool) and key is not None:
+                    raise YAMLSyntaxError("mapping keys must be scalars", _pos(key_node))
+                if key in out:
+                    raise YAMLSyntaxError(f"duplicate key {key!r}", _pos(key_node))
+                child = (*path, key if isinstance(key, str | int) else str(key))
+                out[key] = self.build(value_node, child)
+                self.positions[child] = _pos(key_node)  # point at the key, not its value
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        return self._constructor.construct_object(node, deep=True)
+
+
+def load_with_positions(text: str) -> tuple[Any, dict[Path, Position]]:
+    """Parse one YAML document; return the data and a map from path to position."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = Position(mark.line + 1, mark.column + 1) if mark else None
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise YAMLSyntaxError(problem, where) from exc
+    except yaml.YAMLError as exc:
+        raise YAMLSyntaxError(str(exc), None) from exc
+    if node is None:
+        return None, {}
+    builder = _Builder()
+    try:
+        data = builder.build(node, ())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = Position(mark.line + 1, mark.column + 1) if mark else None
+        raise YAMLSyntaxError(exc.problem or "invalid YAML", where) from exc
+    return data, builder.positions
+
+
+def nearest_position(positions: dict[Path, Position], path: Path) -> Position | None:
+    """The position of `path`, or of its closest ancestor that has one."""
+    p = tuple(path)
+    while True:
+        if p in positions:
+            return positions[p]
+        if not p:
+            return None
+        p = p[:-1]
