@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -53,7 +54,7 @@ def _dns_label(value: str) -> str:
 
 
 Text = Annotated[str, BeforeValidator(_scalar_to_str)]
-Name = Annotated[str, BeforeValidator(_dns_label)]
+Name = Annotated[str, AfterValidator(_dns_label)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 PortRef = Port | str
 Seconds = Annotated[float, Field(ge=0)]

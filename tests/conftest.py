@@ -1,0 +1,67 @@
+"""Fixtures with real servers. Temp dirs and logs are kept when a test failed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator
+from typing import TypeVar
+
+import pytest
+
+from servers import EtcdServer, NatsServer, RedisServer, Server
+
+S = TypeVar("S", bound=Server)
+
+_failed_items: set[str] = set()
+_kept: list[Server] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        _failed_items.add(item.nodeid)
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for server in _kept:
+        terminalreporter.write_sep("-", f"kept {server.name} dir {server.dir}")
+        terminalreporter.write_line(server.log_tail(12))
+
+
+def _serve(server: S, failed: Callable[[], bool]) -> Iterator[S]:
+    """Start, yield, stop; delete the temp dir unless something failed."""
+    started = False
+    try:
+        server.start()
+        started = True
+        yield server
+    finally:
+        server.stop()
+        if started and not failed():
+            server.remove()
+        else:
+            _kept.append(server)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    yield from _serve(RedisServer(), lambda: bool(_failed_items))
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    yield from _serve(NatsServer(), lambda: bool(_failed_items))
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    yield from _serve(EtcdServer(), lambda: bool(_failed_items))
+
+
+@pytest.fixture
+def fresh_redis(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """A private Redis with appendonly yes, for fault tests."""
+    yield from _serve(RedisServer(appendonly=True), lambda: request.node.nodeid in _failed_items)

@@ -1,0 +1,67 @@
+"""Helpers for runtime tests: ports, subnets, specs on disk, HTTP and waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+APPS = Path(__file__).parent / "apps"
+_subnets = itertools.count(os.getpid() % 200)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def unique_subnet() -> str:
+    """A /16 in 127.0.0.0/8 no other test of this run uses."""
+    return f"127.{20 + next(_subnets) % 230}.0.0/16"
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def aget(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    return await asyncio.to_thread(http_get, url, timeout)
+
+
+async def wait_for(
+    check: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = "condition"
+) -> float:
+    """Poll `check` until true; return the seconds it took; fail after `timeout`."""
+    start = time.monotonic()
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0): read its state
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
