@@ -67,3 +67,10 @@ class ManualClock:
         self._now = target
         for _ in range(5):
             await asyncio.sleep(0)
+
+
+class WallClock(SystemClock):
+    """Seconds since the epoch: for deadlines shared between processes (SQLite, Redis)."""
+
+    def now(self) -> float:
+        return time.time()
