@@ -30,7 +30,8 @@ async def test_positions_increase(topic: Topic) -> None:
     ps = await topic.publish_batch([b"b", b"c"])
     assert p1 < ps[0] < ps[1]
     got = await topic.read(p1, 10)
-    assert [(r.position, r.payload) for r in got] == list(zip([p1, *ps], [b"a", b"b", b"c"]))
+    expected = list(zip([p1, *ps], [b"a", b"b", b"c"], strict=True))
+    assert [(r.position, r.payload) for r in got] == expected
     assert [r.payload for r in await topic.read(ps[0], 1)] == [b"b"]
 
 
