@@ -13,9 +13,11 @@ import contextlib
 import hashlib
 import ipaddress
 import os
+import queue
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -56,15 +58,39 @@ def default_subnet(key: str) -> ipaddress.IPv4Network:
 
 
 class LogSink:
-    """Writes container output as `pod-0/container | line`, one colour per container."""
+    """Writes container output as `pod-0/container | line`, one colour per container.
+
+    A writer thread does the writing, so a slow reader of our stdout never stalls the
+    event loop; past `backlog` unwritten lines, lines are dropped and counted.
+    """
 
     COLOURS = ("36", "32", "33", "35", "34", "96", "92", "93", "95", "94")
 
-    def __init__(self, out: TextIO | None = None, colour: bool | None = None) -> None:
+    def __init__(
+        self, out: TextIO | None = None, colour: bool | None = None, backlog: int = 100_000
+    ) -> None:
         self.out = out or sys.stdout
         self.colour = self.out.isatty() if colour is None else colour
         self._assigned: dict[str, str] = {}
         self.width = 12
+        self.dropped = 0
+        self._lines: queue.Queue[str | None] = queue.Queue(backlog)
+        self._thread = threading.Thread(target=self._write_loop, name="podkit-logs", daemon=True)
+        self._thread.start()
+
+    def _write_loop(self) -> None:
+        while (text := self._lines.get()) is not None:
+            try:
+                self.out.write(text)
+                if self._lines.empty():
+                    self.out.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                pass
+
+    def close(self) -> None:
+        """Write what is queued, then stop the writer thread."""
+        self._lines.put(None)
+        self._thread.join(timeout=5)
 
     def line(self, source: str, text: str) -> None:
         self.width = max(self.width, len(source))
@@ -75,10 +101,14 @@ class LogSink:
             )
             label = f"\x1b[{code}m{label}\x1b[0m"
         try:
-            self.out.write(f"{label} | {text}\n")
-            self.out.flush()
-        except (BrokenPipeError, ValueError):
-            pass
+            if self.dropped:
+                self._lines.put_nowait(
+                    f"{'podkit'.ljust(self.width)} | {self.dropped} lines dropped\n"
+                )
+                self.dropped = 0
+            self._lines.put_nowait(f"{label} | {text}\n")
+        except queue.Full:
+            self.dropped += 1
 
     def event(self, text: str) -> None:
         self.line("podkit", text)

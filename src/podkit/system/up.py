@@ -44,4 +44,5 @@ async def run_up(spec_path: Path, *, subnet: str | None = None, log: LogSink | N
         await control.close()
         if not runtime._stopped.is_set():
             await runtime.stop()
+        runtime.log.close()
     return 0
