@@ -58,7 +58,10 @@ def nats_server() -> Iterator[NatsServer]:
 
 @pytest.fixture(scope="session")
 def etcd_server() -> Iterator[EtcdServer]:
-    yield from _serve(EtcdServer(), lambda: bool(_failed_items))
+    # etcd's minimum lease TTL is ceil(1.5 x election timeout): 2 s by default, 1 s here,
+    # so the contract's 1 s leases are 1 s leases.
+    fast_leases = ["--heartbeat-interval=10", "--election-timeout=100"]
+    yield from _serve(EtcdServer(extra_args=fast_leases), lambda: bool(_failed_items))
 
 
 @pytest.fixture

@@ -144,7 +144,22 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(coro)
 
 
+# Component modules, each exposing `cli: typer.Typer` (its subcommand group) and calling
+# `podkit.system.components.register(...)` for the names a spec may use in `component:`.
+COMPONENT_MODULES: list[str] = []
+
+
+def _register_components() -> None:
+    import importlib
+
+    for module_name in COMPONENT_MODULES:
+        module = importlib.import_module(module_name)
+        sub: typer.Typer = module.cli
+        app.add_typer(sub, name=module_name.rsplit(".", 1)[-1])
+
+
 def main() -> None:
+    _register_components()
     app()
 
 
