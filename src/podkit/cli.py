@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from podkit import __version__
+from podkit.aio import run_async
 
 app = typer.Typer(
     name="podkit",
@@ -82,7 +81,7 @@ def up(
     from podkit.system.up import run_up
 
     try:
-        code = _run(run_up(spec, subnet=subnet))
+        code = run_async(run_up(spec, subnet=subnet))
     except SpecError as exc:
         _print_spec_error(exc)
         raise typer.Exit(2) from None
@@ -135,27 +134,18 @@ def status(
             out.print(f"service {svc['name']}: {svc['url']} -> {eps}", highlight=False)
 
 
-def _run(coro: Coroutine[Any, Any, int]) -> int:
-    """Run on uvloop when it is installed."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
-# Component modules, each exposing `cli: typer.Typer` (its subcommand group) and calling
-# `podkit.system.components.register(...)` for the names a spec may use in `component:`.
-COMPONENT_MODULES: list[str] = []
+# Component subcommands -> their modules; each module exposes `cli: typer.Typer`. The names a
+# spec may use in `component:` are listed in podkit.system.components.
+COMPONENT_MODULES: dict[str, str] = {"elect": "podkit.election.component"}
 
 
 def _register_components() -> None:
     import importlib
 
-    for module_name in COMPONENT_MODULES:
+    for command, module_name in COMPONENT_MODULES.items():
         module = importlib.import_module(module_name)
         sub: typer.Typer = module.cli
-        app.add_typer(sub, name=module_name.rsplit(".", 1)[-1])
+        app.add_typer(sub, name=command)
 
 
 def main() -> None:

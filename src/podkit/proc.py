@@ -1,4 +1,4 @@
-"""Child processes that cannot outlive the supervisor.
+"""Child processes that cannot outlive their parent (used by the runtime and components).
 
 Every container runs in its own process group with a parent-death signal; a watchdog
 process holds a pipe to the supervisor and, when that pipe closes (even on kill -9),

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 # component name (as in the spec) -> the `podkit` subcommand words that run it
-_REGISTRY: dict[str, tuple[str, ...]] = {}
+_REGISTRY: dict[str, tuple[str, ...]] = {"elect": ("elect",)}
 
 
 def register(name: str, *words: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -11,6 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from podkit.net.admin import JSONServer
 from podkit.system.runtime import Runtime
 
 
@@ -20,57 +20,34 @@ def run_dir() -> Path:
 
 
 class ControlServer:
-    """Serves `GET /status` (JSON) and `GET /healthz` for one runtime on 127.0.0.1."""
+    """Serves `GET /status` (JSON) and `GET /healthz` for one runtime on 127.0.0.1, and
+    leaves its address in the run directory for `podkit status`."""
 
     def __init__(self, runtime: Runtime, host: str = "127.0.0.1", port: int = 0) -> None:
         self.runtime = runtime
-        self.host = host
-        self.port = port
-        self._server: asyncio.Server | None = None
+        self.http = JSONServer(
+            {"/status": lambda: (200, runtime.status()), "/healthz": lambda: (200, {"ok": True})},
+            host,
+            port,
+        )
         self.file: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return self.http.url
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
+        await self.http.start()
         directory = run_dir()
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.file = directory / f"{self.runtime.spec.name}.json"
         tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps({"name": self.runtime.spec.name, "pid": os.getpid(), "control": self.url})
-        )
+        info = {"name": self.runtime.spec.name, "pid": os.getpid(), "control": self.url}
+        tmp.write_text(json.dumps(info))
         tmp.replace(self.file)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            parts = request.split(b" ", 2)
-            path = parts[1].decode() if len(parts) > 1 else ""
-            if parts[0] == b"GET" and path == "/status":
-                status, body = 200, json.dumps(self.runtime.status()).encode()
-            elif parts[0] == b"GET" and path == "/healthz":
-                status, body = 200, b'{"ok": true}'
-            else:
-                status, body = 404, b'{"error": "not found: try GET /status"}'
-            reason = {200: "OK", 404: "Not Found"}[status]
-            writer.write(
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
-
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        await self.http.close()
         if self.file is not None:
             with contextlib.suppress(OSError):
                 info = json.loads(self.file.read_text())

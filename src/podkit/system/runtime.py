@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from podkit.clock import Clock, SystemClock
+from podkit.proc import Watchdog, parent_death_signal, signal_group
 from podkit.system.backoff import RestartBackoff
 from podkit.system.components import component_argv
 from podkit.system.forwarder import Endpoint, ServiceProxy, TCPForwarder
 from podkit.system.probes import ProbeState, run_probe
-from podkit.system.process import Watchdog, parent_death_signal, signal_group
 from podkit.system.spec import Container, Pod, Service, Spec
 
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")

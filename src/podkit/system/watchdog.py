@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-from podkit.system.process import signal_group
+from podkit.proc import signal_group
 
 
 def main() -> None:

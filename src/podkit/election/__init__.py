@@ -1,0 +1,28 @@
+"""Ownership election: sessions, locks, leader election and fencing tokens over any KV.
+
+from podkit.election import LeaderElection, Lock, FencedResource
+"""
+
+from podkit.election.core import (
+    PREFIX,
+    FencedResource,
+    Leader,
+    LeaderElection,
+    LeadershipLost,
+    Lock,
+    Session,
+    StaleToken,
+    cas_update,
+)
+
+__all__ = [
+    "PREFIX",
+    "FencedResource",
+    "Leader",
+    "LeaderElection",
+    "LeadershipLost",
+    "Lock",
+    "Session",
+    "StaleToken",
+    "cas_update",
+]
