@@ -32,9 +32,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from servers import EtcdServer, NatsServer, RedisServer  # noqa: E402
-
-from podkit.backends import open_kv, open_queue  # noqa: E402
+from podkit.backends import open_kv, open_queue
+from servers import EtcdServer, NatsServer, RedisServer
 
 CONCURRENCY = 16
 BATCH = 100
