@@ -340,19 +340,21 @@ class LeaderElection:
                 await result
 
     async def resign(self) -> None:
-        """Give up leadership (or leave the queue); the next candidate takes over."""
+        """Give up leadership (or leave the queue); the next candidate takes over.
+
+        `on_loss` runs before the key is released, so the work stops first."""
         leader, self.leader = self.leader, None
         if self._loss_task is not None:
             self._loss_task.cancel()
             self._loss_task = None
+        if leader is not None:
+            await self._call(self.on_loss, leader)
         if self._queue is not None:
             await self._queue.leave()
             self._queue = None
         if self.session is not None:
             await self.session.close()
             self.session = None
-        if leader is not None:
-            await self._call(self.on_loss, leader)
 
     async def current_leader(self) -> Leader | None:
         """The leader as the backend sees it now, or None."""
