@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from backends.conftest import KV_DRIVERS, make_url
 from podkit.backends import KV, BackendUnavailable, open_kv
 from podkit.clock import ManualClock
 from podkit.election import (
@@ -22,8 +23,6 @@ from podkit.election import (
     StaleToken,
     cas_update,
 )
-
-from backends.conftest import KV_DRIVERS, make_url
 
 
 class FlakyKV:

@@ -149,6 +149,11 @@ class ContainerRunner:
     def _environment(self) -> dict[str, str]:
         rt, rep = self.runtime, self.replica
         env = dict(os.environ)
+        # programs find the Python (and the podkit) that runs `podkit up` first
+        bindir = os.path.dirname(sys.executable)
+        env["PATH"] = os.pathsep.join(
+            [bindir, *(p for p in env.get("PATH", "").split(os.pathsep) if p != bindir)]
+        )
         env.update(
             {
                 "POD_IP": rep.ip,
@@ -343,10 +348,11 @@ class PodReplica:
         self.ip = ip
         self.name = f"{pod.name}-{index}"
         self.runtime = runtime
-        self.ports = {n: p for c in pod.containers for n, p in c.ports.items()}
+        containers = pod.all_containers()
+        self.ports = {n: p for c in containers for n, p in c.ports.items()}
         for vol in pod.volumes:
             self.volume_dir(vol).mkdir(parents=True, exist_ok=True)
-        self.containers = [ContainerRunner(self, c, runtime) for c in pod.containers]
+        self.containers = [ContainerRunner(self, c, runtime) for c in containers]
 
     def volume_dir(self, volume: str) -> Path:
         return self.runtime.state_dir / "volumes" / self.name / volume

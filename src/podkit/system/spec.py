@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
 import types
 import typing
 from dataclasses import dataclass
@@ -145,6 +146,16 @@ class Container(Model):
         return self
 
 
+class Election(Model):
+    """Leader election among a pod's replicas: `podkit elect` runs beside the app."""
+
+    name: Name | None = None  # defaults to the pod's name
+    backend: Name = "state"
+    ttl: Annotated[float, Field(gt=0)] = 5.0
+    port: Port = 4040
+    exec: list[Text] | None = None  # run only while leading
+
+
 class Pod(Model):
     """A group of containers that share an address and volumes, run as `replicas` copies."""
 
@@ -153,7 +164,32 @@ class Pod(Model):
     restart: Literal["Always", "OnFailure", "Never"] = "Always"
     grace_period: Seconds = 10.0
     volumes: list[Name] = []
+    election: Election | None = None
     containers: list[Container] = Field(min_length=1)
+
+    def all_containers(self) -> list[Container]:
+        """The declared containers, plus the elector when `election` is set."""
+        if self.election is None:
+            return list(self.containers)
+        e = self.election
+        options: dict[str, Any] = {
+            "backend": f"$(PODKIT_BACKEND_{e.backend.upper().replace('-', '_')})",
+            "name": e.name or self.name,
+            "identity": "$(POD_NAME)",
+            "ttl": e.ttl,
+            "host": "$(POD_IP)",
+            "port": e.port,
+        }
+        if e.exec:
+            options["exec"] = shlex.join(e.exec)
+        elector = Container(
+            name="elector",
+            component="elect",
+            ports={"elector": e.port},
+            readiness=Probe(http=HTTPProbe(path="/healthz", port="elector"), period=1.0),
+            **{"with": options},
+        )
+        return [*self.containers, elector]
 
 
 class Service(Model):
@@ -346,6 +382,27 @@ def _check_references(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
                             f"{', '.join(known) or 'none yet'}",
                         )
                     )
+        if pod.election is not None:
+            e = pod.election
+            if e.backend != "state" and e.backend not in spec.backends:
+                problems.append(
+                    (
+                        ("pods", i, "election", "backend"),
+                        f"no backend named '{e.backend}' "
+                        f"(backends: {', '.join(['state', *spec.backends])})",
+                    )
+                )
+            if e.port in port_owner:
+                problems.append(
+                    (
+                        ("pods", i, "election", "port"),
+                        f"port {e.port} is already used by container '{port_owner[e.port]}'",
+                    )
+                )
+            if "elector" in seen_containers:
+                problems.append(
+                    (("pods", i, "election"), "a container is named 'elector': rename it")
+                )
         for j, c in enumerate(pod.containers):
             for kind in ("readiness", "liveness"):
                 probe: Probe | None = getattr(c, kind)
@@ -386,7 +443,7 @@ def _check_references(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
             )
         elif isinstance(svc.target, str):
             pod = spec.pods[pod_names[svc.pods]]
-            names = [n for c in pod.containers for n in c.ports]
+            names = [n for c in pod.all_containers() for n in c.ports]
             if svc.target not in names:
                 problems.append(
                     (
