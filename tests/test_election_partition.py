@@ -13,6 +13,7 @@ Needs root and iproute2. 200 rounds by default; `-m slow` runs the 1,000-round v
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -255,7 +256,7 @@ def check(hosts: list[Host], port: int, faults: list[tuple[str, str, float]]) ->
     assert writes, "no write was accepted"
     # 1. fencing: tokens never go backwards in store order; a token has one writer
     tokens = [int(str(w["token"])) for w in writes]
-    backwards = [(a, b) for a, b in zip(tokens, tokens[1:], strict=False) if b < a]
+    backwards = [(a, b) for a, b in itertools.pairwise(tokens) if b < a]
     assert backwards == [], f"stale tokens accepted: {backwards[:5]}"
     owner: dict[int, str] = {}
     for w in writes:
@@ -268,7 +269,7 @@ def check(hosts: list[Host], port: int, faults: list[tuple[str, str, float]]) ->
         terms[t] = (min(lo, sent), max(hi, sent))
     ordered = sorted(terms.items())
     overlaps = [
-        (a, b) for (a, (_, a_end)), (b, (b_start, _)) in zip(ordered, ordered[1:], strict=False)
+        (a, b) for (a, (_, a_end)), (b, (b_start, _)) in itertools.pairwise(ordered)
         if b_start < a_end
     ]  # fmt: skip
     assert overlaps == [], f"overlapping terms: {overlaps[:5]}"

@@ -50,7 +50,7 @@ async def main(url: str, name: str, identity: str, ttl: float, log_path: str) ->
                 )
             except StaleToken:
                 emit(ev="stale", token=leader.token)
-            except Exception:  # noqa: S110 - unreachable: the deadline decides
+            except Exception:
                 pass
             await asyncio.sleep(0.02)
         emit(ev="loss", token=leader.token)
