@@ -18,6 +18,7 @@ import shlex
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -25,7 +26,7 @@ import typer
 
 from podkit.aio import run_async
 from podkit.backends import BackendError, open_kv
-from podkit.election.core import LeaderElection, LeadershipLost
+from podkit.election.core import Election, LeaderElection, LeadershipLost
 from podkit.net.admin import JSONServer
 from podkit.proc import parent_death_signal, signal_group
 
@@ -49,7 +50,7 @@ def log(message: str) -> None:
 class Elector:
     """Campaign forever; serve the state; run the command while leading."""
 
-    def __init__(self, config: ElectorConfig, election: LeaderElection) -> None:
+    def __init__(self, config: ElectorConfig, election: Election) -> None:
         self.config = config
         self.election = election
         self.child: asyncio.subprocess.Process | None = None
@@ -86,9 +87,7 @@ class Elector:
             await self._lead()
 
     async def _lead(self) -> None:
-        session = self.election.session
-        assert session is not None
-        lost = asyncio.create_task(session.lost.wait())
+        lost = asyncio.create_task(self.election.wait_lost())
         waits: set[asyncio.Task[Any]] = {lost}
         if self.config.exec:
             env = dict(os.environ, PODKIT_LEADER_TOKEN=str(self.election.token))
@@ -104,9 +103,8 @@ class Elector:
             t.cancel()
         if lost in done:
             log("leadership lost: stopping")
-            await self._stop_child(
-                session.margin if self.config.grace is None else self.config.grace
-            )
+            grace = self.election.margin if self.config.grace is None else self.config.grace
+            await self._stop_child(grace)
             await self.election.resign()
         else:
             code = self.child.returncode if self.child else None
@@ -131,10 +129,27 @@ class Elector:
         await self.election.resign()
 
 
+async def _election(config: ElectorConfig) -> tuple[Election, Callable[[], Awaitable[None]]]:
+    """The election for the backend URL, and how to close its client."""
+    if config.backend.startswith("k8s://"):
+        from lightkube import AsyncClient
+
+        from podkit.election.k8s import KubeLeaseElection
+
+        namespace = config.backend[len("k8s://") :].strip("/") or "default"
+        client = AsyncClient(namespace=namespace)
+        election: Election = KubeLeaseElection(
+            client, config.name, config.identity, namespace=namespace, lease_duration=config.ttl
+        )
+        return election, client.close
+    kv = await open_kv(config.backend)
+    return LeaderElection(kv, config.name, config.identity, config.ttl), kv.close
+
+
 async def run(config: ElectorConfig) -> None:
     """Run the elector until cancelled or signalled."""
-    kv = await open_kv(config.backend)
-    elector = Elector(config, LeaderElection(kv, config.name, config.identity, config.ttl))
+    election, close = await _election(config)
+    elector = Elector(config, election)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -146,7 +161,7 @@ async def run(config: ElectorConfig) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await elector.close()
-    await kv.close()
+    await close()
     if task.done() and not task.cancelled() and task.exception():
         raise task.exception()  # type: ignore[misc]
 
@@ -156,7 +171,13 @@ cli = typer.Typer(help="Leader election.", no_args_is_help=True)
 
 @cli.callback(invoke_without_command=True)
 def elect(
-    backend: Annotated[str, typer.Option(help="KV backend URL.", envvar="PODKIT_BACKEND_STATE")],
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="KV backend URL, or k8s://NAMESPACE for a Kubernetes Lease.",
+            envvar="PODKIT_BACKEND_STATE",
+        ),
+    ],
     name: Annotated[str, typer.Option(help="The election's name.")],
     identity: Annotated[
         str | None, typer.Option(help="This candidate's identity [default: POD_NAME or host]")

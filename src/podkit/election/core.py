@@ -22,7 +22,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from podkit.backends.base import KV, BackendError, Entry
 from podkit.clock import Clock, SystemClock
@@ -267,6 +267,29 @@ class Lock:
 Callback = Callable[["Leader"], Awaitable[None] | None]
 
 
+class Election(Protocol):
+    """What the elector component needs: `LeaderElection` and `KubeLeaseElection`."""
+
+    identity: str
+
+    @property
+    def is_leader(self) -> bool: ...
+
+    @property
+    def token(self) -> int: ...
+
+    @property
+    def margin(self) -> float: ...
+
+    async def campaign(self, timeout: float | None = None) -> Leader: ...
+
+    async def wait_lost(self) -> None: ...
+
+    async def resign(self) -> None: ...
+
+    async def current_leader(self) -> Leader | None: ...
+
+
 class LeaderElection:
     """Leader election among candidates sharing `name`.
 
@@ -309,6 +332,16 @@ class LeaderElection:
     def token(self) -> int:
         """The fencing token of this candidate's leadership (0 when not leading)."""
         return self.leader.token if self.is_leader and self.leader else 0
+
+    @property
+    def margin(self) -> float:
+        """Seconds between the local deadline and the lease's end on the server."""
+        return self.session.margin if self.session else 0.0
+
+    async def wait_lost(self) -> None:
+        """Return when the current leadership ends (at once if not leading)."""
+        if self.session is not None and self.leader is not None:
+            await self.session.lost.wait()
 
     async def campaign(self, timeout: float | None = None) -> Leader:
         """Join the queue and wait until this candidate leads."""
