@@ -8,9 +8,10 @@ For each driver it measures
   bare client (a one-script EVALSHA on Redis, kv.update on NATS KV, a txn on etcd,
   an UPDATE ... WHERE revision on SQLite);
 - Queue: enqueue_batch(100) + dequeue(100) + ack(100) until N items went through; the
-  raw reference moves the same items with the bare client (Redis: LPUSH + RPOP count in
-  pipelines, no visibility or ack; NATS: JetStream publish + pull fetch + ack; SQLite:
-  executemany INSERT + SELECT + DELETE in transactions).
+  raw reference moves the same items with the bare client doing the least a reliable
+  queue must (Redis: LPUSH a batch, RPOP count + ZADD the visibility deadlines, ZREM to
+  ack; NATS: JetStream publish + pull fetch + ack; SQLite: executemany INSERT, then
+  SELECT + DELETE, in transactions).
 It starts its own servers on free ports (the binaries must be installed) and prints a
 table with podkit/raw ratios. redis-benchmark runs too, for context.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import itertools
 import json
 import sqlite3
 import subprocess
@@ -37,6 +39,7 @@ from servers import EtcdServer, NatsServer, RedisServer
 
 CONCURRENCY = 16
 BATCH = 100
+REDIS_BARE = 0.0  # LPUSH + RPOP only, items/s
 
 
 async def timed(fn: Callable[[], Awaitable[int]]) -> float:
@@ -120,15 +123,32 @@ async def raw_redis(url: str, n: int, items: int) -> tuple[float, float, float]:
     conc = await timed(many)
 
     async def queue() -> int:
+        # the least a reliable queue does by hand: push a batch; pop it and record each
+        # item's visibility deadline in a zset; ack by removing them (3 round trips)
         done = 0
-        payloads = [b"x" * 64] * BATCH
+        n = itertools.count()
         while done < items:
-            await r.lpush("raw:q", *payloads)
-            got = await r.rpop("raw:q", BATCH)
-            done += len(got or [])
+            await r.lpush("raw:q", *(f"{next(n)}:{'x' * 64}" for _ in range(BATCH)))
+            got = await r.rpop("raw:q", BATCH) or []
+            ids = [g.split(b":", 1)[0] for g in got]
+            deadline = time.time() + 60
+            await r.zadd("raw:inflight", dict.fromkeys(ids, deadline))
+            await r.zrem("raw:inflight", *ids)
+            done += len(got)
         return done
 
     q = await timed(queue)
+
+    async def bare() -> int:
+        # a lower bound no queue reaches: push and pop, no visibility, no ack
+        done = 0
+        while done < items:
+            await r.lpush("raw:b", *([b"x" * 64] * BATCH))
+            done += len(await r.rpop("raw:b", BATCH) or [])
+        return done
+
+    global REDIS_BARE
+    REDIS_BARE = await timed(bare)
     await r.aclose()
     return seq, conc, q
 
@@ -345,8 +365,14 @@ async def main() -> None:
             f"{fmt(r.get('queue')):>13} {fmt(r.get('raw_queue')):>9} "
             f"{ratio(r.get('queue'), r.get('raw_queue')):>6}"
         )
+    if REDIS_BARE:
+        podkit_redis = next(r.get("queue") for r in rows if r["driver"] == "redis")
+        print(
+            f"\nredis bare LPUSH+RPOP (no visibility, no ack): {fmt(REDIS_BARE)} items/s; "
+            f"podkit is {ratio(podkit_redis, REDIS_BARE)} of it"
+        )
     if context:
-        print(f"\nredis-benchmark on the same server: {context}")
+        print(f"redis-benchmark on the same server: {context}")
     if args.json:
         print(json.dumps(rows))
 
