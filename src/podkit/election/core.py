@@ -39,7 +39,7 @@ class StaleToken(Exception):
 
 
 class Session:
-    """One lease, kept alive in the background, with a local deadline.
+    """One lease, kept alive in the background, with a local deadline (also `Lease`).
 
     `valid` turns False when the backend says the lease is gone, or when the local
     deadline passes without a successful renewal (the backend may be unreachable).
@@ -123,6 +123,9 @@ class Session:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+Lease = Session  # renewable ownership: the name for a renewable ownership
 
 
 @dataclass(frozen=True)
