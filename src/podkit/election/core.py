@@ -125,7 +125,7 @@ class Session:
         await self.close()
 
 
-Lease = Session  # renewable ownership: the name for a renewable ownership
+Lease = Session  # the same thing, by the name of what it holds
 
 
 @dataclass(frozen=True)
