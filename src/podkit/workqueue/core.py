@@ -1,0 +1,327 @@
+"""Work queues: a shared queue of items and a pool of workers that process them.
+
+    queue = await WorkQueue.open("sqlite:///jobs.db", name="thumbnails")
+    await queue.enqueue({"path": "cat.png"}, key="cat.png")
+
+    @queue.worker(concurrency=8)
+    async def resize(item: dict) -> None: ...
+
+    await queue.run(resize)               # until stopped; or drain=True to stop when empty
+
+Delivery is at-least-once: an item is acked only after its handler returned. While a
+handler runs, its item's visibility is extended by heartbeats, so a long item is not
+handed to another worker; a worker killed at any instant loses nothing (its items
+become visible again when their visibility lapses). A failed item is retried after an
+exponential back-off with jitter, and dead-lettered after `max_attempts` deliveries
+with its last error. Stopping gracefully finishes the items in hand, or returns them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import random
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from podkit.backends import KV, Message, Queue, QueueStats, open_kv, open_queue
+
+Handler = Callable[[Any], Any]
+
+
+def encode(item: Any) -> bytes:
+    """bytes stay bytes; anything else is JSON."""
+    if isinstance(item, bytes | bytearray | memoryview):
+        return b"\x00" + bytes(item)
+    return json.dumps(item, separators=(",", ":")).encode()
+
+
+def decode(payload: bytes) -> Any:
+    if payload[:1] == b"\x00":
+        return payload[1:]
+    return json.loads(payload)
+
+
+@dataclass
+class RetryPolicy:
+    """Back-off before a failed item is tried again: `base * 2**(attempt-1)`, capped,
+    with full jitter (a random delay between half and all of it)."""
+
+    base: float = 1.0
+    maximum: float = 300.0
+    jitter: bool = True
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        d = min(self.maximum, self.base * 2 ** max(0, attempt - 1))
+        if self.jitter:
+            d *= float((rng or random).uniform(0.5, 1.0))
+        return float(d)
+
+
+@dataclass
+class WorkerStats:
+    """What a worker pool did."""
+
+    done: int = 0
+    failed: int = 0  # handler errors (retried or dead-lettered)
+    returned: int = 0  # handed back unfinished at shutdown
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.started_at
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+
+class WorkQueue:
+    """A named queue on any Queue backend, with workers and optional results."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        *,
+        results: KV | None = None,
+        visibility: float = 30.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.queue = queue
+        self.results = results
+        self.visibility = visibility
+        self.retry = retry or RetryPolicy()
+        self._stop = asyncio.Event()
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        name: str = "default",
+        *,
+        max_attempts: int = 5,
+        results: str | None = None,
+        visibility: float = 30.0,
+        retry: RetryPolicy | None = None,
+        **options: Any,
+    ) -> WorkQueue:
+        """Open queue `name` at `url`; `results` is a KV URL to store handler results."""
+        queue = await open_queue(url, name, max_attempts=max_attempts, **options)
+        kv = await open_kv(results) if results else None
+        return cls(queue, results=kv, visibility=visibility, retry=retry)
+
+    @property
+    def name(self) -> str:
+        return self.queue.name
+
+    async def enqueue(self, item: Any, *, key: str | None = None, delay: float = 0) -> str:
+        """Add one item (bytes, or anything JSON can encode); `key` makes it idempotent."""
+        return await self.queue.enqueue(encode(item), key=key, delay=delay)
+
+    async def enqueue_many(
+        self, items: Sequence[Any], *, keys: Sequence[str | None] | None = None
+    ) -> list[str]:
+        """Add many items in one round trip."""
+        return await self.queue.enqueue_batch([encode(i) for i in items], keys=keys)
+
+    async def stats(self) -> QueueStats:
+        return await self.queue.stats()
+
+    def _result_key(self, item_id: str) -> str:
+        return f"podkit/results/{self.name}/{item_id}"
+
+    async def result(self, item_id: str, timeout: float | None = None) -> Any:
+        """Wait for the result a handler returned for `item_id` (needs `results`)."""
+        if self.results is None:
+            raise RuntimeError("this WorkQueue stores no results: open it with results=URL")
+        key = self._result_key(item_id)
+
+        async def wait() -> Any:
+            entry = await self.results.get(key)  # type: ignore[union-attr]
+            if entry is not None:
+                return decode(entry.value)
+            start = None if entry is None else entry.revision
+            async for ev in self.results.watch(key, start_revision=start):  # type: ignore[union-attr]
+                if ev.kind == "put" and ev.value is not None:
+                    return decode(ev.value)
+            raise RuntimeError("watch ended")
+
+        return await asyncio.wait_for(wait(), timeout)
+
+    def worker(
+        self, fn: Handler | None = None, *, concurrency: int = 8
+    ) -> Callable[[Handler], Handler] | Handler:
+        """Decorator marking a handler (sync or async) with its concurrency."""
+
+        def mark(f: Handler) -> Handler:
+            f.__podkit_concurrency__ = concurrency  # type: ignore[attr-defined]
+            return f
+
+        return mark(fn) if fn is not None else mark
+
+    def stop(self) -> None:
+        """Ask running workers to stop taking items and finish (see `run`)."""
+        self._stop.set()
+
+    async def run(
+        self,
+        handler: Handler,
+        *,
+        concurrency: int | None = None,
+        drain: bool = False,
+        grace: float = 30.0,
+        on_done: Callable[[WorkerStats], None] | None = None,
+    ) -> WorkerStats:
+        """Process items until `stop()` (or, with `drain`, until the queue is empty).
+
+        At most `concurrency` items are in hand at once; sync handlers run in threads.
+        On stop, items in hand get `grace` seconds to finish; the rest are returned.
+        """
+        marked: int = getattr(handler, "__podkit_concurrency__", 8)
+        limit = concurrency if concurrency is not None else marked
+        pool = _Pool(self, handler, limit, on_done)
+        return await pool.run(drain=drain, grace=grace)
+
+    async def close(self) -> None:
+        await self.queue.close()
+        if self.results is not None:
+            await self.results.close()
+
+
+class _Pool:
+    """One worker process's loop: fetch, run, heartbeat, settle."""
+
+    def __init__(
+        self,
+        wq: WorkQueue,
+        handler: Handler,
+        limit: int,
+        on_done: Callable[[WorkerStats], None] | None,
+    ) -> None:
+        self.wq = wq
+        self.handler = handler
+        self.is_async = inspect.iscoroutinefunction(handler)
+        self.limit = limit
+        self.on_done = on_done
+        self.stats = WorkerStats()
+        self.in_hand: dict[str, Message] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.slots = asyncio.Semaphore(limit)
+        self.acks: list[Message] = []
+        self.ack_due = asyncio.Event()
+
+    async def run(self, *, drain: bool, grace: float) -> WorkerStats:
+        q = self.wq.queue
+        beat = asyncio.create_task(self._heartbeat())
+        acker = asyncio.create_task(self._acker())
+        stop = asyncio.create_task(self.wq._stop.wait())
+        try:
+            while not self.wq._stop.is_set():
+                free = self.limit - len(self.in_hand)
+                if free <= 0:
+                    await self.slots.acquire()
+                    self.slots.release()
+                    continue
+                fetch = asyncio.create_task(
+                    q.dequeue(free, visibility=self.wq.visibility, wait=0.5 if not drain else 0)
+                )
+                await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not fetch.done():
+                    fetch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        for m in await fetch:  # delivered anyway: hand it back
+                            await q.nack(m)
+                    break
+                messages = fetch.result()
+                if not messages:
+                    if drain and not self.in_hand:
+                        s = await q.stats()
+                        if s.depth == 0 and s.in_flight == 0:
+                            break
+                    if drain:
+                        await asyncio.sleep(0.05)
+                    continue
+                for m in messages:
+                    await self.slots.acquire()
+                    self.in_hand[m.id] = m
+                    t = asyncio.create_task(self._process(m))
+                    self.tasks.add(t)
+                    t.add_done_callback(self.tasks.discard)
+            await self._shutdown(grace)
+        finally:
+            stop.cancel()
+            beat.cancel()
+            self.ack_due.set()
+            acker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await acker
+            await self._flush_acks()
+        return self.stats
+
+    async def _process(self, m: Message) -> None:
+        try:
+            item = decode(m.payload)
+            if self.is_async:
+                result = await self.handler(item)
+            else:
+                result = await asyncio.to_thread(self.handler, item)
+            if self.wq.results is not None:
+                await self.wq.results.put(self.wq._result_key(m.id), encode(result))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.stats.failed += 1
+            error = "".join(traceback.format_exception_only(exc)).strip()[-2000:]
+            with contextlib.suppress(Exception):
+                await self.wq.queue.nack(m, delay=self.wq.retry.delay(m.attempts), error=error)
+            self.in_hand.pop(m.id, None)
+            self.slots.release()
+            return
+        self.acks.append(m)
+        self.ack_due.set()
+        self.stats.done += 1
+        if self.on_done is not None:
+            self.on_done(self.stats)
+        self.in_hand.pop(m.id, None)
+        self.slots.release()
+
+    async def _acker(self) -> None:
+        """Batch acks: one round trip for everything finished since the last one."""
+        while True:
+            await self.ack_due.wait()
+            self.ack_due.clear()
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        if not self.acks:
+            return
+        batch, self.acks = self.acks, []
+        try:
+            await self.wq.queue.ack(batch)
+        except Exception:
+            self.acks = batch + self.acks  # the backend is away: try again later
+            await asyncio.sleep(0.2)
+            self.ack_due.set()
+
+    async def _heartbeat(self) -> None:
+        """Extend the visibility of items in hand, every third of the visibility."""
+        period = self.wq.visibility / 3
+        while True:
+            await asyncio.sleep(period)
+            for m in list(self.in_hand.values()):
+                with contextlib.suppress(Exception):
+                    await self.wq.queue.extend(m, self.wq.visibility)
+
+    async def _shutdown(self, grace: float) -> None:
+        if self.tasks:
+            _, pending = await asyncio.wait(set(self.tasks), timeout=grace)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for m in list(self.in_hand.values()):  # unfinished: give them back now
+            with contextlib.suppress(Exception):
+                await self.wq.queue.nack(m, error="returned unfinished at worker shutdown")
+            self.stats.returned += 1
+        self.in_hand.clear()

@@ -1,0 +1,146 @@
+"""WorkQueue: at-least-once delivery, retries, dead letters, heartbeats, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from podkit.workqueue import RetryPolicy, WorkQueue
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "memory":
+        yield f"memory://wq-{uuid.uuid4().hex}"
+    else:
+        yield f"sqlite:///{tmp_path / 'jobs.db'}"
+
+
+def test_retry_policy_backs_off_with_jitter() -> None:
+    p = RetryPolicy(base=1, maximum=10)
+    rng = random.Random(7)
+    delays = [p.delay(a, rng) for a in range(1, 7)]
+    for attempt, d in enumerate(delays, start=1):
+        full = min(10, 2 ** (attempt - 1))
+        assert full / 2 <= d <= full
+    assert RetryPolicy(base=1, maximum=10, jitter=False).delay(9) == 10
+
+
+async def test_every_item_is_processed_once_and_results_are_awaitable(url: str) -> None:
+    wq = await WorkQueue.open(url, "sq", results="memory://results-" + uuid.uuid4().hex)
+    ids = await wq.enqueue_many([{"n": i} for i in range(300)])
+    single = await wq.enqueue(b"\x01raw bytes")
+    seen: list[object] = []
+
+    async def handler(item: object) -> object:
+        seen.append(item)
+        return item["n"] * 2 if isinstance(item, dict) else len(item)  # type: ignore[arg-type]
+
+    stats = await wq.run(handler, concurrency=16, drain=True)
+    assert stats.done == 301 and stats.failed == 0
+    assert sorted(x["n"] for x in seen if isinstance(x, dict)) == list(range(300))
+    assert b"\x01raw bytes" in seen
+    assert await wq.result(ids[7], timeout=2) == 14
+    assert await wq.result(single, timeout=2) == 10
+    s = await wq.stats()
+    assert (s.depth, s.in_flight, s.dead) == (0, 0, 0)
+    await wq.close()
+
+
+async def test_idempotency_keys_enqueue_once(url: str) -> None:
+    wq = await WorkQueue.open(url, "keys")
+    a = await wq.enqueue({"order": 7}, key="order-7")
+    b = await wq.enqueue({"order": 7}, key="order-7")
+    assert a == b and (await wq.stats()).depth == 1
+    await wq.close()
+
+
+async def test_failures_retry_with_backoff_then_dead_letter(url: str) -> None:
+    wq = await WorkQueue.open(
+        url, "fail", max_attempts=3, retry=RetryPolicy(base=0.05, jitter=False)
+    )
+    await wq.enqueue({"poison": True})
+    await wq.enqueue({"ok": True})
+    calls: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    def handler(item: dict[str, bool]) -> None:  # a sync handler: runs in a thread
+        if item.get("poison"):
+            calls.append(loop.time())
+            raise ValueError("cannot parse the poison item")
+
+    stats = await wq.run(handler, drain=True)
+    assert stats.done == 1 and stats.failed == 3
+    assert len(calls) == 3
+    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    assert gaps[0] >= 0.04 and gaps[1] >= 0.09  # 0.05 s, then 0.1 s
+    (dead,) = await wq.queue.dead_letters()
+    assert dead.attempts == 3
+    assert dead.last_error == "ValueError: cannot parse the poison item"
+    await wq.close()
+
+
+async def test_heartbeats_keep_a_long_item_from_a_second_worker(url: str) -> None:
+    wq1 = await WorkQueue.open(url, "long", visibility=0.6)
+    wq2 = await WorkQueue.open(url, "long", visibility=0.6)
+    await wq1.enqueue("slow")
+    runs: list[str] = []
+
+    async def slow(item: str) -> None:
+        runs.append("w1")
+        await asyncio.sleep(2.0)  # more than three visibilities
+
+    async def other(item: str) -> None:
+        runs.append("w2")
+
+    t1 = asyncio.create_task(wq1.run(slow, drain=True))
+    await asyncio.sleep(0.2)
+    t2 = asyncio.create_task(wq2.run(other, drain=True))
+    s1, s2 = await asyncio.gather(t1, t2)
+    assert runs == ["w1"] and s1.done == 1 and s2.done == 0
+    await wq1.close()
+    await wq2.close()
+
+
+async def test_a_dead_worker_loses_nothing(url: str) -> None:
+    """A worker that stops mid-item without acking (as if killed): the item comes back."""
+    wq = await WorkQueue.open(url, "crash", visibility=0.5)
+    await wq.enqueue_many(list(range(5)))
+    got = await wq.queue.dequeue(5, visibility=0.5)  # a worker took them, then died
+    assert len(got) == 5
+    done: list[int] = []
+
+    async def handler(item: int) -> None:
+        done.append(item)
+
+    await asyncio.sleep(0.6)
+    stats = await wq.run(handler, drain=True)
+    assert sorted(done) == [0, 1, 2, 3, 4] and stats.done == 5
+    await wq.close()
+
+
+async def test_graceful_stop_finishes_or_returns_items_in_hand(url: str) -> None:
+    wq = await WorkQueue.open(url, "stop", visibility=30)
+    await wq.enqueue_many(list(range(6)))
+    started: list[int] = []
+    finished: list[int] = []
+
+    async def handler(item: int) -> None:
+        started.append(item)
+        await asyncio.sleep(0.1 if item < 3 else 10)
+        finished.append(item)
+
+    task = asyncio.create_task(wq.run(handler, concurrency=6, grace=0.5))
+    while len(started) < 6:
+        await asyncio.sleep(0.01)
+    wq.stop()
+    stats = await asyncio.wait_for(task, 5)
+    assert sorted(finished) == [0, 1, 2] and stats.done == 3 and stats.returned == 3
+    s = await wq.stats()
+    assert (s.depth, s.in_flight) == (3, 0)  # handed back at once, not after 30 s
+    await wq.close()
