@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import uuid
 from collections.abc import AsyncIterator
@@ -77,7 +78,7 @@ async def test_failures_retry_with_backoff_then_dead_letter(url: str) -> None:
     stats = await wq.run(handler, drain=True)
     assert stats.done == 1 and stats.failed == 3
     assert len(calls) == 3
-    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
     assert gaps[0] >= 0.04 and gaps[1] >= 0.09  # 0.05 s, then 0.1 s
     (dead,) = await wq.queue.dead_letters()
     assert dead.attempts == 3
