@@ -1118,19 +1118,29 @@ class NatsKV:
         finally:
             self._expiring.discard(lease)
 
-    async def _sweep(self) -> None:
+    async def _sweep(self) -> float | None:
+        """Expire the leases past their deadline; return the next live deadline, if any."""
         now = self._clock.now()
+        upcoming: float | None = None
         for raw in await self._c.scan_last(self._lstream, f"{self._lroot}.*.L"):
-            if float(json.loads(raw.data)["deadline"]) <= now:
+            deadline = float(json.loads(raw.data)["deadline"])
+            if deadline <= now:
                 await self._expire(int(raw.subject.split(".")[-2]))
+            elif upcoming is None or deadline < upcoming:
+                upcoming = deadline
+        return upcoming
 
     async def _sweep_loop(self) -> None:
+        """Sweep at the next lease deadline (just after it), and at least every SWEEP_EVERY."""
         while self._watchers > 0 and not self._c.closed:
+            pause = SWEEP_EVERY
             try:
-                await self._sweep()
+                upcoming = await self._sweep()
+                if upcoming is not None:
+                    pause = min(pause, max(0.005, upcoming - self._clock.now() + 0.005))
             except Exception:  # server away, or a malformed record: try again next round
                 pass
-            await asyncio.sleep(SWEEP_EVERY)
+            await asyncio.sleep(pause)
 
     # -------------------------------------------------------------- watch
 
