@@ -136,7 +136,10 @@ def status(
 
 # Component subcommands -> their modules; each module exposes `cli: typer.Typer`. The names a
 # spec may use in `component:` are listed in podkit.system.components.
-COMPONENT_MODULES: dict[str, str] = {"elect": "podkit.election.component"}
+COMPONENT_MODULES: dict[str, str] = {
+    "elect": "podkit.election.component",
+    "queue": "podkit.workqueue.component",
+}
 
 
 def _register_components() -> None:

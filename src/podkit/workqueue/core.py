@@ -202,7 +202,8 @@ class _Pool:
     ) -> None:
         self.wq = wq
         self.handler = handler
-        self.is_async = inspect.iscoroutinefunction(handler)
+        call = getattr(handler, "__call__", None)  # noqa: B004 - async callable objects too
+        self.is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
         self.limit = limit
         self.on_done = on_done
         self.stats = WorkerStats()
@@ -220,9 +221,13 @@ class _Pool:
         try:
             while not self.wq._stop.is_set():
                 free = self.limit - len(self.in_hand)
-                if free <= 0:
-                    await self.slots.acquire()
-                    self.slots.release()
+                if free <= 0:  # wait for a free slot, or for stop
+                    slot = asyncio.create_task(self.slots.acquire())
+                    await asyncio.wait({slot, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    if slot.done():
+                        self.slots.release()
+                    else:
+                        slot.cancel()
                     continue
                 fetch = asyncio.create_task(
                     q.dequeue(free, visibility=self.wq.visibility, wait=0.5 if not drain else 0)

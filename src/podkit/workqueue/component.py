@@ -1,0 +1,324 @@
+"""`podkit queue ...`: work, feed and watch a work queue from the command line.
+
+podkit queue work   --queue URL --name Q --exec 'convert {} out/{name}'
+podkit queue source dir IN/ --queue URL --name Q --pattern '*.png'
+podkit queue status --queue URL --name Q [--watch]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+from podkit.aio import run_async
+from podkit.backends import BackendError
+from podkit.workqueue import sources
+from podkit.workqueue.core import RetryPolicy, WorkQueue
+from podkit.workqueue.handlers import ExecHandler, HTTPHandler, Mode
+
+cli = typer.Typer(help="Work queues: workers, sources and status.", no_args_is_help=True)
+source_cli = typer.Typer(help="Feed a queue.", no_args_is_help=True)
+cli.add_typer(source_cli, name="source")
+
+QueueURL = Annotated[
+    str, typer.Option("--queue", help="Queue backend URL.", envvar="PODKIT_BACKEND_STATE")
+]
+QueueName = Annotated[str, typer.Option("--name", help="The queue's name.")]
+
+
+def log(message: str) -> None:
+    print(f"queue: {message}", file=sys.stderr, flush=True)
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+def _run(coro: Any) -> None:
+    try:
+        run_async(coro)
+    except BackendError as exc:
+        log(str(exc))
+        raise typer.Exit(1) from None
+
+
+@cli.command()
+def work(
+    queue: QueueURL,
+    name: QueueName = "default",
+    exec_: Annotated[
+        str | None, typer.Option("--exec", help="Command per item: {} {name} {stem} {file}.")
+    ] = None,
+    mode: Annotated[
+        str, typer.Option(help="How the command gets the item: arg|stdin|file.")
+    ] = "arg",
+    http: Annotated[str | None, typer.Option(help="POST each item to this URL instead.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Items in hand at once.")] = 4,
+    visibility: Annotated[float, typer.Option(help="Seconds an item stays hidden.")] = 30.0,
+    max_attempts: Annotated[int, typer.Option(help="Deliveries before dead-lettering.")] = 5,
+    retry_base: Annotated[float, typer.Option(help="First retry delay, doubling.")] = 1.0,
+    timeout: Annotated[float | None, typer.Option(help="Seconds a command may run.")] = None,
+    drain: Annotated[bool, typer.Option(help="Stop when the queue is empty.")] = False,
+    grace: Annotated[float, typer.Option(help="Seconds to finish items on SIGTERM.")] = 30.0,
+) -> None:
+    """Process items with a command (exit 0 acks) or an HTTP endpoint (2xx acks)."""
+    if (exec_ is None) == (http is None):
+        log("give exactly one of --exec CMD or --http URL")
+        raise typer.Exit(2)
+    if mode not in ("arg", "stdin", "file"):
+        log(f"--mode must be arg, stdin or file, not {mode!r}")
+        raise typer.Exit(2)
+
+    async def main() -> None:
+        wq = await WorkQueue.open(
+            queue, name, max_attempts=max_attempts, visibility=visibility,
+            retry=RetryPolicy(base=retry_base),
+        )  # fmt: skip
+        handler: Any
+        if exec_ is not None:
+            handler = ExecHandler(exec_, mode=mode_, timeout=timeout)
+        else:
+            assert http is not None
+            handler = HTTPHandler(http)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, wq.stop)
+        log(f"working on '{name}' ({queue}) with concurrency {concurrency}")
+        stats = await wq.run(handler, concurrency=concurrency, drain=drain, grace=grace)
+        log(f"done {stats.done}, failed {stats.failed}, returned {stats.returned}")
+        if isinstance(handler, HTTPHandler):
+            await handler.close()
+        await wq.close()
+
+    mode_: Mode = mode  # type: ignore[assignment]
+    _run(main())
+
+
+@cli.command()
+def enqueue(
+    items: Annotated[list[str], typer.Argument(help="Items (JSON, or plain text).")],
+    queue: QueueURL,
+    name: QueueName = "default",
+    key: Annotated[str | None, typer.Option(help="Idempotency key (one item).")] = None,
+) -> None:
+    """Add items to a queue."""
+
+    async def main() -> None:
+        wq = await WorkQueue.open(queue, name)
+        parsed = [_parse(i) for i in items]
+        if key is not None and len(parsed) == 1:
+            ids = [await wq.enqueue(parsed[0], key=key)]
+        else:
+            ids = await wq.enqueue_many(parsed)
+        print("\n".join(ids))
+        await wq.close()
+
+    _run(main())
+
+
+def _parse(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@cli.command()
+def status(
+    queue: QueueURL,
+    name: QueueName = "default",
+    watch: Annotated[bool, typer.Option(help="Keep showing, with a progress bar.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    dead: Annotated[int, typer.Option(help="Also list this many dead letters.")] = 0,
+) -> None:
+    """Depth, in flight, dead, drain rate and ETA of a queue."""
+
+    async def main() -> None:
+        wq = await WorkQueue.open(queue, name)
+        try:
+            if watch:
+                await _watch(wq)
+                return
+            a = await wq.stats()
+            await asyncio.sleep(1.0)
+            b = await wq.stats()
+            rate = max(0.0, (a.depth + a.in_flight) - (b.depth + b.in_flight))
+            left = b.depth + b.in_flight
+            eta = left / rate if rate > 0 else None
+            data: dict[str, Any] = {
+                "queue": name, "depth": b.depth, "in_flight": b.in_flight, "dead": b.dead,
+                "rate": rate, "eta_seconds": eta,
+            }  # fmt: skip
+            if dead:
+                data["dead_letters"] = [
+                    {"id": m.id, "attempts": m.attempts, "last_error": m.last_error}
+                    for m in await wq.queue.dead_letters(dead)
+                ]
+            if as_json:
+                print(json.dumps(data))
+            else:
+                eta_text = f"{eta:.0f}s" if eta is not None else "-"
+                print(
+                    f"{name}: depth {b.depth}, in flight {b.in_flight}, dead {b.dead}, "
+                    f"rate {rate:.0f}/s, ETA {eta_text}"
+                )
+                for d in data.get("dead_letters", []):
+                    print(f"  dead {d['id']} after {d['attempts']} attempts: {d['last_error']}")
+        finally:
+            await wq.close()
+
+    _run(main())
+
+
+async def _watch(wq: WorkQueue) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    first = await wq.stats()
+    total = max(1, first.depth + first.in_flight)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[rate]:.0f}/s dead {task.fields[dead]}"), TimeRemainingColumn(),
+    ) as bar:  # fmt: skip
+        task = bar.add_task(wq.name, total=total, rate=0.0, dead=first.dead)
+        last, last_t = total, time.monotonic()
+        while not stop.is_set():
+            s = await wq.stats()
+            left = s.depth + s.in_flight
+            total = max(total, left)
+            now = time.monotonic()
+            rate = max(0.0, (last - left) / (now - last_t))
+            last, last_t = left, now
+            bar.update(task, total=total, completed=total - left, rate=rate, dead=s.dead)
+            if left == 0:
+                break
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except TimeoutError:
+                pass
+
+
+@source_cli.command("dir")
+def source_dir(
+    path: Annotated[str, typer.Argument(help="The directory to watch.")],
+    queue: QueueURL,
+    name: QueueName = "default",
+    pattern: Annotated[str, typer.Option(help="File name pattern.")] = "*",
+    poll: Annotated[float, typer.Option(help="Seconds between scans.")] = 1.0,
+) -> None:
+    """Enqueue the path of each new file in a directory."""
+
+    async def main() -> None:
+        wq = await WorkQueue.open(queue, name)
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        log(f"watching {path} ({pattern}) for '{name}'")
+        await sources.directory(wq, path, pattern=pattern, poll=poll, stop=stop, log=log)
+        await wq.close()
+
+    _run(main())
+
+
+@source_cli.command("lines")
+def source_lines(
+    file: Annotated[str, typer.Argument(help="A text file: one item per line.")],
+    queue: QueueURL,
+    name: QueueName = "default",
+) -> None:
+    """Enqueue each line of a file."""
+
+    async def main() -> None:
+        wq = await WorkQueue.open(queue, name)
+        await sources.lines(wq, file, log=log)
+        await wq.close()
+
+    _run(main())
+
+
+@source_cli.command("every")
+def source_every(
+    seconds: Annotated[float, typer.Argument(help="The period.")],
+    queue: QueueURL,
+    name: QueueName = "default",
+    item: Annotated[str, typer.Option(help="The item (JSON or text).")] = "tick",
+) -> None:
+    """Enqueue an item on a schedule (once per tick across replicas)."""
+
+    async def main() -> None:
+        wq = await WorkQueue.open(queue, name)
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        await sources.schedule(wq, seconds, _parse(item), stop=stop, log=log)
+        await wq.close()
+
+    _run(main())
+
+
+@source_cli.command("http")
+def source_http(
+    queue: QueueURL,
+    name: QueueName = "default",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port: POST /enqueue.")] = 8090,
+) -> None:
+    """Accept items over HTTP: POST /enqueue with a JSON body."""
+
+    async def main() -> None:
+        wq = await WorkQueue.open(queue, name)
+        src = sources.HTTPSource(wq, host, port)
+        await src.start()
+        log(f"POST http://{host}:{src.port}/enqueue feeds '{name}'")
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        await stop.wait()
+        await src.close()
+        await wq.close()
+
+    _run(main())
+
+
+@source_cli.command("kv")
+def source_kv(
+    prefix: Annotated[str, typer.Argument(help="Key prefix to watch.")],
+    kv: Annotated[str, typer.Option(help="KV backend URL.")],
+    queue: QueueURL,
+    name: QueueName = "default",
+) -> None:
+    """Enqueue every put under a KV prefix."""
+
+    async def main() -> None:
+        wq = await WorkQueue.open(queue, name)
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        await sources.kv_prefix(wq, kv, prefix, stop=stop, log=log)
+        await wq.close()
+
+    _run(main())
+
+
+@source_cli.command("redis-list")
+def source_redis_list(
+    key: Annotated[str, typer.Argument(help="The Redis list.")],
+    redis: Annotated[str, typer.Option(help="Redis URL.")],
+    queue: QueueURL,
+    name: QueueName = "default",
+) -> None:
+    """Move items from a Redis list into the queue, losing none on a crash."""
+
+    async def main() -> None:
+        wq = await WorkQueue.open(queue, name)
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        await sources.redis_list(wq, redis, key, stop=stop, log=log)
+        await wq.close()
+
+    _run(main())

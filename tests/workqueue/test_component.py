@@ -1,0 +1,198 @@
+"""`podkit queue ...` as a user runs it, and the command/HTTP workers and the sources."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from podkit.workqueue import WorkQueue, sources
+from podkit.workqueue.handlers import ExecHandler, HandlerFailed, render
+from support import free_port
+
+PY = sys.executable
+
+
+def podkit(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-m", "podkit", *args], capture_output=True, text=True, timeout=60, **kw
+    )  # type: ignore[call-overload, no-any-return]
+
+
+def test_render_fills_the_template() -> None:
+    argv = render(["convert", "{}", "out/{stem}.jpg", "{name}", "{parent}"], "in/cat.png")
+    assert argv == ["convert", "in/cat.png", "out/cat.jpg", "cat.png", "in"]
+    assert render(["echo", "{}"], {"a": 1}) == ["echo", '{"a":1}']
+
+
+async def test_exec_handler_modes_and_failures(tmp_path: Path) -> None:
+    ok = await ExecHandler([PY, "-c", "import sys; print(sys.argv[1][::-1])"])("abc")
+    assert ok["stdout"].strip() == "cba"
+    stdin = ExecHandler([PY, "-c", "import json,sys; print(json.load(sys.stdin)['n'] + 1)"],
+                        mode="stdin")  # fmt: skip
+    assert (await stdin({"n": 41}))["stdout"].strip() == "42"
+    as_file = ExecHandler(["cat", "{file}"], mode="file")
+    assert (await as_file("from a file"))["stdout"] == "from a file"
+    with pytest.raises(HandlerFailed, match=r"exited with 3: no good"):
+        await ExecHandler([PY, "-c", "import sys; sys.stderr.write('no good'); sys.exit(3)"])("x")
+    with pytest.raises(HandlerFailed, match=r"timed out after 0\.2s"):
+        await ExecHandler(["sleep"], timeout=0.2)("5")  # the item is appended: sleep 5
+    with pytest.raises(HandlerFailed, match="cannot run '/no/such'"):
+        await ExecHandler(["/no/such"])("x")
+
+
+def test_cli_work_acks_on_exit_0_and_dead_letters_failures(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    out = tmp_path / "out"
+    out.mkdir()
+    r = podkit("queue", "enqueue", "a", "b", "bad", "c", "--queue", url, "--name", "jobs")
+    assert r.returncode == 0 and len(r.stdout.split()) == 4
+    script = (
+        "import sys,pathlib; item=sys.argv[1]; "
+        "sys.exit(7) if item=='bad' else pathlib.Path(sys.argv[2],item).write_text(item)"
+    )
+    r = podkit(
+        "queue", "work", "--queue", url, "--name", "jobs", "--exec",
+        f"{PY} -c \"{script}\" {{}} {out}", "--drain", "--max-attempts", "2",
+        "--retry-base", "0.05",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "done 3, failed 2" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "c"]
+    r = podkit("queue", "status", "--queue", url, "--name", "jobs", "--json", "--dead", "5")
+    data = json.loads(r.stdout)
+    assert (data["depth"], data["in_flight"], data["dead"]) == (0, 0, 1)
+    assert data["dead_letters"][0]["attempts"] == 2
+    assert "exited with 7" in data["dead_letters"][0]["last_error"]
+
+
+def test_cli_worker_sigterm_returns_items(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    podkit("queue", "enqueue", "30", "30", "30", "--queue", url)
+    proc = subprocess.Popen(
+        [PY, "-m", "podkit", "queue", "work", "--queue", url, "--exec", "sleep {}",
+         "--concurrency", "3", "--grace", "0.3"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "returned 3" in err
+    data = json.loads(podkit("queue", "status", "--queue", url, "--json").stdout)
+    assert (data["depth"], data["in_flight"]) == (3, 0)
+
+
+async def test_directory_source_enqueues_settled_files_once(tmp_path: Path) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    wq = await WorkQueue.open(f"sqlite:///{tmp_path / 'q.db'}", "files")
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        sources.directory(wq, inbox, pattern="*.txt", poll=0.05, settle=0.1, stop=stop)
+    )
+    (inbox / "a.txt").write_text("a")
+    (inbox / "b.txt").write_text("b")
+    (inbox / "skip.bin").write_text("x")
+    await asyncio.sleep(0.6)
+    (inbox / "a.txt").write_text("a changed")  # a new version is a new item
+    await asyncio.sleep(0.6)
+    stop.set()
+    assert await task == 3
+    got = [m.payload for m in await wq.queue.dequeue(10)]
+    assert sorted(json.loads(p) for p in got) == sorted(
+        [str(inbox / "a.txt"), str(inbox / "a.txt"), str(inbox / "b.txt")]
+    )
+    await wq.close()
+
+
+async def test_lines_and_schedule_sources_are_idempotent(tmp_path: Path) -> None:
+    wq = await WorkQueue.open(f"sqlite:///{tmp_path / 'q.db'}", "lines")
+    f = tmp_path / "urls.txt"
+    f.write_text("http://a\n\nhttp://b\nhttp://c\n")
+    assert await sources.lines(wq, f) == 3
+    await sources.lines(wq, f)  # a restarted source
+    assert (await wq.stats()).depth == 3
+    stop = asyncio.Event()
+    task = asyncio.create_task(sources.schedule(wq, 0.2, {"job": "tick"}, stop=stop))
+    other = asyncio.create_task(sources.schedule(wq, 0.2, {"job": "tick"}, stop=stop))
+    await asyncio.sleep(0.7)
+    stop.set()
+    await asyncio.gather(task, other)
+    ticks = (await wq.stats()).depth - 3
+    assert 3 <= ticks <= 5  # one per tick, not one per replica
+    await wq.close()
+
+
+async def test_http_source(tmp_path: Path) -> None:
+    wq = await WorkQueue.open(f"sqlite:///{tmp_path / 'q.db'}", "web")
+    src = sources.HTTPSource(wq, port=free_port())
+    await src.start()
+
+    def post(body: bytes, key: str | None = None) -> tuple[int, dict[str, object]]:
+        req = urllib.request.Request(f"http://127.0.0.1:{src.port}/enqueue", data=body)
+        if key:
+            req.add_header("Idempotency-Key", key)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    code, body = await asyncio.to_thread(post, b'{"resize": "cat.png"}', "cat")
+    assert code == 202 and len(body["ids"]) == 1  # type: ignore[arg-type]
+    again = await asyncio.to_thread(post, b'{"resize": "cat.png"}', "cat")
+    assert again[1]["ids"] == body["ids"]
+    code, many = await asyncio.to_thread(post, b"[1, 2, 3]")
+    assert code == 202 and len(many["ids"]) == 3  # type: ignore[arg-type]
+    code, err = await asyncio.to_thread(post, b"{not json")
+    assert code == 400 and "not JSON" in str(err["error"])
+    assert (await wq.stats()).depth == 4
+    await src.close()
+    await wq.close()
+
+
+def test_http_worker(tmp_path: Path) -> None:
+    """`--http URL`: 2xx acks, anything else fails the item."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    got: list[object] = []
+
+    class H(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            item = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            got.append(item)
+            self.send_response(500 if item == "bad" else 200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    podkit("queue", "enqueue", '"x"', '"bad"', "--queue", url)
+    endpoint = f"http://127.0.0.1:{server.server_port}/"
+    r = podkit(
+        "queue", "work", "--queue", url, "--http", endpoint, "--drain", "--max-attempts", "1"
+    )  # fmt: skip
+    server.shutdown()
+    assert r.returncode == 0 and "done 1, failed 1" in r.stderr
+    assert sorted(map(str, got)) == ["bad", "x"]
+
+
+def test_cli_errors_are_clear(tmp_path: Path) -> None:
+    r = podkit("queue", "work", "--queue", "memory://x")
+    assert r.returncode == 2 and "exactly one of --exec CMD or --http URL" in r.stderr
+    r = podkit("queue", "status", "--queue", "mongodb://db")
+    assert r.returncode == 1 and "unknown scheme 'mongodb'" in r.stderr
