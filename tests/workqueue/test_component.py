@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -34,12 +35,12 @@ def test_render_fills_the_template() -> None:
 
 async def test_exec_handler_modes_and_failures(tmp_path: Path) -> None:
     ok = await ExecHandler([PY, "-c", "import sys; print(sys.argv[1][::-1])"])("abc")
-    assert ok["stdout"].strip() == "cba"
+    assert ok == "cba"
     stdin = ExecHandler([PY, "-c", "import json,sys; print(json.load(sys.stdin)['n'] + 1)"],
                         mode="stdin")  # fmt: skip
-    assert (await stdin({"n": 41}))["stdout"].strip() == "42"
+    assert await stdin({"n": 41}) == 42  # stdout that parses as JSON is JSON
     as_file = ExecHandler(["cat", "{file}"], mode="file")
-    assert (await as_file("from a file"))["stdout"] == "from a file"
+    assert await as_file("from a file") == "from a file"
     with pytest.raises(HandlerFailed, match=r"exited with 3: no good"):
         await ExecHandler([PY, "-c", "import sys; sys.stderr.write('no good'); sys.exit(3)"])("x")
     with pytest.raises(HandlerFailed, match=r"timed out after 0\.2s"):
@@ -196,3 +197,33 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
     assert r.returncode == 2 and "exactly one of --exec CMD or --http URL" in r.stderr
     r = podkit("queue", "status", "--queue", "mongodb://db")
     assert r.returncode == 1 and "unknown scheme 'mongodb'" in r.stderr
+
+
+def test_a_chain_of_steps_passes_each_output_on(tmp_path: Path) -> None:
+    """resize -> stamp: two worker pools, the first one's stdout is the second's item."""
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    out = tmp_path / "stamped.txt"
+    podkit("queue", "enqueue", "a.png", "b.png", "--queue", url, "--name", "resize")
+    step1 = podkit("queue", "work", "--queue", url, "--name", "resize", "--then", "stamp",
+                   "--exec", "echo small-{stem}.jpg", "--drain")  # fmt: skip
+    assert step1.returncode == 0 and "done 2" in step1.stderr
+    step2 = podkit("queue", "work", "--queue", url, "--name", "stamp",
+                   "--exec", f"sh -c 'echo stamped $0 >> {out}'", "--drain")  # fmt: skip
+    assert step2.returncode == 0 and "done 2" in step2.stderr
+    assert sorted(out.read_text().splitlines()) == [
+        "stamped small-a.jpg",
+        "stamped small-b.jpg",
+    ]
+
+
+async def test_a_retried_step_forwards_once(tmp_path: Path) -> None:
+    url = f"memory://chain-{os.getpid()}-{time.time_ns()}"
+    first = await WorkQueue.open(url, "first", visibility=0.3)
+    second = await WorkQueue.open(url, "second")
+    await first.enqueue("x")
+    (m,) = await first.queue.dequeue(visibility=0.3)
+    await second.enqueue("X", key=f"from:first:{m.id}")  # forwarded, then the worker died
+    await asyncio.sleep(0.4)
+    stats = await first.run(lambda item: item.upper(), then=second, drain=True)
+    assert stats.done == 1
+    assert (await second.stats()).depth == 1

@@ -66,6 +66,9 @@ def work(
     max_attempts: Annotated[int, typer.Option(help="Deliveries before dead-lettering.")] = 5,
     retry_base: Annotated[float, typer.Option(help="First retry delay, doubling.")] = 1.0,
     timeout: Annotated[float | None, typer.Option(help="Seconds a command may run.")] = None,
+    then: Annotated[
+        str | None, typer.Option(help="Enqueue each result on this queue: the next step.")
+    ] = None,
     drain: Annotated[bool, typer.Option(help="Stop when the queue is empty.")] = False,
     grace: Annotated[float, typer.Option(help="Seconds to finish items on SIGTERM.")] = 30.0,
 ) -> None:
@@ -91,8 +94,11 @@ def work(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, wq.stop)
+        after = await WorkQueue.open(queue, then) if then else None
         log(f"working on '{name}' ({queue}) with concurrency {concurrency}")
-        stats = await wq.run(handler, concurrency=concurrency, drain=drain, grace=grace)
+        stats = await wq.run(handler, concurrency=concurrency, drain=drain, grace=grace, then=after)
+        if after is not None:
+            await after.close()
         log(f"done {stats.done}, failed {stats.failed}, returned {stats.returned}")
         if isinstance(handler, HTTPHandler):
             await handler.close()

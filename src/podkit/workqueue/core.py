@@ -173,15 +173,18 @@ class WorkQueue:
         drain: bool = False,
         grace: float = 30.0,
         on_done: Callable[[WorkerStats], None] | None = None,
+        then: WorkQueue | None = None,
     ) -> WorkerStats:
         """Process items until `stop()` (or, with `drain`, until the queue is empty).
 
         At most `concurrency` items are in hand at once; sync handlers run in threads.
         On stop, items in hand get `grace` seconds to finish; the rest are returned.
+        With `then`, each result is enqueued there (a chain's next step) before the item
+        is acked, keyed by the item's id, so a retried step forwards it only once.
         """
         marked: int = getattr(handler, "__podkit_concurrency__", 8)
         limit = concurrency if concurrency is not None else marked
-        pool = _Pool(self, handler, limit, on_done)
+        pool = _Pool(self, handler, limit, on_done, then)
         return await pool.run(drain=drain, grace=grace)
 
     async def close(self) -> None:
@@ -199,8 +202,10 @@ class _Pool:
         handler: Handler,
         limit: int,
         on_done: Callable[[WorkerStats], None] | None,
+        then: WorkQueue | None = None,
     ) -> None:
         self.wq = wq
+        self.then = then
         self.handler = handler
         call = getattr(handler, "__call__", None)  # noqa: B004 - async callable objects too
         self.is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
@@ -274,6 +279,8 @@ class _Pool:
                 result = await asyncio.to_thread(self.handler, item)
             if self.wq.results is not None:
                 await self.wq.results.put(self.wq._result_key(m.id), encode(result))
+            if self.then is not None:
+                await self.then.enqueue(result, key=f"from:{self.wq.name}:{m.id}")
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -1,8 +1,10 @@
 """Workers that are not Python functions: a command, or an HTTP endpoint.
 
-A command gets the item as an argument (`{}` in the template), in a file (`{file}`), or
-as JSON on stdin; exit code 0 acks it, any other code fails it (retried, then
-dead-lettered) with the end of its stderr as the error.
+A command gets the item as an argument (`{}` in the template; appended when the template
+has no placeholder at all), in a file
+(`{file}`), or as JSON on stdin; exit code 0 acks it, any other code fails it (retried,
+then dead-lettered) with the end of its stderr as the error. Its stdout is its result,
+and in a chain the next step's item.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import aiohttp
 from podkit.proc import parent_death_signal, signal_group
 
 Mode = Literal["arg", "stdin", "file"]
+PLACEHOLDERS = ("{}", "{name}", "{stem}", "{suffix}", "{parent}", "{file}")
 
 
 class HandlerFailed(Exception):
@@ -57,6 +60,15 @@ def render(template: list[str], item: Any, file: str | None = None) -> list[str]
     return out
 
 
+def output(raw: bytes) -> Any:
+    """A command's result: its stdout as JSON when it parses, else as stripped text."""
+    text = raw.decode(errors="replace").strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 class ExecHandler:
     """Runs a command per item (in its own process group, killed on timeout)."""
 
@@ -77,7 +89,8 @@ class ExecHandler:
         self.env = env
         self.cwd = cwd
 
-    async def __call__(self, item: Any) -> dict[str, Any]:
+    async def __call__(self, item: Any) -> Any:
+        """Run the command for `item`; its stdout (JSON when it parses) is the result."""
         tmp: str | None = None
         try:
             if self.mode == "file":
@@ -85,7 +98,9 @@ class ExecHandler:
                 with os.fdopen(fd, "wb") as f:
                     f.write(item if isinstance(item, bytes) else _text(item).encode())
             argv = render(self.template, item, tmp)
-            if self.mode == "arg" and not any("{}" in w for w in self.template):
+            if self.mode == "arg" and not any(
+                f in w for w in self.template for f in PLACEHOLDERS
+            ):  # no placeholder at all: the item goes last, as with xargs
                 argv.append(_text(item))
             stdin = json.dumps(item).encode() if self.mode == "stdin" else None
             return await self._run(argv, stdin)
@@ -94,7 +109,7 @@ class ExecHandler:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
 
-    async def _run(self, argv: list[str], stdin: bytes | None) -> dict[str, Any]:
+    async def _run(self, argv: list[str], stdin: bytes | None) -> Any:
         env = None if self.env is None else {**os.environ, **self.env}
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -120,7 +135,7 @@ class ExecHandler:
         if proc.returncode != 0:
             tail = err.decode(errors="replace").strip()[-1000:]
             raise HandlerFailed(f"{argv[0]} exited with {proc.returncode}: {tail}")
-        return {"stdout": out.decode(errors="replace")[-10000:]}
+        return output(out)
 
 
 class HTTPHandler:
