@@ -433,6 +433,8 @@ class Runtime:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._announced = False
+        self._scalers: list[asyncio.Task[None]] = []
+        self.scale_events: list[tuple[float, str, int, int]] = []
 
     async def start(self) -> None:
         """Start services, then every pod replica."""
@@ -449,10 +451,70 @@ class Runtime:
                 ) from None
             self.proxies[svc.name] = proxy
         for pod in self.spec.pods:
-            for i in range(pod.replicas):
-                self.replicas.append(PodReplica(pod, i, next(self._addresses), self))
-        for rep in self.replicas:
-            rep.start()
+            count = pod.replicas
+            if pod.autoscale is not None:
+                count = max(pod.autoscale.min, min(pod.autoscale.max, count))
+            for _ in range(count):
+                self.add_replica(pod)
+            if pod.autoscale is not None:
+                self._scalers.append(asyncio.create_task(self._autoscale(pod)))
+
+    def add_replica(self, pod: Pod) -> PodReplica:
+        """Start one more replica of `pod` (the next free index, a new address)."""
+        used = {r.index for r in self.replicas if r.pod is pod}
+        index = next(i for i in range(len(used) + 1) if i not in used)
+        rep = PodReplica(pod, index, next(self._addresses), self)
+        self.replicas.append(rep)
+        rep.start()
+        return rep
+
+    async def remove_replica(self, pod: Pod) -> None:
+        """Stop the highest-numbered replica of `pod` gracefully."""
+        reps = [r for r in self.replicas if r.pod is pod]
+        if not reps:
+            return
+        rep = max(reps, key=lambda r: r.index)
+        self.replicas.remove(rep)
+        self.changed()
+        await rep.stop()
+
+    async def _autoscale(self, pod: Pod) -> None:
+        """Every second: queue backlog and worker rate in, replica count out."""
+        from podkit.backends import open_kv, open_queue
+        from podkit.workqueue.scaling import ScalePolicy, Scaler, read_progress
+
+        a = pod.autoscale
+        assert a is not None
+        url = self.backends[a.backend]
+        scaler = Scaler(ScalePolicy(a.min, a.max, a.target_drain, a.cooldown_up, a.cooldown_down))
+        queue = kv = None
+        while not self._stopping:
+            try:
+                if queue is None or kv is None:
+                    queue, kv = await open_queue(url, a.queue), await open_kv(url)
+                stats = await queue.stats()
+                done, workers = await read_progress(kv, a.queue)
+            except Exception as exc:  # the backend is away: keep the count, try again
+                self.log.event(f"autoscale {pod.name}: cannot read queue '{a.queue}': {exc}")
+                await self.clock.sleep(5)
+                continue
+            now = self.clock.now()
+            rate = scaler.observe(now, done, workers)
+            current = sum(1 for r in self.replicas if r.pod is pod)
+            backlog = stats.depth + stats.in_flight
+            want = scaler.desired(now, backlog, current)
+            if want != current:
+                per = f"{scaler.per_replica:.0f}/s" if scaler.per_replica else "unknown"
+                self.log.event(
+                    f"autoscale {pod.name}: {current} -> {want} replicas (backlog {backlog}, "
+                    f"rate {rate or 0:.0f}/s, per replica {per})"
+                )
+                self.scale_events.append((time.time(), pod.name, current, want))
+            for _ in range(current, want):
+                self.add_replica(pod)
+            for _ in range(want, current):
+                await self.remove_replica(pod)
+            await self.clock.sleep(1.0)
 
     def changed(self) -> None:
         """A container's readiness changed: recompute every service's endpoints."""
@@ -481,6 +543,8 @@ class Runtime:
             return
         self._stopping = True
         self.log.event("stopping")
+        for task in self._scalers:
+            task.cancel()
         for proxy in self.proxies.values():
             await proxy.close()
         by_pod: dict[str, list[PodReplica]] = {}

@@ -156,6 +156,28 @@ class Election(Model):
     exec: list[Text] | None = None  # run only while leading
 
 
+class Autoscale(Model):
+    """Scale a pod of queue workers between `min` and `max` replicas from the queue's
+    backlog and the workers' rate, to drain it within `target_drain` seconds."""
+
+    queue: str
+    backend: Name = "state"
+    min: Annotated[int, Field(ge=0, le=250)] = 1
+    max: Annotated[int, Field(ge=1, le=250)] = 8
+    target_drain: Annotated[float, Field(gt=0)] = 30.0
+    cooldown_up: Seconds = 5.0
+    cooldown_down: Seconds = 30.0
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscale:
+        if self.min > self.max:
+            raise PydanticCustomError(
+                "autoscale_bounds", "autoscale: min ({min}) is above max ({max})",
+                {"min": self.min, "max": self.max},
+            )  # fmt: skip
+        return self
+
+
 class Pod(Model):
     """A group of containers that share an address and volumes, run as `replicas` copies."""
 
@@ -165,6 +187,7 @@ class Pod(Model):
     grace_period: Seconds = 10.0
     volumes: list[Name] = []
     election: Election | None = None
+    autoscale: Autoscale | None = None
     containers: list[Container] = Field(min_length=1)
 
     def all_containers(self) -> list[Container]:
@@ -321,7 +344,9 @@ def _describe(err: Any) -> str:
     if kind == "missing":
         return f"missing required field '{loc[-1]}'"
     msg = str(err["msg"])
-    if kind.startswith(("dns_label", "probe_kind", "missing_command", "backend_url")):
+    if kind.startswith(
+        ("dns_label", "probe_kind", "missing_command", "backend_url", "autoscale_bounds")
+    ):
         return msg
     if kind in ("command_and_component", "with_without_component"):
         return msg
@@ -382,16 +407,18 @@ def _check_references(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
                             f"{', '.join(known) or 'none yet'}",
                         )
                     )
-        if pod.election is not None:
-            e = pod.election
-            if e.backend != "state" and e.backend not in spec.backends:
+        named = ["state", *spec.backends]
+        for field_name in ("autoscale", "election"):
+            user = getattr(pod, field_name)
+            if user is not None and user.backend not in named:
                 problems.append(
                     (
-                        ("pods", i, "election", "backend"),
-                        f"no backend named '{e.backend}' "
-                        f"(backends: {', '.join(['state', *spec.backends])})",
+                        ("pods", i, field_name, "backend"),
+                        f"no backend named '{user.backend}' (backends: {', '.join(named)})",
                     )
                 )
+        if pod.election is not None:
+            e = pod.election
             if e.port in port_owner:
                 problems.append(
                     (

@@ -17,10 +17,11 @@ from typing import Annotated, Any
 import typer
 
 from podkit.aio import run_async
-from podkit.backends import BackendError
+from podkit.backends import BackendError, open_kv
 from podkit.workqueue import sources
-from podkit.workqueue.core import RetryPolicy, WorkQueue
+from podkit.workqueue.core import RetryPolicy, WorkerStats, WorkQueue
 from podkit.workqueue.handlers import ExecHandler, HTTPHandler, Mode
+from podkit.workqueue.scaling import ProgressReporter
 
 cli = typer.Typer(help="Work queues: workers, sources and status.", no_args_is_help=True)
 source_cli = typer.Typer(help="Feed a queue.", no_args_is_help=True)
@@ -70,6 +71,9 @@ def work(
         str | None, typer.Option(help="Enqueue each result on this queue: the next step.")
     ] = None,
     drain: Annotated[bool, typer.Option(help="Stop when the queue is empty.")] = False,
+    report: Annotated[
+        bool, typer.Option(help="Report progress for autoscaling (needs a KV backend).")
+    ] = True,
     grace: Annotated[float, typer.Option(help="Seconds to finish items on SIGTERM.")] = 30.0,
 ) -> None:
     """Process items with a command (exit 0 acks) or an HTTP endpoint (2xx acks)."""
@@ -95,8 +99,23 @@ def work(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, wq.stop)
         after = await WorkQueue.open(queue, then) if then else None
+        reporter = None
+        if report:  # for the autoscaler: how fast this worker goes
+            reporter = ProgressReporter(await open_kv(queue), name)
+            reporter.start()
+
+        def progress(stats: WorkerStats) -> None:
+            if reporter is not None:
+                reporter.done = stats.done
+
         log(f"working on '{name}' ({queue}) with concurrency {concurrency}")
-        stats = await wq.run(handler, concurrency=concurrency, drain=drain, grace=grace, then=after)
+        stats = await wq.run(
+            handler, concurrency=concurrency, drain=drain, grace=grace, then=after,
+            on_done=progress,
+        )  # fmt: skip
+        if reporter is not None:
+            await reporter.close()
+            await reporter.kv.close()
         if after is not None:
             await after.close()
         log(f"done {stats.done}, failed {stats.failed}, returned {stats.returned}")
