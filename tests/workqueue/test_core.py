@@ -137,7 +137,11 @@ async def test_graceful_stop_finishes_or_returns_items_in_hand(url: str) -> None
         finished.append(item)
 
     task = asyncio.create_task(wq.run(handler, concurrency=6, grace=0.5))
+    deadline = asyncio.get_running_loop().time() + 10
     while len(started) < 6:
+        if task.done():
+            raise AssertionError(f"the worker stopped early: {task.result()}")
+        assert asyncio.get_running_loop().time() < deadline, f"only {started} started"
         await asyncio.sleep(0.01)
     wq.stop()
     stats = await asyncio.wait_for(task, 5)

@@ -214,7 +214,7 @@ class _Pool:
         self.stats = WorkerStats()
         self.in_hand: dict[str, Message] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self.slots = asyncio.Semaphore(limit)
+        self.freed = asyncio.Event()  # set when an item leaves our hands
         self.acks: list[Message] = []
         self.ack_due = asyncio.Event()
 
@@ -227,12 +227,10 @@ class _Pool:
             while not self.wq._stop.is_set():
                 free = self.limit - len(self.in_hand)
                 if free <= 0:  # wait for a free slot, or for stop
-                    slot = asyncio.create_task(self.slots.acquire())
-                    await asyncio.wait({slot, stop}, return_when=asyncio.FIRST_COMPLETED)
-                    if slot.done():
-                        self.slots.release()
-                    else:
-                        slot.cancel()
+                    self.freed.clear()
+                    freed = asyncio.create_task(self.freed.wait())
+                    await asyncio.wait({freed, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    freed.cancel()
                     continue
                 fetch = asyncio.create_task(
                     q.dequeue(free, visibility=self.wq.visibility, wait=0.5 if not drain else 0)
@@ -254,7 +252,6 @@ class _Pool:
                         await asyncio.sleep(0.05)
                     continue
                 for m in messages:
-                    await self.slots.acquire()
                     self.in_hand[m.id] = m
                     t = asyncio.create_task(self._process(m))
                     self.tasks.add(t)
@@ -288,16 +285,18 @@ class _Pool:
             error = "".join(traceback.format_exception_only(exc)).strip()[-2000:]
             with contextlib.suppress(Exception):
                 await self.wq.queue.nack(m, delay=self.wq.retry.delay(m.attempts), error=error)
-            self.in_hand.pop(m.id, None)
-            self.slots.release()
+            self._release(m)
             return
         self.acks.append(m)
         self.ack_due.set()
         self.stats.done += 1
         if self.on_done is not None:
             self.on_done(self.stats)
+        self._release(m)
+
+    def _release(self, m: Message) -> None:
         self.in_hand.pop(m.id, None)
-        self.slots.release()
+        self.freed.set()
 
     async def _acker(self) -> None:
         """Batch acks: one round trip for everything finished since the last one."""
