@@ -34,7 +34,9 @@ after; if it died meanwhile the write is deleted again and `LeaseExpired` raised
 
 Queue (stream `<P>_q_<name>`, work-queue retention, durable pull consumer `workers`):
 id = stream sequence, attempts = delivery count (less early deliveries of a delayed item),
-receipt = the delivery's `$JS.ACK` subject. The consumer's ack_wait is 30 s; any other
+receipt = the delivery's `$JS.ACK` subject. The consumer's ack_wait is `visibility` (an
+`open_queue` option, default 30 s; the server's own timeout, so it also covers a client
+killed before it could NAK); any other
 visibility, `extend` and `nack(delay=)` send `-NAK {"delay": d}`, which on 2.9 keeps the
 delivery pending and ackable until then and redelivers it after: per-delivery deadlines
 kept by the server, no client timers. The server does not check receipts, so a ledger
@@ -97,7 +99,7 @@ HISTORY = 64  # KV messages kept per key
 SWEEP_EVERY = 0.5  # seconds between lease sweeps while a watch is open
 HEARTBEAT = 1.0  # idle heartbeat of a watch's push consumer
 SCAN_HEARTBEAT = 0.25  # and of a scan's: one means the scan has seen all there is
-ACK_WAIT = 30.0  # queue consumer ack_wait: the visibility that needs no delayed NAK
+ACK_WAIT = 30.0  # default queue consumer ack_wait (open_queue's `visibility`)
 DEDUPE = 120.0  # duplicate window of streams whose writes carry a random Nats-Msg-Id
 CAS_TRIES = 100
 NS = 1_000_000_000
@@ -1234,6 +1236,7 @@ class NatsQueue:
         self.max_attempts = max_attempts
         self._c = conn
         self._clock = clock
+        self._ack_wait = ACK_WAIT  # the consumer's ack_wait: a visibility needing no NAK
         n = _name(name)
         self._stream, self._subject = f"{prefix}_q_{n}", f"podkit.{prefix}.q.{n}"
         self._ledger, self._lroot = f"{prefix}_qm_{n}", f"podkit.{prefix}.qm.{n}"
@@ -1332,7 +1335,7 @@ class NatsQueue:
                 writes.append(self._record_item(seq, {"dc": dc, "skip": skip, "err": error}))
                 if record.get("nacked"):
                     forget.append(f"{self._lroot}.n.{seq}")
-            if visibility != ACK_WAIT:
+            if visibility != self._ack_wait:
                 naks.append((msg.reply, _nak(visibility), None, True))
             receipt = msg.reply + until
             out.append(Message(str(seq), msg.data, attempts, receipt, ts / NS, error))
@@ -1587,6 +1590,7 @@ async def open_queue(
     clock: Clock | None = None,
     max_attempts: int = 5,
     dedupe_window: float = 3600.0,
+    visibility: float = ACK_WAIT,
     **options: Any,
 ) -> NatsQueue:
     prefix, timeout = _options(url, options)
@@ -1606,16 +1610,19 @@ async def open_queue(
             "durable_name": "workers",
             "deliver_policy": "all",
             "ack_policy": "explicit",
-            "ack_wait": int(ACK_WAIT * NS),
+            "ack_wait": int(visibility * NS),
             "max_deliver": -1,
             "max_ack_pending": -1,
             "replay_policy": "instant",
         }
-        await _ensure_consumer(conn, stream, config)
+        info = await _ensure_consumer(conn, stream, config)
     except BaseException:
         await conn.close()
         raise
-    return NatsQueue(conn, url, name, prefix, clock or WallClock(), max_attempts)
+    queue = NatsQueue(conn, url, name, prefix, clock or WallClock(), max_attempts)
+    # the server's own timeout covers a consumer that dies before any delayed NAK
+    queue._ack_wait = int(info["config"]["ack_wait"]) / NS
+    return queue
 
 
 async def open_topic(
