@@ -32,19 +32,33 @@ from typing import Any
 from podkit.backends import KV, Message, Queue, QueueStats, open_kv, open_queue
 
 Handler = Callable[[Any], Any]
+ACK_LINGER = 0.005  # seconds the acker waits after an item finished, so later ones share the ack
+
+# json.dumps(item, separators=...) without making an encoder per call; and the C scanner
+# that json.loads ends in, without the Python layers around it.
+_json_encode = json.JSONEncoder(separators=(",", ":")).encode
+_json_scan: Callable[[str, int], tuple[Any, int]]
+_json_scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def encode(item: Any) -> bytes:
     """bytes stay bytes; anything else is JSON."""
     if isinstance(item, bytes | bytearray | memoryview):
         return b"\x00" + bytes(item)
-    return json.dumps(item, separators=(",", ":")).encode()
+    return _json_encode(item).encode()
 
 
 def decode(payload: bytes) -> Any:
     if payload[:1] == b"\x00":
         return payload[1:]
-    return json.loads(payload)
+    try:  # the fast path for UTF-8 JSON without surrounding whitespace, as encode() writes
+        text = payload.decode()
+        value, end = _json_scan(text, 0)
+        if end == len(text):
+            return value
+    except (UnicodeDecodeError, StopIteration, ValueError, AttributeError):
+        pass
+    return json.loads(payload)  # anything else, and its errors
 
 
 @dataclass
@@ -214,7 +228,8 @@ class _Pool:
         self.stats = WorkerStats()
         self.in_hand: dict[str, Message] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self.freed = asyncio.Event()  # set when an item leaves our hands
+        self.freed = asyncio.Event()  # set when an item leaves our hands, and on stop
+        self.fetch: asyncio.Task[list[Message]] | None = None  # the dequeue under way
         self.acks: list[Message] = []
         self.ack_due = asyncio.Event()
 
@@ -222,29 +237,36 @@ class _Pool:
         q = self.wq.queue
         beat = asyncio.create_task(self._heartbeat())
         acker = asyncio.create_task(self._acker())
-        stop = asyncio.create_task(self.wq._stop.wait())
+        stop = asyncio.create_task(self._on_stop())
+        me = asyncio.current_task()
+        assert me is not None
         try:
             while not self.wq._stop.is_set():
                 free = self.limit - len(self.in_hand)
-                if free <= 0:  # wait for a free slot, or for stop
+                if free <= 0:  # wait for a free slot (stop sets `freed` too)
                     self.freed.clear()
-                    freed = asyncio.create_task(self.freed.wait())
-                    await asyncio.wait({freed, stop}, return_when=asyncio.FIRST_COMPLETED)
-                    freed.cancel()
+                    await self.freed.wait()
                     continue
-                fetch = asyncio.create_task(
+                # A task of its own, so that stop can cancel a dequeue waiting for items.
+                fetch = self.fetch = asyncio.create_task(
                     q.dequeue(free, visibility=self.wq.visibility, wait=0.5 if not drain else 0)
                 )
-                await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if not fetch.done():
-                    fetch.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        for m in await fetch:  # delivered anyway: hand it back
+                try:
+                    messages = await fetch
+                except asyncio.CancelledError:
+                    if fetch.cancelled() and self.wq._stop.is_set() and not me.cancelling():
+                        break  # stopped while waiting for items
+                    raise
+                finally:
+                    self.fetch = None
+                if self.wq._stop.is_set():  # delivered as we stopped: hand them back
+                    for m in messages:
+                        with contextlib.suppress(Exception):
                             await q.nack(m)
                     break
-                messages = fetch.result()
                 if not messages:
                     if drain and not self.in_hand:
+                        await self._flush_acks()  # not in flight any more: let stats see it
                         s = await q.stats()
                         if s.depth == 0 and s.in_flight == 0:
                             break
@@ -298,10 +320,20 @@ class _Pool:
         self.in_hand.pop(m.id, None)
         self.freed.set()
 
+    async def _on_stop(self) -> None:
+        """On stop: wake the loop waiting for a slot, cancel a dequeue waiting for items."""
+        await self.wq._stop.wait()
+        self.freed.set()
+        if self.fetch is not None:
+            self.fetch.cancel()
+
     async def _acker(self) -> None:
-        """Batch acks: one round trip for everything finished since the last one."""
+        """Batch acks: one round trip for everything finished since the last one, and
+        within ACK_LINGER after it, so that the items of the next fetches share it."""
+        linger = min(ACK_LINGER, self.wq.visibility / 10)
         while True:
             await self.ack_due.wait()
+            await asyncio.sleep(linger)
             self.ack_due.clear()
             await self._flush_acks()
 
@@ -311,6 +343,9 @@ class _Pool:
         batch, self.acks = self.acks, []
         try:
             await self.wq.queue.ack(batch)
+        except asyncio.CancelledError:  # the acker stopped mid-flight: the last flush sends
+            self.acks = batch + self.acks  # them again (acking twice is harmless)
+            raise
         except Exception:
             self.acks = batch + self.acks  # the backend is away: try again later
             await asyncio.sleep(0.2)
