@@ -149,3 +149,26 @@ async def test_graceful_stop_finishes_or_returns_items_in_hand(url: str) -> None
     s = await wq.stats()
     assert (s.depth, s.in_flight) == (3, 0)  # handed back at once, not after 30 s
     await wq.close()
+
+
+async def test_a_backend_outage_does_not_end_the_worker() -> None:
+    from podkit.backends import BackendUnavailable, open_queue
+
+    inner = await open_queue(f"memory://outage-{uuid.uuid4().hex}", "jobs")
+    failures = {"left": 4}
+
+    class Flaky:
+        def __getattr__(self, name: str) -> object:
+            return getattr(inner, name)
+
+        async def dequeue(self, *args: object, **kwargs: object) -> object:
+            if failures["left"] > 0:
+                failures["left"] -= 1
+                raise BackendUnavailable("memory://x: no answer (test)")
+            return await inner.dequeue(*args, **kwargs)  # type: ignore[arg-type]
+
+    wq = WorkQueue(Flaky())  # type: ignore[arg-type]
+    await wq.enqueue_many([1, 2, 3])
+    done: list[int] = []
+    stats = await asyncio.wait_for(wq.run(done.append, drain=True), 20)
+    assert sorted(done) == [1, 2, 3] and stats.outages == 4

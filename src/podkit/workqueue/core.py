@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import logging
 import random
 import time
 import traceback
@@ -29,9 +30,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from podkit.backends import KV, Message, Queue, QueueStats, open_kv, open_queue
+from podkit.backends import (
+    KV,
+    BackendError,
+    Message,
+    Queue,
+    QueueStats,
+    open_kv,
+    open_queue,
+)
 
 Handler = Callable[[Any], Any]
+log = logging.getLogger("podkit.workqueue")
 ACK_LINGER = 0.005  # seconds the acker waits after an item finished, so later ones share the ack
 
 # json.dumps(item, separators=...) without making an encoder per call; and the C scanner
@@ -84,6 +94,7 @@ class WorkerStats:
     done: int = 0
     failed: int = 0  # handler errors (retried or dead-lettered)
     returned: int = 0  # handed back unfinished at shutdown
+    outages: int = 0  # dequeues that failed because the backend did not answer
     started_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -122,6 +133,7 @@ class WorkQueue:
         **options: Any,
     ) -> WorkQueue:
         """Open queue `name` at `url`; `results` is a KV URL to store handler results."""
+        options.setdefault("visibility", visibility)  # NATS: the consumer's ack_wait
         queue = await open_queue(url, name, max_attempts=max_attempts, **options)
         kv = await open_kv(results) if results else None
         return cls(queue, results=kv, visibility=visibility, retry=retry)
@@ -235,6 +247,7 @@ class _Pool:
 
     async def run(self, *, drain: bool, grace: float) -> WorkerStats:
         q = self.wq.queue
+        outage = 0
         beat = asyncio.create_task(self._heartbeat())
         acker = asyncio.create_task(self._acker())
         stop = asyncio.create_task(self._on_stop())
@@ -253,10 +266,19 @@ class _Pool:
                 )
                 try:
                     messages = await fetch
+                    outage = 0
                 except asyncio.CancelledError:
                     if fetch.cancelled() and self.wq._stop.is_set() and not me.cancelling():
                         break  # stopped while waiting for items
                     raise
+                except (BackendError, OSError) as exc:  # the backend is away: wait, retry
+                    outage += 1
+                    self.stats.outages += 1
+                    if outage == 1:
+                        log.warning("queue %s unavailable, retrying: %s", self.wq.name, exc)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.wq._stop.wait(), min(5.0, 0.2 * 2**outage))
+                    continue
                 finally:
                     self.fetch = None
                 if self.wq._stop.is_set():  # delivered as we stopped: hand them back
