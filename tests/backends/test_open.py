@@ -58,9 +58,3 @@ async def test_a_server_that_does_not_answer(scheme: str) -> None:
     assert f"{scheme}://{creds.replace('hunter2', '***')}127.0.0.1:{port}" in msg
     assert f"127.0.0.1:{port}" in msg and "within" in msg and "s (" in msg
     assert "hunter2" not in msg
-
-
-async def test_sqlite_and_memory_need_no_server(tmp_path: object) -> None:
-    kv = await open_kv("memory://open-test")
-    assert await kv.put("k", b"v") > 0
-    await kv.close()

@@ -227,3 +227,27 @@ async def test_a_retried_step_forwards_once(tmp_path: Path) -> None:
     stats = await first.run(lambda item: item.upper(), then=second, drain=True)
     assert stats.done == 1
     assert (await second.stats()).depth == 1
+
+
+def test_cli_sources_feed_the_queue_and_stop_on_sigterm(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    lines = tmp_path / "urls.txt"
+    lines.write_text("http://a\nhttp://b\n")
+    r = podkit("queue", "source", "lines", str(lines), "--queue", url, "--name", "crawl")
+    assert r.returncode == 0 and "enqueued 2 line(s)" in r.stderr
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    (inbox / "x.png").write_bytes(b"png")
+    proc = subprocess.Popen(
+        [PY, "-m", "podkit", "queue", "source", "dir", str(inbox), "--queue", url,
+         "--name", "crawl", "--poll", "0.1"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while json.loads(podkit("queue", "status", "--queue", url, "--name", "crawl",
+                            "--json").stdout)["depth"] < 3:  # fmt: skip
+        assert time.monotonic() < deadline, "the directory source enqueued nothing"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "enqueued 1 file(s)" in err

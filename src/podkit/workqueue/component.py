@@ -12,6 +12,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import typer
@@ -232,6 +233,23 @@ async def _watch(wq: WorkQueue) -> None:
                 pass
 
 
+def _feed(
+    queue: str, name: str, body: Callable[[WorkQueue, asyncio.Event], Awaitable[object]]
+) -> None:
+    """Open the queue, run a source until it ends or SIGINT/SIGTERM, close the queue."""
+
+    async def main() -> None:
+        wq = await WorkQueue.open(queue, name)
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        try:
+            await body(wq, stop)
+        finally:
+            await wq.close()
+
+    _run(main())
+
+
 @source_cli.command("dir")
 def source_dir(
     path: Annotated[str, typer.Argument(help="The directory to watch.")],
@@ -241,16 +259,14 @@ def source_dir(
     poll: Annotated[float, typer.Option(help="Seconds between scans.")] = 1.0,
 ) -> None:
     """Enqueue the path of each new file in a directory."""
-
-    async def main() -> None:
-        wq = await WorkQueue.open(queue, name)
-        stop = asyncio.Event()
-        _stop_on_signals(stop)
-        log(f"watching {path} ({pattern}) for '{name}'")
-        await sources.directory(wq, path, pattern=pattern, poll=poll, stop=stop, log=log)
-        await wq.close()
-
-    _run(main())
+    log(f"watching {path} ({pattern}) for '{name}'")
+    _feed(
+        queue,
+        name,
+        lambda wq, stop: sources.directory(
+            wq, path, pattern=pattern, poll=poll, stop=stop, log=log
+        ),
+    )
 
 
 @source_cli.command("lines")
@@ -260,13 +276,7 @@ def source_lines(
     name: QueueName = "default",
 ) -> None:
     """Enqueue each line of a file."""
-
-    async def main() -> None:
-        wq = await WorkQueue.open(queue, name)
-        await sources.lines(wq, file, log=log)
-        await wq.close()
-
-    _run(main())
+    _feed(queue, name, lambda wq, _stop: sources.lines(wq, file, log=log))
 
 
 @source_cli.command("every")
@@ -277,15 +287,11 @@ def source_every(
     item: Annotated[str, typer.Option(help="The item (JSON or text).")] = "tick",
 ) -> None:
     """Enqueue an item on a schedule (once per tick across replicas)."""
-
-    async def main() -> None:
-        wq = await WorkQueue.open(queue, name)
-        stop = asyncio.Event()
-        _stop_on_signals(stop)
-        await sources.schedule(wq, seconds, _parse(item), stop=stop, log=log)
-        await wq.close()
-
-    _run(main())
+    _feed(
+        queue,
+        name,
+        lambda wq, stop: sources.schedule(wq, seconds, _parse(item), stop=stop, log=log),
+    )
 
 
 @source_cli.command("http")
@@ -297,18 +303,14 @@ def source_http(
 ) -> None:
     """Accept items over HTTP: POST /enqueue with a JSON body."""
 
-    async def main() -> None:
-        wq = await WorkQueue.open(queue, name)
+    async def serve(wq: WorkQueue, stop: asyncio.Event) -> None:
         src = sources.HTTPSource(wq, host, port)
         await src.start()
         log(f"POST http://{host}:{src.port}/enqueue feeds '{name}'")
-        stop = asyncio.Event()
-        _stop_on_signals(stop)
         await stop.wait()
         await src.close()
-        await wq.close()
 
-    _run(main())
+    _feed(queue, name, serve)
 
 
 @source_cli.command("kv")
@@ -319,15 +321,7 @@ def source_kv(
     name: QueueName = "default",
 ) -> None:
     """Enqueue every put under a KV prefix."""
-
-    async def main() -> None:
-        wq = await WorkQueue.open(queue, name)
-        stop = asyncio.Event()
-        _stop_on_signals(stop)
-        await sources.kv_prefix(wq, kv, prefix, stop=stop, log=log)
-        await wq.close()
-
-    _run(main())
+    _feed(queue, name, lambda wq, stop: sources.kv_prefix(wq, kv, prefix, stop=stop, log=log))
 
 
 @source_cli.command("redis-list")
@@ -338,12 +332,4 @@ def source_redis_list(
     name: QueueName = "default",
 ) -> None:
     """Move items from a Redis list into the queue, losing none on a crash."""
-
-    async def main() -> None:
-        wq = await WorkQueue.open(queue, name)
-        stop = asyncio.Event()
-        _stop_on_signals(stop)
-        await sources.redis_list(wq, redis, key, stop=stop, log=log)
-        await wq.close()
-
-    _run(main())
+    _feed(queue, name, lambda wq, stop: sources.redis_list(wq, redis, key, stop=stop, log=log))
