@@ -222,8 +222,8 @@ def run_rounds(hosts: list[Host], port: int, rounds: int, seed: int) -> None:
         victim = by_id[found[0]]
         time.sleep(rng.uniform(0.05, TTL / 2))  # a moment not aligned with renewals
         kind = rng.choice(["link", "pause", "kill"])
-        t_fault = time.time()
-        faults.append((kind, victim.identity, t_fault))
+        # the fault's time is when it has taken effect: a renewal sent before `ip` returned
+        # legitimately extends the lease
         if kind == "link":
             victim.link(False)
         elif kind == "pause":
@@ -231,6 +231,10 @@ def run_rounds(hosts: list[Host], port: int, rounds: int, seed: int) -> None:
         else:
             assert victim.proc is not None
             victim.proc.kill()
+        t_fault = time.time()
+        faults.append((kind, victim.identity, t_fault))
+        if kind == "kill":
+            assert victim.proc is not None
             victim.proc.wait()
         # wait until another candidate gains leadership (then measure from writes later)
         deadline = time.monotonic() + 10
@@ -286,6 +290,12 @@ def check(hosts: list[Host], port: int, faults: list[tuple[str, str, float]]) ->
         delays.append(first - t_fault)
         if first - t_fault > BOUND:
             slow.append((kind, victim, round(first - t_fault, 3)))
+    gains = [e for e in events(hosts) if e["ev"] == "gain"]
+    slowest = sorted(zip(delays, faults, strict=True), reverse=True)[:5]
+    for delay, (kind, victim, t_fault) in slowest:  # where the time went
+        gain = next((float(str(g["t"])) - t_fault for g in gains
+                     if float(str(g["t"])) > t_fault and g["id"] != victim), None)  # fmt: skip
+        print(f"  {kind} of {victim}: gain after {gain}s, first write after {delay:.3f}s")
     delays.sort()
     print(
         f"\n{len(faults)} faults, {len(writes)} accepted writes, {len(terms)} terms; "

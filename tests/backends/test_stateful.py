@@ -157,13 +157,14 @@ class QueueMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.held))
     @rule(data=st.data())
     def ack(self, data: st.DataObject) -> None:
-        ids = data.draw(st.lists(st.sampled_from(sorted(self.held)), min_size=1, unique=True))
-        self.run(self.q.ack([self.held.pop(i) for i in ids]))
+        held = list(self.held)  # in delivery order: the draw must not depend on the ids
+        picks = data.draw(st.lists(st.integers(0, len(held) - 1), min_size=1, unique=True))
+        self.run(self.q.ack([self.held.pop(held[i]) for i in picks]))
 
     @precondition(lambda self: bool(self.held))
     @rule(data=st.data())
     def nack(self, data: st.DataObject) -> None:
-        item = data.draw(st.sampled_from(sorted(self.held)))
+        item = list(self.held)[data.draw(st.integers(0, len(self.held) - 1))]
         self.run(self.q.nack(self.held.pop(item), error=f"failed {item}"))
         if self.attempts[item] >= self.MAX:
             self.dead.add(item)
