@@ -134,6 +134,105 @@ def status(
             out.print(f"service {svc['name']}: {svc['url']} -> {eps}", highlight=False)
 
 
+def _where(spec: Path, loc: tuple[str | int, ...]) -> str:
+    """'file:line:col: field.path' for a field of a spec file (the field alone if unknown)."""
+    from podkit.system.spec import format_path
+    from podkit.system.yamlpos import load_with_positions, nearest_position
+
+    where = str(spec)
+    if loc and loc[0] != "--kube-version":
+        try:
+            _, positions = load_with_positions(spec.read_text(encoding="utf-8"))
+            pos = nearest_position(positions, loc)
+        except Exception:
+            pos = None
+        if pos is not None:
+            where += f":{pos.line}:{pos.column}"
+    return f"{where}: {format_path(loc)}"
+
+
+@app.command()
+def k8s(
+    spec: SpecPath,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write one file per object here.")
+    ] = None,
+    namespace: Annotated[str | None, typer.Option(help="Namespace of every object.")] = None,
+    kube_version: Annotated[
+        str, typer.Option(help="Target Kubernetes version (native sidecars from 1.29).")
+    ] = "1.33",
+    autoscaler: Annotated[
+        str, typer.Option(help="hpa (external metric) or keda (ScaledObject).")
+    ] = "hpa",
+    with_backends: Annotated[
+        bool, typer.Option(help="Add Redis, NATS and etcd StatefulSets and their Secret.")
+    ] = False,
+    image: Annotated[str | None, typer.Option(help="Image for containers that name none.")] = None,
+    podkit_image: Annotated[
+        str | None, typer.Option(help="Image that runs podkit's components.")
+    ] = None,
+    app_root: Annotated[
+        str, typer.Option(help="Where the app image holds the spec's directory.")
+    ] = "/app",
+    check: Annotated[
+        bool, typer.Option("--validate", help="Check every object with kubernetes-validate.")
+    ] = False,
+) -> None:
+    """Render a spec to Kubernetes manifests (YAML on stdout, or files with -o)."""
+    from podkit.system.k8s import DEFAULT_PODKIT_IMAGE, RenderError, RenderOptions, render
+    from podkit.system.spec import SpecError, load_spec
+
+    if autoscaler not in ("hpa", "keda"):
+        err.print(f"--autoscaler {autoscaler!r}: expected hpa or keda", highlight=False)
+        raise typer.Exit(2)
+    try:
+        loaded = load_spec(spec)
+    except SpecError as exc:
+        _print_spec_error(exc)
+        raise typer.Exit(2) from None
+    options = RenderOptions(
+        namespace=namespace,
+        kube_version=kube_version,
+        autoscaler="keda" if autoscaler == "keda" else "hpa",
+        with_backends=with_backends,
+        image=image,
+        podkit_image=podkit_image or DEFAULT_PODKIT_IMAGE,
+        app_root=app_root,
+    )
+    try:
+        rendered = render(loaded, options)
+    except RenderError as exc:
+        n = len(exc.problems)
+        err.print(f"[bold red]{n} field{'s' if n != 1 else ''} cannot be rendered:[/]")
+        for p in exc.problems:
+            err.print(f"  {_where(spec, p.loc)}: {p.message}", highlight=False, markup=False)
+        raise typer.Exit(2) from None
+    for w in rendered.warnings:
+        err.print(f"warning: {_where(spec, w.loc)}: {w.message}", highlight=False, markup=False)
+    if check:
+        from podkit.system.k8s import validate_objects
+
+        failures = validate_objects(rendered.objects, kube_version)
+        for failure in failures:
+            err.print(f"invalid: {failure}", highlight=False, markup=False)
+        if failures:
+            raise typer.Exit(1)
+    if output is not None:
+        files = rendered.write(output)
+        err.print(f"wrote {len(files)} files to {output}", highlight=False)
+    else:
+        print(rendered.yaml(), end="")
+    if rendered.secret:
+        from podkit.system.k8s import shell_hint
+
+        err.print(
+            f"before applying, create the Secret with the backend URLs:\n  "
+            f"{shell_hint(rendered, loaded)}",
+            highlight=False,
+            markup=False,
+        )
+
+
 # Component subcommands -> their modules; each module exposes `cli: typer.Typer`. The names a
 # spec may use in `component:` are listed in podkit.system.components.
 COMPONENT_MODULES: dict[str, str] = {

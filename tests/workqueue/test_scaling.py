@@ -7,7 +7,13 @@ import uuid
 import pytest
 
 from podkit.backends import open_kv
-from podkit.workqueue.scaling import ProgressReporter, ScalePolicy, Scaler, read_progress
+from podkit.workqueue.scaling import (
+    DemandMeter,
+    ProgressReporter,
+    ScalePolicy,
+    Scaler,
+    read_progress,
+)
 
 
 def test_policy_bounds_are_checked() -> None:
@@ -72,3 +78,18 @@ async def test_progress_reports_round_trip() -> None:
     assert await read_progress(kv, "jobs") == (32, 1)
     await b.close()
     await kv.close()
+
+
+def test_demand_meter_asks_for_the_replicas_that_drain_in_time() -> None:
+    """What the HPA/KEDA metric publishes: no cool-downs of its own, the rate learned."""
+    meter = DemandMeter(ScalePolicy(min=1, max=20, target_drain=30, cooldown_down=600))
+    first = meter.update(0.0, backlog=900, done_total=0, workers=2)
+    assert first.rate is None and first.desired == 3  # no rate yet: one more than now
+    d = meter.update(10.0, backlog=900, done_total=200, workers=2)  # 20/s, 10/s each
+    assert d.rate == pytest.approx(20.0) and d.per_replica == pytest.approx(10.0)
+    assert d.desired == 3  # 900 items / (10/s x 30 s)
+    d = meter.update(20.0, backlog=5_000, done_total=400, workers=2)
+    assert d.desired == 17  # ceil(5000 / 300)
+    d = meter.update(30.0, backlog=0, done_total=600, workers=2)
+    assert d.desired == 1  # at once: the autoscaler keeps the cool-down
+    assert meter.update(40.0, backlog=10**9, done_total=800, workers=2).desired == 20

@@ -12,7 +12,8 @@ REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service
 
 
 class JSONServer:
-    """Serves `GET <path>` from `routes`: each handler returns (status, JSON-able body)."""
+    """Serves `GET <path>` from `routes`: each handler returns (status, body); a body of
+    bytes goes out as text/plain, anything else as JSON."""
 
     def __init__(self, routes: dict[str, Handler], host: str = "127.0.0.1", port: int = 0) -> None:
         self.routes = routes
@@ -50,10 +51,13 @@ class JSONServer:
                 else:
                     status, body = await self._answer(line[0], line[1].decode("latin-1"))
                     keep = b"connection: close" not in head.lower() and line[2] == b"HTTP/1.1"
-                data = json.dumps(body).encode()
+                if isinstance(body, bytes):  # text as it is (Prometheus exposition)
+                    data, ctype = body, "text/plain; version=0.0.4; charset=utf-8"
+                else:
+                    data, ctype = json.dumps(body).encode(), "application/json"
                 writer.write(
                     f"HTTP/1.1 {status} {REASONS.get(status, 'Bad Request')}\r\n"
-                    f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                    f"Content-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
                     f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n".encode()
                     + data
                 )

@@ -109,6 +109,7 @@ class Container(Model):
     """One process of a pod: a command of the user's, or a podkit component."""
 
     name: Name
+    image: str | None = None  # on Kubernetes; defaults to the spec's `image`
     command: list[Text] | None = None
     args: list[Text] = []
     component: str | None = None
@@ -230,6 +231,7 @@ class Spec(Model):
     """A whole system: named backends, pods and services."""
 
     name: Name
+    image: str | None = None  # on Kubernetes: the image holding the spec's own programs
     backends: dict[Name, str] = {}
     pods: list[Pod] = []
     services: list[Service] = []

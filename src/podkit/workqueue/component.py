@@ -204,6 +204,91 @@ def status(
     _run(main())
 
 
+@cli.command()
+def scaler(
+    queue: QueueURL,
+    name: QueueName = "default",
+    min_: Annotated[int, typer.Option("--min", help="Fewest replicas.")] = 1,
+    max_: Annotated[int, typer.Option("--max", help="Most replicas.")] = 8,
+    target_drain: Annotated[float, typer.Option(help="Seconds to work off the backlog.")] = 30.0,
+    host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 9464,
+    every: Annotated[float, typer.Option(help="Seconds between samples.")] = 2.0,
+) -> None:
+    """Publish the replicas a queue needs, for an HPA (GET /metrics: gauge
+    podkit_queue_desired_replicas) or KEDA's metrics-api (GET /desired: JSON)."""
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    from podkit.net.admin import Handler, JSONServer
+    from podkit.workqueue.scaling import Demand, DemandMeter, ScalePolicy, read_progress
+
+    registry = CollectorRegistry()
+
+    def gauge(metric: str, text: str) -> Gauge:
+        return Gauge(metric, text, ["queue"], registry=registry).labels(queue=name)
+
+    g_desired = gauge("podkit_queue_desired_replicas", "Worker replicas the backlog needs.")
+    g_depth = gauge("podkit_queue_depth", "Items ready to be taken.")
+    g_flight = gauge("podkit_queue_in_flight", "Items taken and not yet acked.")
+    g_dead = gauge("podkit_queue_dead", "Dead-lettered items.")
+    g_rate = gauge("podkit_queue_rate", "Items finished per second by all workers.")
+    g_workers = gauge("podkit_queue_workers", "Workers reporting progress.")
+    meter = DemandMeter(ScalePolicy(min_, max_, target_drain, 0.0, 0.0))
+    state: dict[str, Any] = {"demand": None, "at": 0.0, "error": "no sample yet"}
+
+    def desired() -> tuple[int, Any]:
+        d: Demand | None = state["demand"]
+        if d is None:
+            return 503, {"error": state["error"]}
+        return 200, {
+            "queue": name, "desired": d.desired, "backlog": d.backlog, "workers": d.workers,
+            "rate": d.rate, "per_replica": d.per_replica,
+        }  # fmt: skip
+
+    def healthz() -> tuple[int, Any]:
+        fresh = time.monotonic() - state["at"] < 3 * every + 5
+        return (200, {"ok": True}) if fresh else (503, {"error": state["error"]})
+
+    def metrics() -> tuple[int, Any]:
+        return 200, generate_latest(registry)
+
+    async def main() -> None:
+        wq = await WorkQueue.open(queue, name)
+        kv = await open_kv(queue)
+        routes: dict[str, Handler] = {"/desired": desired, "/healthz": healthz, "/metrics": metrics}
+        server = JSONServer(routes, host, port)
+        await server.start()
+        log(f"scaler for {name!r} on {server.url}/desired and /metrics")
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        try:
+            while not stop.is_set():
+                try:
+                    s = await wq.stats()
+                    done, workers = await read_progress(kv, name)
+                except (BackendError, OSError) as exc:
+                    state["error"] = f"cannot read the queue: {exc}"
+                else:
+                    d = meter.update(time.monotonic(), s.depth + s.in_flight, done, workers)
+                    state.update(demand=d, at=time.monotonic(), error="")
+                    g_desired.set(d.desired)
+                    g_depth.set(s.depth)
+                    g_flight.set(s.in_flight)
+                    g_dead.set(s.dead)
+                    g_rate.set(d.rate or 0.0)
+                    g_workers.set(d.workers)
+                try:
+                    await asyncio.wait_for(stop.wait(), every)
+                except TimeoutError:
+                    pass
+        finally:
+            await server.close()
+            await kv.close()
+            await wq.close()
+
+    _run(main())
+
+
 async def _watch(wq: WorkQueue) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 

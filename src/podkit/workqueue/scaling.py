@@ -141,3 +141,29 @@ async def read_progress(kv: KV, queue: str) -> tuple[int, int]:
             total += int(json.loads(entry.value)["done"])
             workers += 1
     return total, workers
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What a queue needs now: `desired` replicas for its backlog and rate."""
+
+    desired: int
+    backlog: int
+    workers: int
+    rate: float | None  # items/s finished by all workers, None until two samples
+    per_replica: float | None  # items/s of one replica, learned
+
+
+class DemandMeter:
+    """The replica count a queue needs, for an autoscaler that keeps its own cool-downs
+    (a Kubernetes HPA or KEDA): a `Scaler` without cool-downs, fed the queue's backlog and
+    the workers' progress reports."""
+
+    def __init__(self, policy: ScalePolicy) -> None:
+        self.scaler = Scaler(ScalePolicy(policy.min, policy.max, policy.target_drain, 0.0, 0.0))
+
+    def update(self, now: float, backlog: int, done_total: int, workers: int) -> Demand:
+        """Feed one sample (`workers` = replicas reporting now); return the demand."""
+        rate = self.scaler.observe(now, done_total, workers)
+        desired = self.scaler.desired(now, backlog, workers)
+        return Demand(desired, backlog, workers, rate, self.scaler.per_replica)
