@@ -236,6 +236,7 @@ def k8s(
 # Component subcommands -> their modules; each module exposes `cli: typer.Typer`. The names a
 # spec may use in `component:` are listed in podkit.system.components.
 COMPONENT_MODULES: dict[str, str] = {
+    "adapter": "podkit.adapter.component",
     "elect": "podkit.election.component",
     "queue": "podkit.workqueue.component",
 }

@@ -9,7 +9,11 @@ import sys
 from typing import Any
 
 # component name (as in the spec) -> the `podkit` subcommand words that run it
-_REGISTRY: dict[str, tuple[str, ...]] = {"elect": ("elect",)}
+_REGISTRY: dict[str, tuple[str, ...]] = {
+    "elect": ("elect",),
+    "adapter.logs": ("adapter", "logs"),
+    "adapter.health": ("adapter", "health"),
+}
 
 
 def register(name: str, *words: str) -> None:

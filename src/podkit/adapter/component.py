@@ -1,0 +1,263 @@
+"""`podkit adapter ...`: make an app's logs, stats and health look like everyone else's.
+
+podkit adapter logs   [--file F | -- CMD ...]        JSON lines on stdout
+podkit adapter health --sql URL --redis URL ...      /healthz and /readyz
+podkit adapter metrics redis|postgres|json ...       Prometheus /metrics
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any, TextIO
+
+import typer
+
+from podkit.aio import run_async
+
+cli = typer.Typer(
+    help="Adapters: logs, metrics and health in standard shapes.", no_args_is_help=True
+)
+
+
+def log(message: str) -> None:
+    print(f"adapter: {message}", file=sys.stderr, flush=True)
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+# -- logs ------------------------------------------------------------------------------------
+
+IDLE_FLUSH = 0.2  # seconds: a Python record waiting for a traceback goes out after this
+
+
+class _Writer:
+    def __init__(self, out: TextIO, source: str) -> None:
+        self.out = out
+        self.source = source
+        self.count = 0
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        for r in records:
+            r["source"] = self.source
+            self.out.write(json.dumps(r, ensure_ascii=False) + "\n")
+            self.count += 1
+        if records:
+            self.out.flush()
+
+
+async def _pump(lines: asyncio.Queue[str | None], writer: _Writer) -> None:
+    """Parse lines from the queue until None; flush a held record when input idles."""
+    from podkit.adapter.logs import LogParser
+
+    parser = LogParser()
+    while True:
+        try:
+            line = await asyncio.wait_for(lines.get(), IDLE_FLUSH)
+        except TimeoutError:
+            writer.write(parser.flush())
+            continue
+        if line is None:
+            writer.write(parser.flush())
+            return
+        writer.write(parser.feed(line))
+
+
+async def _read_stream(stream: asyncio.StreamReader, lines: asyncio.Queue[str | None]) -> None:
+    while True:
+        try:
+            raw = await stream.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                await lines.put(exc.partial.decode("utf-8", "replace"))
+            return
+        except asyncio.LimitOverrunError as exc:  # a huge line: pass it on in pieces
+            raw = await stream.readexactly(exc.consumed)
+        await lines.put(raw.decode("utf-8", "replace"))
+
+
+async def _follow(path: Path, lines: asyncio.Queue[str | None], stop: asyncio.Event,
+                  from_start: bool, poll: float = 0.1) -> None:  # fmt: skip
+    """Tail `path` like `tail -F`: survives rotation (a new inode) and truncation."""
+    handle = None
+    inode = None
+    buf = b""
+    seen = b""  # the last bytes read, to notice a file rewritten in place
+    while not stop.is_set():
+        if handle is None:
+            try:
+                handle = open(path, "rb")  # noqa: SIM115, ASYNC230 - a local file, closed below
+            except FileNotFoundError:
+                await asyncio.sleep(poll)
+                continue
+            inode = os.fstat(handle.fileno()).st_ino
+            if not from_start:
+                handle.seek(0, os.SEEK_END)
+            log(f"following {path} from {'its start' if from_start else 'the end'}")
+            from_start = True  # a rotated-in file is read from its start
+        at = handle.tell()
+        if at and os.pread(handle.fileno(), len(seen), at - len(seen)) != seen:
+            handle.seek(0)  # truncated or rewritten in place: read it again from the start
+            seen = buf = b""
+        chunk = handle.read(65536)
+        if chunk:
+            seen = (seen + chunk)[-64:]
+            buf += chunk
+            *complete, buf = buf.split(b"\n")
+            for piece in complete:
+                await lines.put(piece.decode("utf-8", "replace"))
+            continue
+        try:
+            inode_now: int | None = os.stat(path).st_ino
+        except FileNotFoundError:
+            inode_now = None
+        if inode_now != inode:  # rotated: the old file is read to its end; open the new one
+            if buf:
+                await lines.put(buf.decode("utf-8", "replace"))
+                buf = b""
+            handle.close()
+            handle = None
+            seen = b""
+            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), poll)
+    if buf:
+        await lines.put(buf.decode("utf-8", "replace"))
+    if handle is not None:
+        handle.close()
+
+
+@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def logs(
+    ctx: typer.Context,
+    file: Annotated[Path | None, typer.Option(help="Follow this log file (like tail -F).")] = None,
+    from_start: Annotated[bool, typer.Option(help="With --file: read it from the start.")] = False,
+    output: Annotated[Path | None, typer.Option(help="Append JSON lines here, not stdout.")] = None,
+) -> None:
+    """Turn log lines into JSON lines with one schema: from a file, from a command run as
+    `podkit adapter logs -- CMD ARGS` (its stdout and stderr), or from stdin."""
+    command = list(ctx.args)
+    if file is not None and command:
+        log("give --file or a command, not both")
+        raise typer.Exit(2)
+    out = open(output, "a", encoding="utf-8") if output else sys.stdout  # noqa: SIM115
+
+    async def main() -> int:
+        lines: asyncio.Queue[str | None] = asyncio.Queue(maxsize=10_000)
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        code = 0
+        if file is not None:
+            writer = _Writer(out, str(file))
+            pump = asyncio.create_task(_pump(lines, writer))
+            await _follow(file, lines, stop, from_start)
+        elif command:
+            writer = _Writer(out, command[0])
+            pump = asyncio.create_task(_pump(lines, writer))
+            proc = await asyncio.create_subprocess_exec(
+                *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            )
+            assert proc.stdout is not None
+            reader = asyncio.create_task(_read_stream(proc.stdout, lines))
+            waiter = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if waiter in done:  # pass the stop on to the app, then read what it still says
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+            await reader
+            waiter.cancel()
+            code = await proc.wait()
+        else:
+            writer = _Writer(out, "stdin")
+            pump = asyncio.create_task(_pump(lines, writer))
+            loop = asyncio.get_running_loop()
+            stream = asyncio.StreamReader(limit=1 << 20)
+            await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(stream), os.fdopen(sys.stdin.fileno(), "rb")
+            )
+            reader = asyncio.create_task(_read_stream(stream, lines))
+            waiter = asyncio.create_task(stop.wait())
+            await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            reader.cancel()
+            waiter.cancel()
+        await lines.put(None)
+        await pump
+        return code
+
+    try:
+        code = run_async(main())
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    raise typer.Exit(code if code >= 0 else 128 - code)
+
+
+# -- health ----------------------------------------------------------------------------------
+
+
+@cli.command()
+def health(
+    sql: Annotated[list[str], typer.Option(help="postgresql:// or mysql:// URL: SELECT 1.")] = [],  # noqa: B006
+    redis: Annotated[list[str], typer.Option(help="redis:// URL: PING + replication.")] = [],  # noqa: B006
+    http: Annotated[list[str], typer.Option(help="URL that must answer 2xx.")] = [],  # noqa: B006
+    command: Annotated[list[str], typer.Option(help="Command that must exit 0.")] = [],  # noqa: B006
+    config: Annotated[Path | None, typer.Option(help="YAML: interval and checks.")] = None,
+    interval: Annotated[float | None, typer.Option(help="Seconds between rounds.")] = None,
+    host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8086,
+) -> None:
+    """Serve /healthz and /readyz (200 or 503 with JSON naming the failed checks)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from podkit.adapter.health import CheckConfig, HealthConfig, HealthMonitor
+    from podkit.net.admin import Handler, JSONServer
+
+    try:
+        data: dict[str, Any] = {"checks": []}
+        if config is not None:
+            data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+            if not isinstance(data, dict):
+                raise ValueError(f"{config}: expected a mapping with 'interval' and 'checks'")
+            data.setdefault("checks", [])
+        for kind, values in (("sql", sql), ("redis", redis), ("http", http), ("command", command)):
+            data["checks"] += [{kind: v} for v in values]
+        if interval is not None:
+            data["interval"] = interval
+        cfg = HealthConfig.model_validate(data)
+    except ValidationError as exc:
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e["loc"])
+            log(f"{config or 'flags'}: {where}: {e['msg']}")
+        raise typer.Exit(2) from None
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        log(str(exc))
+        raise typer.Exit(2) from None
+
+    async def main() -> None:
+        monitor = HealthMonitor(list(cfg.checks), cfg.interval)
+        routes: dict[str, Handler] = {
+            "/readyz": lambda: monitor.report("ready"),
+            "/healthz": lambda: monitor.report("live"),
+        }
+        server = JSONServer(routes, host, port)
+        await server.start()
+        monitor.start()
+        names = ", ".join(CheckConfig.model_validate(c).label for c in cfg.checks)
+        log(f"health on {server.url}/healthz and /readyz every {cfg.interval:g} s: {names}")
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        await stop.wait()
+        await server.close()
+        await monitor.close()
+
+    run_async(main())
