@@ -195,5 +195,6 @@ def test_file_mode_follows_rotation_and_truncation(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+        proc.stderr.close()
     assert [r["message"] if r["format"] == "python" else r["fields"] for r in got] == [
         {"one": "1", "two": "2"}, {"after": "rotation"}, "after truncation"]  # fmt: skip

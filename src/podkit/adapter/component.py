@@ -261,3 +261,82 @@ def health(
         await monitor.close()
 
     run_async(main())
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+@cli.command()
+def metrics(
+    redis: Annotated[str | None, typer.Option(help="redis:// URL: INFO.")] = None,
+    postgres: Annotated[str | None, typer.Option(help="postgresql:// URL: stats views.")] = None,
+    json_url: Annotated[str | None, typer.Option("--json", help="JSON stats URL.")] = None,
+    mapping: Annotated[Path | None, typer.Option(help="YAML mapping for --json.")] = None,
+    host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 9187,
+    timeout: Annotated[float, typer.Option(help="Seconds to read the app per scrape.")] = 5.0,
+) -> None:
+    """Serve an app's native stats as Prometheus metrics on /metrics."""
+    import yaml
+    from pydantic import ValidationError
+
+    from podkit.adapter.metrics import (
+        Exporter,
+        JSONMapping,
+        JSONSource,
+        PostgresSource,
+        RedisSource,
+        Source,
+    )
+    from podkit.net.admin import Handler, JSONServer
+
+    given = [x for x in (redis, postgres, json_url) if x]
+    if len(given) != 1:
+        log("give exactly one of --redis, --postgres or --json")
+        raise typer.Exit(2)
+    if json_url and mapping is None:
+        log("--json needs --mapping FILE (which values become which metrics)")
+        raise typer.Exit(2)
+    loaded: JSONMapping | None = None
+    if mapping is not None:
+        try:
+            loaded = JSONMapping.model_validate(yaml.safe_load(mapping.read_text("utf-8")))
+        except ValidationError as exc:
+            for e in exc.errors():
+                log(f"{mapping}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}")
+            raise typer.Exit(2) from None
+        except (OSError, yaml.YAMLError) as exc:
+            log(f"{mapping}: {exc}")
+            raise typer.Exit(2) from None
+
+    async def main() -> None:
+        source: Source
+        if redis:
+            source = RedisSource(redis, timeout)
+        elif postgres:
+            source = PostgresSource(postgres, timeout)
+        else:
+            assert json_url and loaded is not None
+            source = JSONSource(json_url, loaded, timeout)
+        exporter = Exporter(source, timeout)
+        reported: list[str | None] = [None]
+
+        async def scrape() -> tuple[int, Any]:
+            text = await exporter.scrape()
+            if exporter.last_error != reported[0]:  # say it once, not at every scrape
+                reported[0] = exporter.last_error
+                log(f"cannot read {source.name}: {exporter.last_error}" if exporter.last_error
+                    else f"reading {source.name} again")  # fmt: skip
+            return 200, text
+
+        routes: dict[str, Handler] = {"/metrics": scrape}
+        server = JSONServer(routes, host, port)
+        await server.start()
+        log(f"metrics of {source.name} on {server.url}/metrics")
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        await stop.wait()
+        await server.close()
+        await source.close()
+
+    run_async(main())

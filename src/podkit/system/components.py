@@ -13,6 +13,7 @@ _REGISTRY: dict[str, tuple[str, ...]] = {
     "elect": ("elect",),
     "adapter.logs": ("adapter", "logs"),
     "adapter.health": ("adapter", "health"),
+    "adapter.metrics": ("adapter", "metrics"),
 }
 
 
