@@ -1,0 +1,96 @@
+"""podkit.net.tls: TLS 1.2+ with modern ciphers only, certificates reloaded from their
+files for new connections, broken files keep the last good certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import ssl
+from pathlib import Path
+
+import pytest
+
+from podkit.net.tls import ReloadingContext, self_signed
+
+
+async def serve(ctx: ssl.SSLContext) -> tuple[asyncio.Server, int]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read(100)
+        writer.write(data.upper())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=ctx)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def client(cafile: Path, **kw: object) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    for k, v in kw.items():
+        setattr(ctx, k, v)
+    return ctx
+
+
+async def talk(port: int, ctx: ssl.SSLContext) -> tuple[bytes, bytes, str]:
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+    )
+    writer.write(b"hello")
+    answer = await reader.read(100)
+    sslobj = writer.get_extra_info("ssl_object")
+    cert = sslobj.getpeercert(binary_form=True)
+    version = sslobj.version()
+    writer.close()
+    return answer, cert, version
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+async def test_tls12_and_13_with_modern_ciphers_only(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path, ["localhost", "127.0.0.1"])
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    server, port = await serve(ReloadingContext(cert, key).context)
+    async with server:
+        answer, _, version = await talk(port, client(cert))
+        assert (answer, version) == (b"HELLO", "TLSv1.3")
+        tls12 = client(cert, maximum_version=ssl.TLSVersion.TLSv1_2)
+        assert (await talk(port, tls12))[2] == "TLSv1.2"
+        old = client(
+            cert, minimum_version=ssl.TLSVersion.TLSv1, maximum_version=ssl.TLSVersion.TLSv1_1
+        )
+        old.set_ciphers("ALL:@SECLEVEL=0")
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            await talk(port, old)
+        cbc = client(cert, maximum_version=ssl.TLSVersion.TLSv1_2)
+        cbc.set_ciphers("ECDHE-ECDSA-AES128-SHA")  # CBC with SHA-1: refused
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            await talk(port, cbc)
+
+
+async def test_a_renewed_certificate_serves_new_connections(tmp_path: Path) -> None:
+    live = tmp_path / "live"
+    cert, key = self_signed(tmp_path / "a", ["localhost"])
+    live.mkdir()
+    shutil.copy(cert, live / "cert.pem")
+    shutil.copy(key, live / "key.pem")
+    messages: list[str] = []
+    reloading = ReloadingContext(live / "cert.pem", live / "key.pem", log=messages.append)
+    server, port = await serve(reloading.context)
+    new_cert, new_key = self_signed(tmp_path / "b", ["localhost"])
+    async with server:
+        _, first, _ = await talk(port, client(cert))
+        assert not reloading.check()  # nothing changed
+        # a broken pair (half-written key) keeps the last good certificate
+        (live / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\ntruncated")
+        assert not reloading.check() and reloading.last_error
+        assert (await talk(port, client(cert)))[1] == first
+        # the renewal lands: both files replaced by rename, as certbot and cert-manager do
+        for src, name in ((new_cert, "cert.pem"), (new_key, "key.pem")):
+            shutil.copy(src, live / f".{name}")
+            os.replace(live / f".{name}", live / name)
+        assert reloading.check() and reloading.loads == 2
+        _, second, _ = await talk(port, client(new_cert))
+        assert second != first
+        with pytest.raises(ssl.SSLCertVerificationError):  # the old one is gone
+            await talk(port, client(cert))
+    assert any("keeping the last good one" in m for m in messages)
