@@ -138,6 +138,27 @@ async def test_watch_key_sees_puts_and_deletes_in_order(kv: KV) -> None:
     assert events[2].revision > r2
 
 
+async def test_a_change_made_while_the_consumer_is_busy_arrives_at_once(kv: KV) -> None:
+    """A consumer that writes between two events (as a config sync or an election does)
+    gets the next event promptly, not after the watch's idle wait."""
+    watch = kv.watch("busy")
+    got: list[float] = []
+
+    async def consume() -> None:
+        async for event in watch:
+            got.append(time.monotonic())
+            if event.value == b"1":
+                await kv.put("busy", b"2")  # while holding the first event
+            else:
+                return
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.3)
+    await kv.put("busy", b"1")
+    await asyncio.wait_for(task, 5)
+    assert got[1] - got[0] < 0.5, f"second event after {got[1] - got[0]:.3f} s"
+
+
 async def test_watch_prefix_from_a_past_revision(kv: KV) -> None:
     r1 = await kv.put("jobs/1", b"a")
     await kv.put("elsewhere", b"x")

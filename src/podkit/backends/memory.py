@@ -187,6 +187,8 @@ class MemoryKV:
                 next_rev = ev.revision + 1
                 if ev.key == key or (prefix and ev.key.startswith(key)):
                     yield ev
+            if s.revision >= next_rev:
+                continue  # changed while the consumer held an event: look again, not wait
             deadlines = [d for d, _ in s.leases.values()]
             timeout = max(0.0, min(deadlines) - self._clock.now()) + 0.001 if deadlines else 1.0
             await s.waiters.wait(min(timeout, 1.0))
