@@ -239,6 +239,8 @@ COMPONENT_MODULES: dict[str, str] = {
     "adapter": "podkit.adapter.component",
     "elect": "podkit.election.component",
     "queue": "podkit.workqueue.component",
+    "sidecar": "podkit.sidecar.component",
+    "ambassador": "podkit.ambassador.component",
 }
 
 

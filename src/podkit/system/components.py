@@ -14,6 +14,8 @@ _REGISTRY: dict[str, tuple[str, ...]] = {
     "adapter.logs": ("adapter", "logs"),
     "adapter.health": ("adapter", "health"),
     "adapter.metrics": ("adapter", "metrics"),
+    "sidecar.config": ("sidecar", "config"),
+    "ambassador.broker": ("ambassador", "broker"),
 }
 
 

@@ -1,0 +1,140 @@
+"""`podkit ambassador ...`: ambassador components, one subcommand each.
+
+`podkit ambassador broker` listens on a local port and forwards each connection to an
+endpoint of a logical service, found by static list, environment, DNS or a KV registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from podkit.aio import run_async
+
+if TYPE_CHECKING:
+    from podkit.ambassador.broker import Broker
+
+cli = typer.Typer(
+    help="Ambassadors: local proxies in front of remote services.", no_args_is_help=True
+)
+
+
+def _log(message: str) -> None:
+    print(f"ambassador: {message}", file=sys.stderr, flush=True)
+
+
+async def _run_broker(broker: Broker, admin_port: int | None) -> int:
+    from podkit.net.admin import JSONServer
+
+    await broker.start()
+    _log(f"listening on {broker.host}:{broker.port}")
+    admin = None
+    if admin_port is not None:
+        admin = JSONServer(
+            {"/status": lambda: (200, broker.status()), "/healthz": lambda: (200, {"ok": True})},
+            "127.0.0.1",
+            admin_port,
+        )
+        await admin.start()
+        _log(f"status on {admin.url}/status")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(asyncio.CancelledError):
+        await stop.wait()
+    if admin is not None:
+        await admin.close()
+    await broker.close()
+    return 0
+
+
+@cli.command()
+def broker(
+    service: Annotated[str, typer.Option(help="The logical service name.")],
+    listen: Annotated[int, typer.Option(help="Local port the app connects to.")],
+    host: Annotated[str, typer.Option(help="Local address to listen on.")] = "127.0.0.1",
+    endpoint: Annotated[
+        list[str] | None, typer.Option(help="A static endpoint host:port (repeatable).")
+    ] = None,
+    env: Annotated[
+        bool, typer.Option(help="Use <SERVICE>_SERVICE_HOST/_PORT from the environment.")
+    ] = False,
+    port_name: Annotated[
+        str | None, typer.Option(help="With --env: read <SERVICE>_SERVICE_PORT_<NAME>.")
+    ] = None,
+    srv: Annotated[
+        str | None, typer.Option(help="DNS SRV name, e.g. _redis._tcp.cache.example.")
+    ] = None,
+    dns: Annotated[
+        str | None, typer.Option(help="DNS name:port resolved by A/AAAA records.")
+    ] = None,
+    dns_server: Annotated[
+        str | None, typer.Option(help="Name server host[:port] (default: resolv.conf).")
+    ] = None,
+    registry: Annotated[
+        str | None, typer.Option(help="KV backend URL where instances register.")
+    ] = None,
+    prefix: Annotated[
+        str | None, typer.Option(help="Registry prefix [default: services/<service>/].")
+    ] = None,
+    refresh: Annotated[float, typer.Option(help="Seconds between re-resolves.")] = 5.0,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds to connect upstream.")] = 1.0,
+    down_for: Annotated[
+        float, typer.Option(help="Seconds a failed endpoint is skipped (doubles, capped).")
+    ] = 1.0,
+    max_down_for: Annotated[float, typer.Option(help="Cap of --down-for.")] = 30.0,
+    admin_port: Annotated[
+        int | None, typer.Option(help="Loopback port for GET /status and /healthz.")
+    ] = None,
+) -> None:
+    """Forward a local port to a service's endpoints: round-robin, failover, re-resolve."""
+    from podkit.ambassador.broker import (
+        Broker,
+        DNSResolver,
+        EnvResolver,
+        KVRegistry,
+        Resolver,
+        StaticResolver,
+        parse_endpoint,
+    )
+
+    resolvers: list[Resolver] = []
+    try:
+        if endpoint:
+            resolvers.append(StaticResolver([parse_endpoint(e) for e in endpoint]))
+        server = None
+        if dns_server:
+            name, _, port = dns_server.partition(":")
+            server = (name, int(port or 53))
+        if srv:
+            resolvers.append(DNSResolver(srv, server=server))
+        if dns:
+            name, port_ = parse_endpoint(dns)
+            resolvers.append(DNSResolver(name, port_, server=server))
+    except ValueError as exc:
+        _log(f"bad endpoint: {exc}")
+        raise typer.Exit(2) from None
+    if env:
+        resolvers.append(EnvResolver(service, port_name))
+    if registry:
+        resolvers.append(KVRegistry(registry, prefix or f"services/{service}/", log=_log))
+    if not resolvers:
+        _log("no source of endpoints: give --endpoint, --env, --srv, --dns or --registry")
+        raise typer.Exit(2)
+    b = Broker(
+        resolvers,
+        host,
+        listen,
+        refresh=refresh,
+        connect_timeout=connect_timeout,
+        down_for=down_for,
+        max_down_for=max_down_for,
+        log=_log,
+    )
+    raise typer.Exit(run_async(_run_broker(b, admin_port)))

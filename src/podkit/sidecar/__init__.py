@@ -1,0 +1,1 @@
+"""Sidecars: containers beside an app that extend it without changing it."""

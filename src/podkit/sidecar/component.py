@@ -1,0 +1,154 @@
+"""`podkit sidecar ...`: sidecar components, one subcommand each.
+
+`podkit sidecar config` keeps a config file in sync with a source (a file, an HTTP URL,
+a key of a KV backend), writes it atomically, validates it, and tells the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from podkit.aio import run_async
+
+if TYPE_CHECKING:
+    from podkit.sidecar.config import ConfigSync
+
+cli = typer.Typer(help="Sidecars: containers that extend an app beside it.", no_args_is_help=True)
+
+
+def _log(message: str) -> None:
+    print(f"sidecar: {message}", file=sys.stderr, flush=True)
+
+
+async def _run_config(sync: ConfigSync, admin_port: int | None, once: bool) -> int:
+    from podkit.net.admin import JSONServer
+    from podkit.sidecar.config import SourceError, stop_task
+
+    if once:
+        try:
+            await sync.sync_once()
+        except SourceError as exc:
+            _log(str(exc))
+            return 1
+        finally:
+            await sync.close()
+        return 0 if sync.status.rejected == 0 else 1
+    admin = None
+    if admin_port is not None:
+        admin = JSONServer(
+            {
+                "/status": lambda: (200, sync.status.as_dict()),
+                "/healthz": lambda: (200, {"ok": True}),
+            },
+            "127.0.0.1",
+            admin_port,
+        )
+        await admin.start()
+        _log(f"status on {admin.url}/status")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(sync.run())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    await stop_task(task)
+    if admin is not None:
+        await admin.close()
+    await sync.close()
+    return 0
+
+
+@cli.command()
+def config(
+    source: Annotated[
+        str,
+        typer.Option(
+            help="A file path (or file://), an http(s):// URL, or a KV backend URL with --key."
+        ),
+    ],
+    path: Annotated[Path, typer.Option(help="The config file to keep in sync.")],
+    key: Annotated[str | None, typer.Option(help="The key, when the source is a KV URL.")] = None,
+    interval: Annotated[
+        float, typer.Option(help="Seconds between polls of a file or URL (KV is watched).")
+    ] = 0.5,
+    validate: Annotated[
+        str | None,
+        typer.Option(help="Command run on the candidate ({} or last arg); non-zero rejects it."),
+    ] = None,
+    signal_: Annotated[
+        str | None, typer.Option("--signal", help="Signal sent after a change, e.g. HUP.")
+    ] = None,
+    pid_file: Annotated[
+        Path | None, typer.Option(help="File holding the PID that --signal goes to.")
+    ] = None,
+    reload_url: Annotated[
+        str | None, typer.Option(help="URL requested after a change (2xx is success).")
+    ] = None,
+    reload_method: Annotated[str, typer.Option(help="POST or GET for --reload-url.")] = "POST",
+    on_change: Annotated[
+        str | None,
+        typer.Option(help="Command run after a change (PODKIT_CONFIG_PATH/_VERSION set)."),
+    ] = None,
+    max_backoff: Annotated[
+        float, typer.Option(help="Longest wait between retries of a failing source.")
+    ] = 10.0,
+    admin_port: Annotated[
+        int | None, typer.Option(help="Loopback port for GET /status and /healthz.")
+    ] = None,
+    once: Annotated[bool, typer.Option(help="Sync once and exit (an init container).")] = False,
+) -> None:
+    """Keep --path equal to --source; validate, swap atomically, then notify the app."""
+    from podkit.sidecar.config import (
+        Backoff,
+        CommandNotifier,
+        ConfigSync,
+        HTTPNotifier,
+        Notifier,
+        SignalNotifier,
+        open_source,
+    )
+
+    notifiers: list[Notifier] = []
+    if signal_ is not None or pid_file is not None:
+        if signal_ is None or pid_file is None:
+            _log("--signal and --pid-file go together")
+            raise typer.Exit(2)
+        name = signal_.upper().removeprefix("SIG")
+        try:
+            sig = signal.Signals[f"SIG{name}"]
+        except KeyError:
+            _log(f"--signal {signal_!r}: not a signal name (e.g. HUP, USR1)")
+            raise typer.Exit(2) from None
+        notifiers.append(SignalNotifier(sig, pid_file))
+    if reload_url is not None:
+        if reload_method.upper() not in ("POST", "GET"):
+            _log(f"--reload-method {reload_method!r}: expected POST or GET")
+            raise typer.Exit(2)
+        notifiers.append(HTTPNotifier(reload_url, reload_method))
+    if on_change is not None:
+        notifiers.append(CommandNotifier(shlex.split(on_change)))
+    try:
+        src = open_source(source, key, interval)
+    except ValueError as exc:
+        _log(str(exc))
+        raise typer.Exit(2) from None
+    if not path.parent.is_dir():
+        _log(f"--path {path}: directory {path.parent} does not exist")
+        raise typer.Exit(2)
+    sync = ConfigSync(
+        src,
+        path,
+        validate=shlex.split(validate) if validate else None,
+        notifiers=notifiers,
+        backoff=Backoff(maximum=max_backoff),
+    )
+    raise typer.Exit(run_async(_run_config(sync, admin_port, once)))
