@@ -8,6 +8,7 @@ Every peer runs N no-op tasks on the same redis-server (started here on a free p
 FLUSHALL between peers) with the same number of worker processes:
 - podkit: `--procs` processes, each `WorkQueue.run(noop, concurrency=C)` on redis://;
   `podkit-sqlite` is the same on the embedded backend (sqlite:/// file in a temp dir);
+  `--prefetch P` adds `prefetch=P` to both (default 0: off);
 - celery: `celery worker --pool=prefork --concurrency=procs`, Redis broker,
   task_acks_late, task_ignore_result, worker_prefetch_multiplier 128 (the docs: large,
   "like 50 or 150", for many short tasks), without gossip, mingle and heartbeat;
@@ -80,8 +81,9 @@ ENQUEUE_BATCH = 1000  # podkit enqueue_many batch
 ONE_BY_ONE = 5000  # podkit: that many (at most n/10) are enqueued one by one first
 ARQ_INFLIGHT = 64  # arq enqueue_job calls in flight
 SETUP = {  # how each peer's workers run, for the report
-    "podkit": "{p} processes x WorkQueue.run(noop, concurrency={c}) on redis://",
-    "podkit-sqlite": "{p} processes x WorkQueue.run(noop, concurrency={c}) on sqlite:///",
+    "podkit": "{p} processes x WorkQueue.run(noop, concurrency={c}, prefetch={f}) on redis://",
+    "podkit-sqlite": "{p} processes x WorkQueue.run(noop, concurrency={c}, prefetch={f})"
+    " on sqlite:///",
     "celery": "celery worker --pool=prefork --concurrency={p} --without-gossip --without-mingle"
     " --without-heartbeat; task_acks_late, task_ignore_result, worker_prefetch_multiplier {m}",
     "arq": "{p} processes x arq run_worker, default settings (max_jobs 10, poll_delay 0.5 s)",
@@ -97,6 +99,7 @@ PEER = os.environ.get("PODKIT_BENCH_PEER", "")
 URL = os.environ.get("PODKIT_BENCH_URL", "")
 OUT = os.environ.get("PODKIT_BENCH_OUT", "")
 CONCURRENCY = int(os.environ.get("PODKIT_BENCH_CONCURRENCY", "8"))
+PREFETCH = int(os.environ.get("PODKIT_BENCH_PREFETCH", "0"))
 
 # ---------------------------------------------------------------------------- records
 
@@ -166,7 +169,7 @@ async def podkit_noop(enqueued: float) -> None:
 # ---------------------------------------------------------------------------- worker roles
 
 
-def podkit_worker(url: str, concurrency: int) -> None:
+def podkit_worker(url: str, concurrency: int, prefetch: int) -> None:
     from podkit.aio import run_async as run
     from podkit.workqueue.core import WorkQueue
 
@@ -175,7 +178,7 @@ def podkit_worker(url: str, concurrency: int) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, wq.stop)
-        await wq.run(podkit_noop, concurrency=concurrency, grace=10)
+        await wq.run(podkit_noop, concurrency=concurrency, prefetch=prefetch, grace=10)
         await wq.close()
 
     run(main())
@@ -301,7 +304,7 @@ def produce(peer: str, url: str, n: int, rate: float | None) -> dict[str, float]
 def role_main(args: argparse.Namespace) -> None:
     if args.role == "worker":
         if PEER.startswith("podkit"):
-            podkit_worker(URL, CONCURRENCY)
+            podkit_worker(URL, CONCURRENCY, PREFETCH)
         elif PEER.startswith("arq"):
             arq_worker(URL, PEER == "arq-tuned", CONCURRENCY)
         else:
@@ -382,6 +385,7 @@ class Bench:
             PODKIT_BENCH_URL=url,
             PODKIT_BENCH_OUT=str(out),
             PODKIT_BENCH_CONCURRENCY=str(self.args.concurrency),
+            PODKIT_BENCH_PREFETCH=str(self.args.prefetch),
             PODKIT_BENCH_CELERY_PREFETCH=str(self.args.celery_prefetch),
             PYTHONPATH=str(self.moddir),
             PYTHONUNBUFFERED="1",
@@ -477,7 +481,9 @@ class Bench:
         result.notes.append(version(python, peer))
         args = self.args
         result.notes.append(
-            SETUP[peer].format(p=args.procs, c=args.concurrency, m=args.celery_prefetch)
+            SETUP[peer].format(
+                p=args.procs, c=args.concurrency, f=args.prefetch, m=args.celery_prefetch
+            )
         )
         out = self.workdir / peer
         out.mkdir()
@@ -558,7 +564,8 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
     ok = base is not None and not base.error
     lines = [
         f"{args.tasks:,} no-op tasks; {args.procs} worker processes, concurrency "
-        f"{args.concurrency}; latency: {args.latency_tasks:,} tasks sent one by one at "
+        f"{args.concurrency} (podkit prefetch {args.prefetch}); latency: "
+        f"{args.latency_tasks:,} tasks sent one by one at "
         f"{args.rate:g}/s to idle workers; {os.cpu_count()} CPUs; load average at start "
         f"{args.load}, at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         "",
@@ -629,6 +636,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--procs", type=int, default=2, help="worker processes per peer")
     parser.add_argument("--concurrency", type=int, default=8, help="tasks in hand per process")
+    parser.add_argument("--prefetch", type=int, default=0, help="podkit: items leased ahead")
     parser.add_argument("--peers", default=",".join(PEERS))
     parser.add_argument("--quick", action="store_true", help="10,000 tasks")
     parser.add_argument("--rate", type=float, default=200, help="latency phase: tasks/s")

@@ -50,6 +50,30 @@ async def test_batch_enqueue_and_dequeue(queue: Queue) -> None:
     assert (await queue.stats()).depth == 0
 
 
+async def test_dequeue_acks_what_it_carries_then_takes(queue: Queue) -> None:
+    assert isinstance(queue.dequeue_acks, bool)
+    await queue.enqueue_batch([b"a", b"b", b"c"])
+    first = await queue.dequeue(2, visibility=30)
+    assert [m.payload for m in first] == [b"a", b"b"]
+    (third,) = await queue.dequeue(2, visibility=30, ack=first)
+    assert third.payload == b"c"
+    assert await queue.stats() == type(await queue.stats())(0, 1, 0)
+    assert await queue.dequeue(2, ack=[third, *first]) == []  # acks with nothing to take
+    assert await queue.stats() == type(await queue.stats())(0, 0, 0)
+
+
+async def test_dequeue_ignores_a_stale_receipt_it_carries(queue: Queue) -> None:
+    await queue.enqueue(b"slow")
+    (first,) = await queue.dequeue(visibility=0.5)
+    await asyncio.sleep(0.7)
+    (second,) = await queue.dequeue(visibility=30)
+    assert second.id == first.id and second.attempts == 2
+    assert await queue.dequeue(ack=[first]) == []  # stale: the current delivery stays
+    assert (await queue.stats()).in_flight == 1
+    assert await queue.dequeue(ack=[second]) == []
+    assert await queue.stats() == type(await queue.stats())(0, 0, 0)
+
+
 async def test_idempotency_key_dedupes(queue: Queue) -> None:
     first = await queue.enqueue(b"charge order 7", key="order-7")
     again = await queue.enqueue(b"charge order 7 (retry)", key="order-7")

@@ -151,6 +151,58 @@ async def test_graceful_stop_finishes_or_returns_items_in_hand(url: str) -> None
     await wq.close()
 
 
+async def test_prefetched_items_wait_their_turn_and_go_back_at_once_on_stop(url: str) -> None:
+    wq = await WorkQueue.open(url, "ahead", visibility=30)
+    await wq.enqueue_many(list(range(6)))
+    started: list[int] = []
+
+    async def handler(item: int) -> None:
+        started.append(item)
+        await asyncio.sleep(10)
+
+    task = asyncio.create_task(wq.run(handler, concurrency=2, prefetch=3, grace=2))
+    deadline = asyncio.get_running_loop().time() + 10
+    while len(started) < 2 or (await wq.stats()).in_flight < 5:
+        assert not task.done(), f"the worker stopped early: {task.result()}"
+        assert asyncio.get_running_loop().time() < deadline, f"only {started} started"
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    assert started == [0, 1]  # two run; three more are leased and wait
+    wq.stop()
+    stop = asyncio.get_running_loop().time()
+    while (await wq.stats()).depth < 4:  # the three waiting are back during the grace
+        assert asyncio.get_running_loop().time() < stop + 1, "not returned at once"
+        await asyncio.sleep(0.01)
+    assert not task.done() and started == [0, 1]
+    stats = await asyncio.wait_for(task, 5)
+    assert stats.done == 0 and stats.returned == 5
+    s = await wq.stats()
+    assert (s.depth, s.in_flight) == (6, 0)  # handed back at once, not after 30 s
+    await wq.close()
+
+
+async def test_prefetched_items_are_kept_from_a_second_worker(url: str) -> None:
+    wq1 = await WorkQueue.open(url, "ahead-long", visibility=0.6)
+    wq2 = await WorkQueue.open(url, "ahead-long", visibility=0.6)
+    await wq1.enqueue_many(["a", "b"])
+    runs: list[tuple[str, str]] = []
+
+    async def slow(item: str) -> None:
+        runs.append(("w1", item))
+        await asyncio.sleep(1.5 if item == "a" else 0)  # "b" waits past two visibilities
+
+    async def other(item: str) -> None:
+        runs.append(("w2", item))
+
+    t1 = asyncio.create_task(wq1.run(slow, concurrency=1, prefetch=1, drain=True))
+    await asyncio.sleep(0.2)
+    t2 = asyncio.create_task(wq2.run(other, drain=True))
+    s1, s2 = await asyncio.gather(t1, t2)
+    assert runs == [("w1", "a"), ("w1", "b")] and s1.done == 2 and s2.done == 0
+    await wq1.close()
+    await wq2.close()
+
+
 async def test_a_backend_outage_does_not_end_the_worker() -> None:
     from podkit.backends import BackendUnavailable, open_queue
 

@@ -147,6 +147,9 @@ class Queue(Protocol):
     url: str
     name: str
     max_attempts: int
+    # True when `dequeue(ack=...)` takes no more round trips than `dequeue`: a worker then
+    # sends its acks that way; otherwise it batches them in `ack` calls of their own.
+    dequeue_acks: bool
 
     async def enqueue(self, payload: bytes, *, key: str | None = None, delay: float = 0) -> str:
         """Add an item; with `key`, an item with the same key already enqueued is not
@@ -160,10 +163,17 @@ class Queue(Protocol):
         ...
 
     async def dequeue(
-        self, max_items: int = 1, *, visibility: float = 30.0, wait: float = 0.0
+        self,
+        max_items: int = 1,
+        *,
+        visibility: float = 30.0,
+        wait: float = 0.0,
+        ack: Sequence[Message] = (),
     ) -> list[Message]:
         """Take up to `max_items`, hidden from others for `visibility` seconds; wait up to
-        `wait` seconds for the first one. An item not acked in time is delivered again."""
+        `wait` seconds for the first one. An item not acked in time is delivered again.
+        `ack` is acked first (as by `ack`), in the same round trip where the driver can;
+        if the call raises, they may or may not be acked (acking again is harmless)."""
         ...
 
     async def ack(self, messages: Sequence[Message]) -> None:

@@ -238,6 +238,7 @@ class MemoryQueue:
         self.url = url
         self.name = name
         self.max_attempts = max_attempts
+        self.dequeue_acks = True
         self.dedupe_window = dedupe_window
         self._s = store
         self._clock = clock
@@ -297,8 +298,15 @@ class MemoryQueue:
         self._s.dead[item.id] = item
 
     async def dequeue(
-        self, max_items: int = 1, *, visibility: float = 30.0, wait: float = 0.0
+        self,
+        max_items: int = 1,
+        *,
+        visibility: float = 30.0,
+        wait: float = 0.0,
+        ack: Sequence[Message] = (),
     ) -> list[Message]:
+        if ack:
+            await self.ack(ack)
         deadline = self._clock.now() + wait
         while True:
             out = self._take(max_items, visibility)

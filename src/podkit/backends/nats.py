@@ -1218,6 +1218,12 @@ def _stale(record: dict[str, Any] | None, dc: int) -> bool:
     return int(record["dc"]) > dc or (int(record["dc"]) == dc and bool(record.get("nacked")))
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Consume a background call's outcome, so that its error is not reported as unseen."""
+    if not task.cancelled():
+        task.exception()
+
+
 class NatsQueue:
     """The JetStream queue: a work-queue stream, one durable pull consumer, a ledger and a
     dead-letter stream."""
@@ -1234,6 +1240,7 @@ class NatsQueue:
         self.url = url.masked
         self.name = name
         self.max_attempts = max_attempts
+        self.dequeue_acks = False  # an ack and a pull are separate requests
         self._c = conn
         self._clock = clock
         self._ack_wait = ACK_WAIT  # the consumer's ack_wait: a visibility needing no NAK
@@ -1292,8 +1299,26 @@ class NatsQueue:
     # -------------------------------------------------------------- dequeue
 
     async def dequeue(
-        self, max_items: int = 1, *, visibility: float = 30.0, wait: float = 0.0
+        self,
+        max_items: int = 1,
+        *,
+        visibility: float = 30.0,
+        wait: float = 0.0,
+        ack: Sequence[Message] = (),
     ) -> list[Message]:
+        if not ack:
+            return await self._take(max_items, visibility, wait)
+        # A JetStream ack and a pull are separate requests: send them side by side.
+        acking = asyncio.ensure_future(self.ack(ack))
+        try:
+            out = await self._take(max_items, visibility, wait)
+        except BaseException:
+            acking.add_done_callback(_retrieve)
+            raise
+        await acking  # if it failed, the items just taken come back after their visibility
+        return out
+
+    async def _take(self, max_items: int, visibility: float, wait: float) -> list[Message]:
         if max_items < 1:
             return []
         loop = asyncio.get_running_loop()

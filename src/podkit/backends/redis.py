@@ -396,9 +396,7 @@ return out
 
 # ARGV: token (the receipt of this delivery), max items, visibility ms, max attempts.
 # Returns {messages, ms to the next due item or deadline (-1: none or some taken)}.
-_Q_DEQUEUE = (
-    _Q_COMMON
-    + """
+_Q_DEQUEUE_BODY = """
 local tok, want, vis, maxa = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local seen = redis.call('HGET', B .. 'gi', tok)
 if seen then  -- a retried call: the same delivery again
@@ -488,31 +486,35 @@ redis.call('HSET', B .. 'gn', tok, #take)
 if redis.call('LLEN', ready) > 0 then ring() end
 return {messages(take, attempts), -1}
 """
-)
+_Q_DEQUEUE = _Q_COMMON + _Q_DEQUEUE_BODY
 
-# ARGV: per receipt: the receipt, its ids joined by ','. Stale receipts are skipped.
-_Q_ACK = (
-    _Q_COMMON
-    + """
-local done, groups = {}, {}
-for i = 1, #ARGV, 2 do
-  local receipt, ids = ARGV[i], split(ARGV[i + 1])
-  local r, g = hmget(B .. 'r', ids), hmget(B .. 'g', ids)
-  for j, id in ipairs(ids) do
-    if r[j] == receipt then
-      done[#done + 1] = id
-      local grp = g[j] or receipt
-      groups[grp] = (groups[grp] or 0) + 1
+# ARGV from index FIRST: per receipt: the receipt, its ids joined by ','. Stale receipts
+# are skipped. Sets `acked`, the number of items acked.
+_Q_ACK_PART = """
+local acked = 0
+do
+  local done, groups = {}, {}
+  for i = FIRST, #ARGV, 2 do
+    local receipt, ids = ARGV[i], split(ARGV[i + 1])
+    local r, g = hmget(B .. 'r', ids), hmget(B .. 'g', ids)
+    for j, id in ipairs(ids) do
+      if r[j] == receipt then
+        done[#done + 1] = id
+        local grp = g[j] or receipt
+        groups[grp] = (groups[grp] or 0) + 1
+      end
     end
   end
+  for grp, n in pairs(groups) do release(grp, n) end
+  if #done > 0 then
+    for _, field in ipairs({'p', 'e', 'a', 'r', 'g', 'x'}) do bulk('HDEL', B .. field, done) end
+  end
+  acked = #done
 end
-for grp, n in pairs(groups) do release(grp, n) end
-if #done > 0 then
-  for _, field in ipairs({'p', 'e', 'a', 'r', 'g', 'x'}) do bulk('HDEL', B .. field, done) end
-end
-return #done
 """
-)
+_Q_ACK = _Q_COMMON + _Q_ACK_PART.replace("FIRST", "1") + "return acked\n"
+# ARGV: the dequeue's four, then the acks as for _Q_ACK: ack, then dequeue, in one call.
+_Q_ACK_DEQUEUE = _Q_COMMON + _Q_ACK_PART.replace("FIRST", "5") + _Q_DEQUEUE_BODY
 
 # ARGV: token, id, receipt, delay ms, error ('' = none, else '=' .. error), max attempts.
 # Returns 0 for a stale receipt, 1 when retried, 2 when dead-lettered.
@@ -921,6 +923,17 @@ def _messages(blob: bytes, receipt: str) -> list[Message]:
     return out
 
 
+def _ack_args(messages: Sequence[Message]) -> list[_Arg]:
+    """The ARGV of _Q_ACK: each receipt, then its ids joined by ','."""
+    by_receipt: dict[str, list[str]] = {}
+    for m in messages:
+        by_receipt.setdefault(m.receipt, []).append(m.id)
+    args: list[_Arg] = []
+    for receipt, ids in by_receipt.items():
+        args += (receipt, ",".join(ids))
+    return args
+
+
 class RedisQueue(_Backend):
     """The Redis queue: a ready list, a zset of due times, delivery groups scored by their
     visibility deadline, one hash per item field; every call is one Lua script."""
@@ -938,6 +951,7 @@ class RedisQueue(_Backend):
         super().__init__(url, client, wait)
         self.name = name
         self.max_attempts = max_attempts
+        self.dequeue_acks = True
         self.dedupe_window = dedupe_window
         self._ns = f"{prefix}q:{name}:"
         self._keys = [self._ns]
@@ -947,6 +961,7 @@ class RedisQueue(_Backend):
         self._enqueue_s = script(_Q_ENQUEUE)
         self._dequeue_s = script(_Q_DEQUEUE)
         self._ack_s = script(_Q_ACK)
+        self._ack_dequeue_s = script(_Q_ACK_DEQUEUE)
         self._nack_s = script(_Q_NACK)
         self._extend_s = script(_Q_EXTEND)
         self._stats_s = script(_Q_STATS)
@@ -990,15 +1005,24 @@ class RedisQueue(_Backend):
 
     @_guarded
     async def dequeue(
-        self, max_items: int = 1, *, visibility: float = 30.0, wait: float = 0.0
+        self,
+        max_items: int = 1,
+        *,
+        visibility: float = 30.0,
+        wait: float = 0.0,
+        ack: Sequence[Message] = (),
     ) -> list[Message]:
         if max_items <= 0:
+            await self.ack(ack)
             return []
         deadline = time.monotonic() + wait
         args: list[_Arg] = [max_items, max(1, _ms(visibility)), self.max_attempts]
+        acks = _ack_args(ack)  # sent with the first try only
         while True:
             receipt = _token()
-            blob, next_ms = await self._dequeue_s(self._keys, [receipt, *args])
+            script = self._ack_dequeue_s if acks else self._dequeue_s
+            blob, next_ms = await script(self._keys, [receipt, *args, *acks])
+            acks = []
             if blob:
                 return _messages(blob, receipt)
             left = deadline - time.monotonic()
@@ -1009,15 +1033,8 @@ class RedisQueue(_Backend):
 
     @_guarded
     async def ack(self, messages: Sequence[Message]) -> None:
-        if not messages:
-            return
-        by_receipt: dict[str, list[str]] = {}
-        for m in messages:
-            by_receipt.setdefault(m.receipt, []).append(m.id)
-        args: list[_Arg] = []
-        for receipt, ids in by_receipt.items():
-            args += (receipt, ",".join(ids))
-        await self._ack_s(self._keys, args)
+        if messages:
+            await self._ack_s(self._keys, _ack_args(messages))
 
     @_guarded
     async def nack(self, message: Message, *, delay: float = 0, error: str | None = None) -> None:

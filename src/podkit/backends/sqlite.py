@@ -3,19 +3,22 @@
 `sqlite:///relative/state.db` or `sqlite:////absolute/state.db`, as in SQLAlchemy. Every
 open is its own connection, driven by its own worker thread so the event loop never blocks.
 The file runs in WAL mode and every write is one `BEGIN IMMEDIATE` transaction, so several
-processes can share it. Opens in one process wake each other's waits at once; writes of
-other processes are seen by polling every `POLL` seconds. Deadlines are wall-clock seconds.
+processes can share it. Writers queue for the write lock on `<file>-lock` (flock), which
+hands it to the next writer as soon as it is released; SQLite's own busy wait sleeps a
+millisecond or more per try. Opens in one process wake each other's waits at once; writes
+of other processes are seen by polling every `POLL` seconds. Deadlines are wall-clock seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
+import queue
 import sqlite3
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -37,6 +40,7 @@ from podkit.clock import Clock, WallClock
 
 POLL = 0.025  # seconds between looks at the file while waiting (other processes' writes)
 BUSY_TIMEOUT = 10.0  # seconds a transaction waits for another writer
+CHECKPOINT_EVERY = 100  # commits of one open between its WAL checkpoints
 HISTORY = 100_000  # KV changes kept for resuming watches
 WATCH_BATCH = 1000  # changes read per look
 EXPIRED = "visibility timeout expired"
@@ -163,6 +167,50 @@ def _rowid(cursor: sqlite3.Cursor) -> int:
     return cursor.lastrowid
 
 
+def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if not future.done():  # not cancelled meanwhile
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+class _Worker:
+    """One thread that runs calls in order and hands each result to its caller's loop:
+    a thread pool of one, without its per-call futures and locks."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[
+            tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[[], Any]] | None
+        ] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="podkit-sqlite", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, fn = job
+            try:
+                ok, value = True, fn()
+            except BaseException as exc:  # handed to the caller
+                ok, value = False, exc
+            try:
+                loop.call_soon_threadsafe(_settle, future, ok, value)
+            except RuntimeError:  # that loop is closed: nobody waits any more
+                pass
+            del job, future, value
+
+    def call(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """`fn()` on the thread, after the calls before it; its result as a future."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((loop, future, fn))
+        return future
+
+    def stop(self) -> None:
+        """End the thread after the calls already made."""
+        self._jobs.put(None)
+
+
 class _Database:
     """One connection to the file, used only by its own worker thread."""
 
@@ -173,8 +221,10 @@ class _Database:
         self.masked = url.masked
         self.path = path
         self.signal = signal
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="podkit-sqlite")
+        self._worker = _Worker()
         self._closed = False
+        self._lock = -1  # the fd of the writers' lock file; -1: none (SQLite's busy wait only)
+        self._commits = 0  # since this open's last checkpoint
 
     @classmethod
     async def open(cls, url: BackendURL, channel: str) -> _Database:
@@ -184,7 +234,7 @@ class _Database:
         try:
             await db.run(db._connect)
         except BaseException:
-            db._pool.shutdown(wait=False)
+            db._worker.stop()
             raise
         return db
 
@@ -202,6 +252,10 @@ class _Database:
                 f"{self.masked}: cannot open the SQLite database {self.path}: {exc}"
             ) from None
         self.conn = conn
+        try:  # a lock file the writers queue on; without it SQLite's busy wait still works
+            self._lock = os.open(f"{self.path}-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            self._lock = -1
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
@@ -211,6 +265,7 @@ class _Database:
                     f"{self.masked}: {self.path} cannot use WAL mode (journal mode is {mode})"
                 )
         conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # see transact
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -232,23 +287,32 @@ class _Database:
         """Call `fn` on the worker thread; SQLite errors become `BackendError`."""
         if self._closed:
             raise BackendError(f"{self.masked}: the store is closed")
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, partial(fn, *args, **kwargs))
+            return await self._worker.call(partial(fn, *args, **kwargs))
         except sqlite3.Error as exc:
             raise BackendError(f"{self.masked}: SQLite failed on {self.path}: {exc}") from exc
 
     def transact(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """On the worker: `fn` in one write transaction, then wake this process's waits."""
-        self.conn.execute("BEGIN IMMEDIATE")
+        if self._lock >= 0:
+            fcntl.flock(self._lock, fcntl.LOCK_EX)  # our turn among podkit's writers
         try:
-            result = fn(*args, **kwargs)
-            self.conn.execute("COMMIT")
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(*args, **kwargs)
+                self.conn.execute("COMMIT")
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+        finally:
+            if self._lock >= 0:
+                fcntl.flock(self._lock, fcntl.LOCK_UN)
         self.signal.notify()
+        self._commits += 1
+        if self._commits >= CHECKPOINT_EVERY:  # outside the lock: other writers go on meanwhile
+            self._commits = 0
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return result
 
     async def write(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -260,9 +324,15 @@ class _Database:
             return
         self._closed = True
         try:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self.conn.close)
+            await self._worker.call(self._disconnect)
         finally:
-            self._pool.shutdown(wait=False)
+            self._worker.stop()
+
+    def _disconnect(self) -> None:
+        self.conn.close()
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
 
 # ---------------------------------------------------------------------------- KV
@@ -501,6 +571,7 @@ class SQLiteQueue:
         self.url = db.url
         self.name = name
         self.max_attempts = max_attempts
+        self.dequeue_acks = True
         self.dedupe_window = dedupe_window
         self._db = db
         self._clock = clock
@@ -583,14 +654,23 @@ class SQLiteQueue:
             self._kill(dead)
         return out
 
-    def _take(self, max_items: int, visibility: float) -> list[Message]:
-        """Deliver due items, taking the write lock only when one is due."""
+    def _take(self, max_items: int, visibility: float, ack: Sequence[Message]) -> list[Message]:
+        """Ack `ack` and deliver due items; without acks, take the write lock only when an
+        item is due."""
+        if ack:
+            return self._db.transact(self._ack_deliver, ack, max_items, visibility)
         if not self._db.conn.execute(
             "SELECT 1 FROM q_items WHERE queue = ? AND visible_at <= ? LIMIT 1",
             (self.name, self._clock.now()),
         ).fetchone():
             return []
         return self._db.transact(self._deliver, max_items, visibility)
+
+    def _ack_deliver(
+        self, ack: Sequence[Message], max_items: int, visibility: float
+    ) -> list[Message]:
+        self._ack(ack)
+        return self._deliver(max_items, visibility)
 
     def _ack(self, messages: Sequence[Message]) -> None:
         done = [(seq, m.receipt, self.name) for m in messages if (seq := _seq(m)) is not None]
@@ -656,12 +736,18 @@ class SQLiteQueue:
         return await self._db.write(self._add, payloads, keys or [None] * len(payloads), 0.0)
 
     async def dequeue(
-        self, max_items: int = 1, *, visibility: float = 30.0, wait: float = 0.0
+        self,
+        max_items: int = 1,
+        *,
+        visibility: float = 30.0,
+        wait: float = 0.0,
+        ack: Sequence[Message] = (),
     ) -> list[Message]:
         deadline = self._clock.now() + wait
         while True:
             since = self._db.signal.version
-            out = await self._db.run(self._take, max_items, visibility)
+            out = await self._db.run(self._take, max_items, visibility, ack)
+            ack = ()
             left = deadline - self._clock.now()
             if out or left <= 0:
                 return out

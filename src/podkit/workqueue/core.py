@@ -14,6 +14,8 @@ handed to another worker; a worker killed at any instant loses nothing (its item
 become visible again when their visibility lapses). A failed item is retried after an
 exponential back-off with jitter, and dead-lettered after `max_attempts` deliveries
 with its last error. Stopping gracefully finishes the items in hand, or returns them.
+With `prefetch`, a worker also leases up to that many items ahead of its free slots;
+they are heartbeated like the running ones and returned at once on a graceful stop.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import logging
 import random
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,17 +203,22 @@ class WorkQueue:
         grace: float = 30.0,
         on_done: Callable[[WorkerStats], None] | None = None,
         then: WorkQueue | None = None,
+        prefetch: int = 0,
     ) -> WorkerStats:
         """Process items until `stop()` (or, with `drain`, until the queue is empty).
 
-        At most `concurrency` items are in hand at once; sync handlers run in threads.
-        On stop, items in hand get `grace` seconds to finish; the rest are returned.
+        At most `concurrency` items run at once; sync handlers run in threads. With
+        `prefetch`, up to that many more are leased and wait their turn, so that one
+        dequeue carries more items (worth it for short items).
+        On stop, running items get `grace` seconds to finish; the rest are returned.
         With `then`, each result is enqueued there (a chain's next step) before the item
         is acked, keyed by the item's id, so a retried step forwards it only once.
         """
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be 0 or more, not {prefetch}")
         marked: int = getattr(handler, "__podkit_concurrency__", 8)
         limit = concurrency if concurrency is not None else marked
-        pool = _Pool(self, handler, limit, on_done, then)
+        pool = _Pool(self, handler, limit, on_done, then, prefetch)
         return await pool.run(drain=drain, grace=grace)
 
     async def close(self) -> None:
@@ -229,6 +237,7 @@ class _Pool:
         limit: int,
         on_done: Callable[[WorkerStats], None] | None,
         then: WorkQueue | None = None,
+        prefetch: int = 0,
     ) -> None:
         self.wq = wq
         self.then = then
@@ -236,9 +245,12 @@ class _Pool:
         call = getattr(handler, "__call__", None)  # noqa: B004 - async callable objects too
         self.is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
         self.limit = limit
+        self.prefetch = prefetch
         self.on_done = on_done
         self.stats = WorkerStats()
-        self.in_hand: dict[str, Message] = {}
+        self.in_hand: dict[str, Message] = {}  # leased: running or waiting
+        self.waiting: deque[Message] = deque()  # leased ahead, not started yet
+        self.running = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.freed = asyncio.Event()  # set when an item leaves our hands, and on stop
         self.fetch: asyncio.Task[list[Message]] | None = None  # the dequeue under way
@@ -247,6 +259,7 @@ class _Pool:
 
     async def run(self, *, drain: bool, grace: float) -> WorkerStats:
         q = self.wq.queue
+        piggyback = getattr(q, "dequeue_acks", False)
         outage = 0
         beat = asyncio.create_task(self._heartbeat())
         acker = asyncio.create_task(self._acker())
@@ -255,18 +268,26 @@ class _Pool:
         assert me is not None
         try:
             while not self.wq._stop.is_set():
-                free = self.limit - len(self.in_hand)
-                if free <= 0:  # wait for a free slot (stop sets `freed` too)
+                free = self.limit + self.prefetch - len(self.in_hand)
+                # Wait for a free slot (stop sets `freed` too), and with prefetch until the
+                # items leased ahead have started, so that the next dequeue takes a batch.
+                if free <= 0 or self.waiting:
                     self.freed.clear()
                     await self.freed.wait()
                     continue
                 # A task of its own, so that stop can cancel a dequeue waiting for items.
+                # It carries the acks due so far where that costs no round trip.
+                acks: list[Message] = []
+                if piggyback:
+                    acks, self.acks = self.acks, []
+                wait = 0.5 if not drain else 0
                 fetch = self.fetch = asyncio.create_task(
-                    q.dequeue(free, visibility=self.wq.visibility, wait=0.5 if not drain else 0)
+                    q.dequeue(free, visibility=self.wq.visibility, wait=wait, ack=acks)
                 )
                 try:
                     messages = await fetch
                     outage = 0
+                    acks = []
                 except asyncio.CancelledError:
                     if fetch.cancelled() and self.wq._stop.is_set() and not me.cancelling():
                         break  # stopped while waiting for items
@@ -281,6 +302,9 @@ class _Pool:
                     continue
                 finally:
                     self.fetch = None
+                    if acks:  # maybe not sent: send them again (acking twice is harmless)
+                        self.acks = acks + self.acks
+                        self.ack_due.set()
                 if self.wq._stop.is_set():  # delivered as we stopped: hand them back
                     for m in messages:
                         with contextlib.suppress(Exception):
@@ -297,9 +321,8 @@ class _Pool:
                     continue
                 for m in messages:
                     self.in_hand[m.id] = m
-                    t = asyncio.create_task(self._process(m))
-                    self.tasks.add(t)
-                    t.add_done_callback(self.tasks.discard)
+                self.waiting.extend(messages)
+                self._start()
             await self._shutdown(grace)
         finally:
             stop.cancel()
@@ -338,8 +361,18 @@ class _Pool:
             self.on_done(self.stats)
         self._release(m)
 
+    def _start(self) -> None:
+        """Run waiting items while fewer than `limit` run (none once stopping)."""
+        while self.waiting and self.running < self.limit and not self.wq._stop.is_set():
+            self.running += 1
+            t = asyncio.create_task(self._process(self.waiting.popleft()))
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+
     def _release(self, m: Message) -> None:
         self.in_hand.pop(m.id, None)
+        self.running -= 1
+        self._start()
         self.freed.set()
 
     async def _on_stop(self) -> None:
@@ -383,6 +416,12 @@ class _Pool:
                     await self.wq.queue.extend(m, self.wq.visibility)
 
     async def _shutdown(self, grace: float) -> None:
+        while self.waiting:  # leased ahead, not started: give them back first
+            m = self.waiting.popleft()
+            self.in_hand.pop(m.id, None)
+            with contextlib.suppress(Exception):
+                await self.wq.queue.nack(m, error="returned unstarted at worker shutdown")
+            self.stats.returned += 1
         if self.tasks:
             _, pending = await asyncio.wait(set(self.tasks), timeout=grace)
             for t in pending:
