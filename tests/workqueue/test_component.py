@@ -91,6 +91,24 @@ def test_cli_worker_sigterm_returns_items(tmp_path: Path) -> None:
     assert (data["depth"], data["in_flight"]) == (3, 0)
 
 
+def test_cli_worker_prefetch_leases_ahead_and_returns_all_on_sigterm(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    podkit("queue", "enqueue", *["30"] * 6, "--queue", url)
+    proc = subprocess.Popen(
+        [PY, "-m", "podkit", "queue", "work", "--queue", url, "--exec", "sleep {}",
+         "--concurrency", "2", "--prefetch", "3", "--grace", "0.3"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(2.5)
+    data = json.loads(podkit("queue", "status", "--queue", url, "--json").stdout)
+    assert (data["depth"], data["in_flight"]) == (1, 5)  # 2 running + 3 leased ahead
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    data = json.loads(podkit("queue", "status", "--queue", url, "--json").stdout)
+    assert (data["depth"], data["in_flight"]) == (6, 0)  # nothing kept, nothing lost
+
+
 async def test_directory_source_enqueues_settled_files_once(tmp_path: Path) -> None:
     inbox = tmp_path / "in"
     inbox.mkdir()

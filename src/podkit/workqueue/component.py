@@ -64,6 +64,9 @@ def work(
     ] = "arg",
     http: Annotated[str | None, typer.Option(help="POST each item to this URL instead.")] = None,
     concurrency: Annotated[int, typer.Option(help="Items in hand at once.")] = 4,
+    prefetch: Annotated[
+        int, typer.Option(help="Items leased ahead of free slots (heartbeated, returned on stop).")
+    ] = 0,
     visibility: Annotated[float, typer.Option(help="Seconds an item stays hidden.")] = 30.0,
     max_attempts: Annotated[int, typer.Option(help="Deliveries before dead-lettering.")] = 5,
     retry_base: Annotated[float, typer.Option(help="First retry delay, doubling.")] = 1.0,
@@ -112,7 +115,7 @@ def work(
         log(f"working on '{name}' ({queue}) with concurrency {concurrency}")
         stats = await wq.run(
             handler, concurrency=concurrency, drain=drain, grace=grace, then=after,
-            on_done=progress,
+            on_done=progress, prefetch=prefetch,
         )  # fmt: skip
         if reporter is not None:
             await reporter.close()
