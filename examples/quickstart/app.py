@@ -13,6 +13,7 @@ POD = os.environ.get("POD_NAME", "app")
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # the head and the body are two writes
 
     def do_GET(self) -> None:
         if self.path == "/healthz":
