@@ -239,6 +239,7 @@ COMPONENT_MODULES: dict[str, str] = {
     "adapter": "podkit.adapter.component",
     "elect": "podkit.election.component",
     "queue": "podkit.workqueue.component",
+    "lb": "podkit.lb.component",
     "sidecar": "podkit.sidecar.component",
     "ambassador": "podkit.ambassador.component",
 }

@@ -1,0 +1,293 @@
+"""The admin port of `podkit lb`: /metrics, /status and /purge, loopback by default.
+
+- `GET /metrics`: Prometheus text. Requests by upstream and status class, latency
+  histograms per upstream, availability and requests in flight per upstream, ejections,
+  cache hits, misses and hit ratio, rate-limited requests, breaker overflows, retries.
+- `GET /status`: JSON. Each upstream with its state (`healthy`, `unhealthy`, `ejected`,
+  `unavailable`), requests in flight and ejections; cache stats; the configuration.
+- `POST /purge?url=URL[&prefix=1]` (GET works too): drop cached answers of one URL, or of
+  every URL starting with it. URL is the cache key, Host and target
+  (`127.0.0.1:8080/products`); a `http://` or `https://` in front is ignored. Answers
+  `{"purged": N}`.
+
+Each worker process has its own proxy, cache and health state, so each serves its own
+admin port: worker i listens on `admin_port + i`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import json
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from podkit.lb.policy import Upstream
+
+if TYPE_CHECKING:
+    from podkit.lb.features import Worker
+
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+_CLASS = ("error", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class Metrics:
+    """One worker's Prometheus registry. Tries are counted in plain dicts on the request
+    path (no lock, no label lookup) and turned into metric families when scraped."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests: dict[tuple[str, str], int] = {}  # (upstream, class) -> tries
+        self.latency: dict[str, list[float]] = {}  # upstream -> bucket counts..., sum
+        self.registry.register(_Live(worker, self))
+
+    def record(self, upstream: Upstream, status: int | None, seconds: float) -> None:
+        key = (upstream.name, _CLASS[status // 100] if status and status < 600 else "error")
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        hist = self.latency.get(upstream.name)
+        if hist is None:
+            hist = self.latency[upstream.name] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        hist[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        hist[-1] += seconds
+
+    def families(self) -> Iterator[Metric]:
+        req = CounterMetricFamily(
+            "podkit_lb_requests",
+            "Tries sent to each upstream, by status class (error: no answer).",
+            labels=["upstream", "code"],
+        )
+        for (name, code), n in sorted(self.requests.items()):
+            req.add_metric([name, code], float(n))
+        yield req
+        lat = HistogramMetricFamily(
+            "podkit_lb_upstream_latency_seconds",
+            "Seconds from sending a try to the end of its answer, per upstream.",
+            labels=["upstream"],
+        )
+        for name, hist in sorted(self.latency.items()):
+            cumulative: list[tuple[str, float]] = []
+            total = 0.0
+            for bound, count in zip([*LATENCY_BUCKETS, float("inf")], hist[:-1], strict=True):
+                total += count
+                cumulative.append((str(bound) if bound != float("inf") else "+Inf", total))
+            lat.add_metric([name], cumulative, sum_value=hist[-1])
+        yield lat
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Live(Collector):
+    """Gauges and counters kept by the proxy and the filters, read when scraped."""
+
+    def __init__(self, worker: Worker, metrics: Metrics) -> None:
+        self.worker = worker
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.metrics.families()
+        w = self.worker
+        lb = w.lb
+        if lb is None:
+            return
+        avail = GaugeMetricFamily(
+            "podkit_lb_upstream_available", "1 when the upstream gets traffic.", labels=["upstream"]
+        )
+        inflight = GaugeMetricFamily(
+            "podkit_lb_upstream_inflight", "Requests in flight.", labels=["upstream"]
+        )
+        for u in lb.upstreams:
+            avail.add_metric([u.name], 1.0 if u.available else 0.0)
+            inflight.add_metric([u.name], float(u.inflight))
+        yield avail
+        yield inflight
+        if w.health is not None:
+            ej = CounterMetricFamily(
+                "podkit_lb_ejections", "Outlier ejections per upstream.", labels=["upstream"]
+            )
+            for name, n in sorted(w.health.ejected.items()):
+                ej.add_metric([name], float(n))
+            yield ej
+            yield CounterMetricFamily(
+                "podkit_lb_health_checks", "Active health checks made.", value=w.health.checks
+            )
+        if w.cache is not None:
+            st = w.cache.cache.stats()
+            yield CounterMetricFamily("podkit_lb_cache_hits", "Cache hits.", value=st.hits)
+            yield CounterMetricFamily("podkit_lb_cache_misses", "Cache misses.", value=st.misses)
+            yield CounterMetricFamily(
+                "podkit_lb_cache_coalesced", "Misses that waited for another fetch.", st.coalesced
+            )
+            yield GaugeMetricFamily("podkit_lb_cache_hit_ratio", "Hits / lookups.", st.hit_ratio)
+            yield GaugeMetricFamily("podkit_lb_cache_bytes", "Bytes stored.", st.bytes)
+            yield GaugeMetricFamily("podkit_lb_cache_entries", "Entries stored.", st.entries)
+            yield CounterMetricFamily(
+                "podkit_lb_cache_evictions", "Entries evicted for room.", st.evictions
+            )
+        if w.rate is not None:
+            yield CounterMetricFamily(
+                "podkit_lb_rate_limited", "Requests answered 429.", value=w.rate.limiter.limited
+            )
+        if w.breaker is not None:
+            over = CounterMetricFamily(
+                "podkit_lb_breaker_overflows",
+                "Tries refused by a circuit breaker or the retry budget.",
+                labels=["upstream", "reason"],
+            )
+            for name, b in sorted(w.breaker.breakers.items()):
+                for reason, n in b.overflows.items():
+                    over.add_metric([name, reason], float(n))
+            for reason, n in w.breaker.cluster.overflows.items():
+                if n:
+                    over.add_metric(["*", reason], float(n))
+            yield over
+        if w.timing is not None:
+            yield CounterMetricFamily("podkit_lb_retries", "Retries sent.", value=w.timing.retries)
+
+
+def status(worker: Worker) -> dict[str, Any]:
+    """The /status document."""
+    lb = worker.lb
+    ups: list[dict[str, Any]] = []
+    health = worker.health.health if worker.health is not None else None
+    for u in lb.upstreams if lb is not None else []:
+        state = "healthy" if u.available else "unavailable"
+        hs = health.state(u.name) if health is not None else None
+        if hs is not None:
+            if hs.ejected:
+                state = "ejected"
+            elif not hs.healthy:
+                state = "unhealthy"
+        ups.append(
+            {
+                "name": u.name,
+                "weight": u.weight,
+                "state": state,
+                "available": u.available,
+                "inflight": u.inflight,
+                "ejections": worker.health.ejected.get(u.name, 0) if worker.health else 0,
+            }
+        )
+    doc: dict[str, Any] = {"worker": worker.index, "upstreams": ups, "config": worker.describe()}
+    doc["requests"] = lb.requests if lb is not None else 0
+    if worker.cache is not None:
+        st = worker.cache.cache.stats()
+        doc["cache"] = {
+            "hits": st.hits,
+            "misses": st.misses,
+            "coalesced": st.coalesced,
+            "hit_ratio": round(st.hit_ratio, 4),
+            "bytes": st.bytes,
+            "entries": st.entries,
+            "evictions": st.evictions,
+            "max_bytes": st.max_bytes,
+        }
+    if worker.rate is not None:
+        doc["rate_limited"] = worker.rate.limiter.limited
+    if worker.breaker is not None:
+        doc["breaker_overflows"] = worker.breaker.overflows
+    if worker.timing is not None:
+        doc["retries"] = worker.timing.retries
+    return doc
+
+
+class AdminServer:
+    """A small HTTP/1.1 server for the admin endpoints (one request per connection)."""
+
+    def __init__(self, worker: Worker, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.worker = worker
+        self.metrics = Metrics(worker)
+        self.host = host
+        self.port = port
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def answer(self, method: str, target: str) -> tuple[int, str, bytes]:
+        """(status, content type, body) for one request."""
+        url = urlsplit(target)
+        path = url.path
+        if path == "/metrics" and method in ("GET", "HEAD"):
+            return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.text()
+        if path == "/status" and method in ("GET", "HEAD"):
+            return 200, "application/json", json.dumps(status(self.worker), indent=1).encode()
+        if path == "/purge" and method in ("GET", "POST"):
+            return self._purge(parse_qs(url.query))
+        if path in ("/metrics", "/status", "/purge"):
+            return 405, "application/json", b'{"error": "method not allowed"}'
+        body = {"error": f"not found: {path}", "paths": ["/metrics", "/status", "/purge"]}
+        return 404, "application/json", json.dumps(body).encode()
+
+    def _purge(self, query: dict[str, list[str]]) -> tuple[int, str, bytes]:
+        cache = self.worker.cache
+        if cache is None:
+            return 404, "application/json", b'{"error": "no cache: start with --cache-bytes"}'
+        urls = query.get("url")
+        if not urls or not urls[0]:
+            return 400, "application/json", b'{"error": "purge needs ?url=HOST/PATH"}'
+        url = urls[0]
+        for scheme in ("http://", "https://"):
+            if url.startswith(scheme):
+                url = url[len(scheme) :]
+        prefix = query.get("prefix", ["0"])[0] in ("1", "true", "yes")
+        n = cache.cache.purge(url.encode("latin-1"), prefix=prefix)
+        return 200, "application/json", json.dumps({"purged": n}).encode()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            line = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+            if len(line) != 3:
+                code, ctype, body = 400, "application/json", b'{"error": "malformed request"}'
+                method = "GET"
+            else:
+                method = line[0]
+                code, ctype, body = self.answer(method, line[1])
+            writer.write(
+                f"HTTP/1.1 {code} {REASONS.get(code, 'Error')}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + (body if method != "HEAD" else b"")
+            )
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()

@@ -1,0 +1,265 @@
+"""`podkit lb`: the HTTP load balancer as a component.
+
+    podkit lb --listen 0.0.0.0:8080 \\
+        --upstream http://10.0.0.1:8000 --upstream http://10.0.0.2:8000,weight=2 \\
+        --policy least-requests --workers 2
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from typing import Annotated, Any
+
+import typer
+
+from podkit.lb.features import Features
+from podkit.lb.policy import POLICIES, parse_upstream
+from podkit.lb.proxy import ProxyConfig
+from podkit.lb.workers import serve
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT`, `:PORT` or `PORT` (loopback then), `[v6]:PORT`."""
+    text = value.strip()
+    host = "127.0.0.1"
+    if text.startswith("["):
+        h, _, port = text[1:].partition("]:")
+        host = h
+    elif ":" in text:
+        h, _, port = text.rpartition(":")
+        host = h or "0.0.0.0"
+    else:
+        port = text
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"--listen {value!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def build_config(
+    listen: str,
+    upstreams: list[str],
+    policy: str = "round-robin",
+    hash_on: str | None = None,
+    workers: int = 1,
+    members: bool = False,
+    **options: Any,
+) -> ProxyConfig:
+    """Check the flags and make the proxy's configuration; ValueError names the bad one.
+    With `members` (a membership source is given) no --upstream is needed."""
+    host, port = parse_listen(listen)
+    if not upstreams and not members:
+        raise ValueError("at least one --upstream (or a --members-* source) is needed")
+    for u in upstreams:
+        parse_upstream(u)
+    if policy not in POLICIES:
+        raise ValueError(f"--policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    if hash_on is not None and policy != "consistent-hash":
+        raise ValueError("--hash-on needs --policy consistent-hash")
+    if policy == "consistent-hash":
+        from podkit.lb.policy import ConsistentHash
+
+        ConsistentHash([], hash_on or "ip")  # validates hash_on
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
+    return ProxyConfig(
+        upstreams=list(upstreams),
+        host=host,
+        port=port,
+        policy=policy,
+        hash_on=hash_on,
+        workers=workers,
+        **options,
+    )
+
+
+cli = typer.Typer(help="HTTP load balancer.", no_args_is_help=True)
+
+
+@cli.callback(invoke_without_command=True)
+def lb(
+    upstream: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An upstream, http://HOST:PORT with an optional ,weight=N; repeat for each."
+        ),
+    ] = None,
+    listen: Annotated[str, typer.Option(help="Address to serve on, HOST:PORT.")] = (
+        "127.0.0.1:8080"
+    ),
+    policy: Annotated[
+        str, typer.Option(help=f"Balancing policy: {', '.join(POLICIES)}.")
+    ] = "round-robin",
+    hash_on: Annotated[
+        str | None,
+        typer.Option(help="Key for consistent-hash: header:NAME, cookie:NAME or ip."),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(help="Worker processes sharing the port (SO_REUSEPORT).")
+    ] = 1,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds to connect upstream.")] = 2.0,
+    upstream_timeout: Annotated[
+        float, typer.Option(help="Seconds an upstream may stay silent while answering (504).")
+    ] = 60.0,
+    idle_timeout: Annotated[
+        float, typer.Option(help="Seconds a keep-alive client may idle between requests.")
+    ] = 60.0,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds to receive a request head (408).")
+    ] = 10.0,
+    tries: Annotated[int, typer.Option(help="Attempts per request when retrying is safe.")] = 3,
+    reuse_port: Annotated[
+        bool,
+        typer.Option(
+            "--reuse-port/--shared-socket",
+            help="Workers bind their own SO_REUSEPORT socket, or share one accept queue.",
+        ),
+    ] = True,
+    health_path: Annotated[
+        str | None, typer.Option(help="Active checks: GET this path on every upstream.")
+    ] = None,
+    health_interval: Annotated[float, typer.Option(help="Seconds between checks.")] = 5.0,
+    health_timeout: Annotated[float, typer.Option(help="Seconds a check may take.")] = 1.0,
+    healthy_threshold: Annotated[
+        int, typer.Option(help="Passes in a row to bring a host back.")
+    ] = 2,
+    unhealthy_threshold: Annotated[
+        int, typer.Option(help="Failures in a row to take a host out.")
+    ] = 3,
+    passive_health: Annotated[
+        bool, typer.Option(help="Outlier ejection even without --health-path.")
+    ] = False,
+    consecutive_5xx: Annotated[
+        int, typer.Option(help="5xx or connect errors in a row that eject a host (0: off).")
+    ] = 5,
+    ejection_time: Annotated[
+        float, typer.Option(help="Seconds of the first ejection; grows with repeats.")
+    ] = 30.0,
+    max_ejection_percent: Annotated[
+        float, typer.Option(help="Most hosts ejected at once, in percent (one always may).")
+    ] = 10.0,
+    cache_bytes: Annotated[int, typer.Option(help="Response cache size in bytes (0: off).")] = 0,
+    cache_entry_bytes: Annotated[
+        int, typer.Option(help="Largest answer the cache stores, in bytes.")
+    ] = 1 << 20,
+    rate_limit: Annotated[
+        str | None, typer.Option(help="Per-client rate, e.g. '100/s burst 200'.")
+    ] = None,
+    rate_limit_by: Annotated[
+        str, typer.Option(help="Client key of --rate-limit: ip or header:NAME.")
+    ] = "ip",
+    global_rate_limit: Annotated[
+        str | None, typer.Option(help="One rate for all clients together.")
+    ] = None,
+    max_connections: Annotated[
+        int | None, typer.Option(help="Circuit breaker: connections per upstream.")
+    ] = None,
+    max_pending: Annotated[
+        int | None, typer.Option(help="Circuit breaker: connects in progress per upstream.")
+    ] = None,
+    max_requests: Annotated[
+        int | None, typer.Option(help="Circuit breaker: requests in flight per upstream.")
+    ] = None,
+    retry_budget: Annotated[
+        float | None, typer.Option(help="Retries in flight, percent of requests (20).")
+    ] = None,
+    tls_cert: Annotated[str | None, typer.Option(help="TLS certificate chain (PEM).")] = None,
+    tls_key: Annotated[str | None, typer.Option(help="TLS private key (PEM).")] = None,
+    self_signed: Annotated[
+        bool, typer.Option(help="Serve TLS with a fresh self-signed certificate.")
+    ] = False,
+    admin_host: Annotated[str, typer.Option(help="Admin address.")] = "127.0.0.1",
+    admin_port: Annotated[
+        int | None,
+        typer.Option(help="Admin port (/metrics, /status, /purge); worker i uses PORT+i."),
+    ] = None,
+    members_file: Annotated[
+        str | None, typer.Option(help="Follow upstreams listed in this file.")
+    ] = None,
+    members_kv: Annotated[
+        str | None, typer.Option(help="Follow upstreams under a KV prefix (backend URL).")
+    ] = None,
+    members_prefix: Annotated[str | None, typer.Option(help="The KV prefix.")] = None,
+    members_dns: Annotated[
+        str | None, typer.Option(help="Follow every address of NAME, as NAME:PORT.")
+    ] = None,
+) -> None:
+    """Balance HTTP/1.1 requests over upstreams: keep-alive, streaming, WebSocket."""
+    if policy == "round-robin" and hash_on is not None:
+        policy = "consistent-hash"
+    upstream = upstream or []
+    features = Features(
+        health_path=health_path,
+        health_interval=health_interval,
+        health_timeout=health_timeout,
+        healthy_threshold=healthy_threshold,
+        unhealthy_threshold=unhealthy_threshold,
+        passive_health=passive_health,
+        consecutive_5xx=consecutive_5xx,
+        ejection_time=ejection_time,
+        max_ejection_percent=max_ejection_percent,
+        cache_bytes=cache_bytes,
+        cache_entry_bytes=cache_entry_bytes,
+        rate_limit=rate_limit,
+        rate_limit_by=rate_limit_by,
+        global_rate_limit=global_rate_limit,
+        max_connections=max_connections,
+        max_pending=max_pending,
+        max_requests=max_requests,
+        retry_budget=retry_budget,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        admin_host=admin_host,
+        admin_port=admin_port,
+        members_file=members_file,
+        members_kv=members_kv,
+        members_prefix=members_prefix,
+        members_dns=members_dns,
+    )
+    try:
+        if self_signed and tls_cert:
+            raise ValueError("--self-signed and --tls-cert exclude each other")
+        features.check()
+        config = build_config(
+            listen,
+            upstream,
+            policy,
+            hash_on,
+            workers,
+            members=features.members,
+            scheme="https" if tls_cert or self_signed else "http",
+            connect_timeout=connect_timeout,
+            upstream_timeout=upstream_timeout,
+            idle_timeout=idle_timeout,
+            header_timeout=header_timeout,
+            tries=tries,
+            reuse_port=reuse_port,
+        )
+    except ValueError as exc:
+        print(f"podkit lb: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    tls_dir = None
+    if self_signed:
+        tls_dir = tempfile.mkdtemp(prefix="podkit-lb-tls-")
+        from podkit.net.tls import self_signed as make_self_signed
+
+        hosts = ["localhost", "127.0.0.1", *([config.host] if config.host != "0.0.0.0" else [])]
+        cert, key = make_self_signed(tls_dir, list(dict.fromkeys(hosts)))
+        features.tls_cert, features.tls_key = str(cert), str(key)
+    names = ", ".join(parse_upstream(u).name for u in upstream) or "members"
+    print(
+        f"lb: listening on {config.host}:{config.port} ({config.workers} worker"
+        f"{'s' if config.workers != 1 else ''}, {config.policy}) -> {names}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        code = serve(config, features=features if features != Features() else None)
+    except OSError as exc:
+        print(f"podkit lb: cannot listen on {listen}: {exc.strerror or exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    finally:
+        if tls_dir is not None:
+            shutil.rmtree(tls_dir, ignore_errors=True)
+    raise typer.Exit(code)

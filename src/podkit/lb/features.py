@@ -1,0 +1,241 @@
+"""The optional parts of `podkit lb`, assembled per worker from its flags.
+
+`Features` holds the flags; `podkit.lb.workers.serve(config, features=features)` calls
+it in each worker, which gets a `Worker`: its filters (in the order of
+`podkit.lb.filters`), its TLS context, and its background tasks (active health checks,
+membership watchers, certificate reloads, the admin server on `admin_port + index`).
+
+Nothing is installed that no flag asked for: with no feature flag the proxy has no filter
+and its hot path stays as it is. The admin port adds a timing filter (metrics per try).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Coroutine, Sequence
+from dataclasses import asdict, dataclass
+from ssl import SSLContext
+from typing import TYPE_CHECKING, Any
+
+from podkit.lb.admin import AdminServer
+from podkit.lb.breaker import Limits, RetryBudget
+from podkit.lb.cache import ResponseCache
+from podkit.lb.filters import BreakerFilter, CacheFilter, HealthFilter, RateLimitFilter, Timing
+from podkit.lb.health import ActiveCheck, HostHealth, Outliers
+from podkit.lb.hooks import Filter
+from podkit.lb.members import DNSMembers, FileMembers, KVMembers
+from podkit.lb.policy import Upstream
+from podkit.lb.ratelimit import Rate, RateLimiter
+
+if TYPE_CHECKING:
+    from podkit.lb.proxy import LoadBalancer, ProxyConfig
+
+UNLIMITED = 1 << 30
+
+
+def log(message: str) -> None:
+    print(f"lb: {message}", file=sys.stderr, flush=True)
+
+
+def parse_host_port(value: str, flag: str) -> tuple[str, int]:
+    """`NAME:PORT` -> (name, port); ValueError names the flag."""
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{flag} {value!r}: expected NAME:PORT")
+    return host, int(port)
+
+
+@dataclass
+class Features:
+    """The feature flags of `podkit lb` (None or 0: off)."""
+
+    health_path: str | None = None
+    health_interval: float = 5.0
+    health_timeout: float = 1.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    passive_health: bool = False  # outlier ejection even without active checks
+    consecutive_5xx: int = 5
+    consecutive_connect_failures: int = 3
+    ejection_time: float = 30.0
+    max_ejection_percent: float = 10.0
+    cache_bytes: int = 0
+    cache_entry_bytes: int = 1 << 20
+    rate_limit: str | None = None
+    rate_limit_by: str = "ip"
+    global_rate_limit: str | None = None
+    max_connections: int | None = None
+    max_pending: int | None = None
+    max_requests: int | None = None
+    retry_budget: float | None = None  # percent
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None
+    members_file: str | None = None
+    members_kv: str | None = None
+    members_prefix: str | None = None
+    members_dns: str | None = None
+    members_interval: float = 0.25
+
+    def check(self) -> None:
+        """ValueError naming the first bad flag."""
+        rates = (("--rate-limit", self.rate_limit), ("--global-rate-limit", self.global_rate_limit))
+        for flag, text in rates:
+            if text is not None:
+                try:
+                    Rate.parse(text)
+                except ValueError as exc:
+                    raise ValueError(f"{flag}: {exc}") from None
+        try:
+            RateLimiter(by=self.rate_limit_by)
+        except ValueError as exc:
+            raise ValueError(f"--rate-limit-by: {exc}") from None
+        if self.health_path is not None:
+            if not self.health_path.startswith("/"):
+                raise ValueError(f"--health-path {self.health_path!r}: must start with /")
+            try:
+                self.active_check()
+            except ValueError as exc:
+                raise ValueError(f"--health-*: {exc}") from None
+        if self.cache_bytes < 0 or self.cache_entry_bytes <= 0:
+            raise ValueError("--cache-bytes and --cache-entry-bytes must be positive")
+        for name in ("max_connections", "max_pending", "max_requests"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.admin_port is not None and not 0 <= self.admin_port < 65536:
+            raise ValueError(f"--admin-port {self.admin_port}: not a port")
+        if (self.members_kv is None) != (self.members_prefix is None):
+            raise ValueError("--members-kv and --members-prefix go together")
+        if self.members_dns is not None:
+            parse_host_port(self.members_dns, "--members-dns")
+
+    @property
+    def members(self) -> bool:
+        """Whether a membership source is given."""
+        return bool(self.members_file or self.members_kv or self.members_dns)
+
+    def active_check(self) -> ActiveCheck | None:
+        if self.health_path is None:
+            return None
+        return ActiveCheck(
+            self.health_path,
+            self.health_interval,
+            self.health_timeout,
+            self.healthy_threshold,
+            self.unhealthy_threshold,
+        )
+
+    def __call__(self, config: ProxyConfig, index: int) -> Worker:
+        return Worker(self, config, index)
+
+
+class Worker:
+    """One worker's filters, TLS context and background tasks."""
+
+    def __init__(self, features: Features, config: ProxyConfig, index: int = 0) -> None:
+        f = self.features = features
+        self.config = config
+        self.index = index
+        self.lb: LoadBalancer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._kv: KVMembers | None = None
+        self.rate = self.cache = self.health = self.breaker = None
+        self.timing: Timing | None = None
+        self.admin: AdminServer | None = None
+        filters: list[Filter] = []
+        if f.rate_limit or f.global_rate_limit:
+            limiter = RateLimiter(f.rate_limit, f.global_rate_limit, by=f.rate_limit_by)
+            self.rate = RateLimitFilter(limiter)
+            filters.append(self.rate)
+        if f.cache_bytes:
+            self.cache = CacheFilter(ResponseCache(f.cache_bytes, f.cache_entry_bytes))
+            filters.append(self.cache)
+        if f.health_path is not None or f.passive_health:
+            outliers = Outliers(
+                consecutive_5xx=f.consecutive_5xx,
+                consecutive_connect_failures=f.consecutive_connect_failures,
+                base_ejection_time=f.ejection_time,
+                max_ejection_time=max(f.ejection_time, 300.0),
+                max_ejection_percent=f.max_ejection_percent,
+            )
+            self.health = HealthFilter(HostHealth(f.active_check(), outliers), log=log)
+            filters.append(self.health)
+        if f.admin_port is not None:
+            port = f.admin_port + index if f.admin_port else 0
+            self.admin = AdminServer(self, f.admin_host, port)
+            self.timing = Timing(self.admin.metrics.record)
+            filters.append(self.timing)
+        limits = (f.max_connections, f.max_pending, f.max_requests)
+        if any(v is not None for v in limits) or f.retry_budget is not None:
+            mc, mp, mr = (UNLIMITED if v is None else v for v in limits)
+            budget = RetryBudget(percent=20.0 if f.retry_budget is None else f.retry_budget)
+            self.breaker = BreakerFilter(Limits(mc, mp, mr), budget)
+            filters.append(self.breaker)  # last: its admit holds slots (see filters.py)
+        self.filters: Sequence[Filter] = filters
+        self.ssl: SSLContext | None = None
+        self._tls: Any = None
+        if f.tls_cert and f.tls_key:
+            from podkit.net.tls import ReloadingContext
+
+            self._tls = ReloadingContext(f.tls_cert, f.tls_key, log=log)
+            self.ssl = self._tls.context
+
+    def describe(self) -> dict[str, Any]:
+        """The configuration, for /status."""
+        return {"proxy": asdict(self.config), "features": asdict(self.features)}
+
+    def set_members(self, upstreams: list[Upstream]) -> None:
+        """New members: the proxy drains the leavers, health follows the new list."""
+        lb = self.lb
+        if lb is None:
+            return
+        lb.set_upstreams(upstreams)
+        if self.health is not None:
+            self.health.attach(lb)
+        log(f"members: {', '.join(u.name for u in lb.upstreams) or '(none)'}")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(coro))
+
+    async def start(self, lb: LoadBalancer) -> None:
+        """Attach to the worker's proxy and start the background tasks."""
+        self.lb = lb
+        f = self.features
+        if self.health is not None:
+            self.health.attach(lb)
+            self._spawn(self.health.run())
+        if f.members_file:
+            watcher = FileMembers(
+                f.members_file, self.set_members, interval=f.members_interval, log=log
+            )
+            watcher.check()
+            self._spawn(watcher.run())
+        if f.members_kv and f.members_prefix:
+            self._kv = KVMembers(f.members_kv, f.members_prefix, self.set_members, log=log)
+            self._spawn(self._kv.run())
+        if f.members_dns:
+            name, port = parse_host_port(f.members_dns, "--members-dns")
+            dns = DNSMembers(name, port, self.set_members, interval=max(1.0, f.members_interval))
+            self._spawn(dns.run())
+        if self._tls is not None:
+            self._spawn(self._tls.run())
+        if self.admin is not None:
+            await self.admin.start()
+            log(f"admin on http://{self.admin.host}:{self.admin.port} (worker {self.index})")
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._kv is not None:
+            await self._kv.close()
+        if self.admin is not None:
+            await self.admin.close()

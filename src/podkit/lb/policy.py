@@ -1,0 +1,277 @@
+"""Balancing policies: which upstream gets the next request.
+
+Every policy answers `pick(head, client, exclude)`: an available upstream not in `exclude`
+(the ones a retry already tried), or None. An upstream is available when it is ready,
+not ejected and not draining (`Upstream.available`); health checks and outlier ejection
+flip that flag, the policies only read it.
+
+- `RoundRobin`: the next available upstream in turn.
+- `Weighted`: smooth weighted round-robin (nginx's): weight 3 gets 3 of every 4 picks
+  beside a weight 1, interleaved rather than in bursts.
+- `LeastRequests`: power of two choices: two upstreams at random, the one with fewer
+  requests in flight (per unit of weight) wins. Near-best balance, O(1), no herding.
+- `ConsistentHash`: a hash ring keyed on a header, a cookie or the client IP. Each upstream
+  owns `160 * weight` points placed by hashing its own name, so a replica that leaves
+  moves only the keys it owned (to the next points on the ring) and one that joins takes
+  only keys from its neighbours. A key on an unavailable upstream walks on to the next
+  available one, and comes back when the upstream does.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import random
+from collections.abc import Iterable
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from podkit.net.http import RequestHead
+from podkit.net.pool import ConnectionPool
+
+
+class Upstream:
+    """One replica behind the balancer."""
+
+    __slots__ = ("available", "current", "host", "inflight", "name", "pool", "port", "weight")
+
+    def __init__(self, host: str, port: int, weight: int = 1) -> None:
+        if weight < 1:
+            raise ValueError(f"upstream {host}:{port}: weight must be >= 1, got {weight}")
+        self.host = host
+        self.port = port
+        self.weight = weight
+        self.name = f"{host}:{port}"
+        self.inflight = 0  # requests sent and not yet answered
+        self.available = True  # ready, not ejected, not draining
+        self.current = 0  # smooth weighted round-robin state
+        self.pool: ConnectionPool[Any] | None = None  # the proxy's, once it serves
+
+    def __repr__(self) -> str:
+        w = f" weight={self.weight}" if self.weight != 1 else ""
+        return f"<Upstream {self.name}{w}{'' if self.available else ' unavailable'}>"
+
+
+def parse_upstream(spec: str) -> Upstream:
+    """`http://host:port`, `host:port`, with an optional `,weight=N` (or `*N`)."""
+    weight = 1
+    text = spec.strip()
+    if "," in text:
+        text, _, opt = text.partition(",")
+        key, _, value = opt.partition("=")
+        if key.strip() != "weight" or not value.strip().isdigit():
+            raise ValueError(f"upstream {spec!r}: expected URL or URL,weight=N")
+        weight = int(value)
+    elif "*" in text:
+        text, _, value = text.rpartition("*")
+        if not value.isdigit():
+            raise ValueError(f"upstream {spec!r}: expected URL*N for a weight")
+        weight = int(value)
+    if "://" not in text:
+        text = "http://" + text
+    url = urlsplit(text)
+    if url.scheme != "http":
+        raise ValueError(f"upstream {spec!r}: only http:// upstreams are supported")
+    if url.path not in ("", "/") or url.query:
+        raise ValueError(f"upstream {spec!r}: a path or query is not supported")
+    try:
+        port = url.port or 80
+    except ValueError:
+        raise ValueError(f"upstream {spec!r}: invalid port") from None
+    if not url.hostname:
+        raise ValueError(f"upstream {spec!r}: no host")
+    return Upstream(url.hostname, port, weight)
+
+
+class Policy(Protocol):
+    name: str
+
+    def set_upstreams(self, upstreams: list[Upstream]) -> None: ...
+
+    def pick(
+        self, head: RequestHead, client: str, exclude: set[Upstream] | None = None
+    ) -> Upstream | None: ...
+
+
+class RoundRobin:
+    name = "round-robin"
+
+    def __init__(self, upstreams: Iterable[Upstream] = ()) -> None:
+        self.upstreams: list[Upstream] = []
+        self._next = 0
+        self.set_upstreams(list(upstreams))
+
+    def set_upstreams(self, upstreams: list[Upstream]) -> None:
+        self.upstreams = list(upstreams)
+        self._next = 0
+
+    def pick(
+        self, head: RequestHead, client: str, exclude: set[Upstream] | None = None
+    ) -> Upstream | None:
+        ups = self.upstreams
+        n = len(ups)
+        i = self._next
+        for _ in range(n):
+            if i >= n:
+                i = 0
+            u = ups[i]
+            i += 1
+            if u.available and (exclude is None or u not in exclude):
+                self._next = i
+                return u
+        return None
+
+
+class Weighted(RoundRobin):
+    """Smooth weighted round-robin."""
+
+    name = "weighted"
+
+    def pick(
+        self, head: RequestHead, client: str, exclude: set[Upstream] | None = None
+    ) -> Upstream | None:
+        best: Upstream | None = None
+        total = 0
+        for u in self.upstreams:
+            if not u.available or (exclude is not None and u in exclude):
+                continue
+            u.current += u.weight
+            total += u.weight
+            if best is None or u.current > best.current:
+                best = u
+        if best is not None:
+            best.current -= total
+        return best
+
+
+class LeastRequests(RoundRobin):
+    """Power of two choices on requests in flight per unit of weight."""
+
+    name = "least-requests"
+
+    def __init__(
+        self, upstreams: Iterable[Upstream] = (), rng: random.Random | None = None
+    ) -> None:
+        self._rand = (rng or random.Random()).random
+        super().__init__(upstreams)
+
+    def pick(
+        self, head: RequestHead, client: str, exclude: set[Upstream] | None = None
+    ) -> Upstream | None:
+        ups = self.upstreams
+        n = len(ups)
+        rand = self._rand
+        if n > 2:  # fast path: two distinct random candidates, both usable
+            a = ups[int(rand() * n)]
+            b = ups[int(rand() * (n - 1))]
+            if b is a:
+                b = ups[n - 1]
+            if (
+                a.available
+                and b.available
+                and (exclude is None or (a not in exclude and b not in exclude))
+            ):
+                return a if a.inflight * b.weight <= b.inflight * a.weight else b
+        cands = [u for u in ups if u.available and (exclude is None or u not in exclude)]
+        if len(cands) <= 2:
+            if not cands:
+                return None
+            if len(cands) == 1:
+                return cands[0]
+            a, b = cands
+        else:
+            a, b = random.sample(cands, 2)
+        return a if a.inflight * b.weight <= b.inflight * a.weight else b
+
+
+def _hash64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+class ConsistentHash:
+    """A hash ring keyed on `header:NAME`, `cookie:NAME` or `ip` (the client address).
+
+    A request without the header or cookie falls back to the client address.
+    """
+
+    name = "consistent-hash"
+    POINTS = 160  # per unit of weight
+
+    def __init__(self, upstreams: Iterable[Upstream] = (), on: str = "ip") -> None:
+        kind, _, arg = on.partition(":")
+        kind = kind.strip().lower()
+        if kind not in ("header", "cookie", "ip") or (kind != "ip" and not arg.strip()):
+            raise ValueError(f"--hash-on {on!r}: expected header:NAME, cookie:NAME or ip")
+        self.kind = kind
+        self.key_name = arg.strip().lower().encode()
+        self.upstreams: list[Upstream] = []
+        self._points: list[int] = []
+        self._owners: list[Upstream] = []
+        self.set_upstreams(list(upstreams))
+
+    def set_upstreams(self, upstreams: list[Upstream]) -> None:
+        self.upstreams = list(upstreams)
+        ring: list[tuple[int, str, Upstream]] = []
+        for u in self.upstreams:
+            for i in range(self.POINTS * u.weight):
+                ring.append((_hash64(f"{u.name}#{i}".encode()), u.name, u))
+        ring.sort(key=lambda p: (p[0], p[1]))
+        self._points = [p[0] for p in ring]
+        self._owners = [p[2] for p in ring]
+
+    def key(self, head: RequestHead, client: str) -> bytes:
+        if self.kind == "header":
+            value = head.header(self.key_name)
+            if value is not None:
+                return value
+        elif self.kind == "cookie":
+            cookies = head.header(b"cookie")
+            if cookies is not None:
+                want = self.key_name
+                for part in cookies.split(b";"):
+                    k, _, v = part.partition(b"=")
+                    if k.strip().lower() == want:
+                        return v.strip()
+        return client.encode()
+
+    def owner(self, key: bytes, exclude: set[Upstream] | None = None) -> Upstream | None:
+        """The available upstream owning `key` on the ring."""
+        points = self._points
+        n = len(points)
+        if not n:
+            return None
+        owners = self._owners
+        i = bisect.bisect_left(points, _hash64(key))
+        seen: set[Upstream] = set()
+        for j in range(n):
+            u = owners[(i + j) % n]
+            if u.available and (exclude is None or u not in exclude):
+                return u
+            seen.add(u)
+            if len(seen) == len(self.upstreams):
+                break
+        return None
+
+    def pick(
+        self, head: RequestHead, client: str, exclude: set[Upstream] | None = None
+    ) -> Upstream | None:
+        return self.owner(self.key(head, client), exclude)
+
+
+POLICIES = ("round-robin", "weighted", "least-requests", "consistent-hash")
+
+
+def make_policy(name: str, upstreams: list[Upstream], hash_on: str | None = None) -> Policy:
+    """The policy called `name` over `upstreams`."""
+    if name == "round-robin":
+        # With unequal weights round-robin is the weighted kind.
+        if any(u.weight != 1 for u in upstreams):
+            return Weighted(upstreams)
+        return RoundRobin(upstreams)
+    if name == "weighted":
+        return Weighted(upstreams)
+    if name == "least-requests":
+        return LeastRequests(upstreams)
+    if name == "consistent-hash":
+        return ConsistentHash(upstreams, hash_on or "ip")
+    raise ValueError(f"unknown policy {name!r}: choose one of {', '.join(POLICIES)}")

@@ -1,0 +1,190 @@
+"""Rate limits for the load balancer: token buckets per client key and a global one, sans-IO.
+
+    limiter = RateLimiter("100/s burst 200", global_rate="5000/s", by="ip", clock=clock)
+
+    retry_after = limiter.check(limiter.key(client_ip, request_headers))
+    if retry_after:                      # refused: answer 429 with Retry-After: retry_after
+        ...
+
+API:
+- `Rate.parse(text) -> Rate`: "<count>/<unit>[ burst <n>]", unit s, m, h or d (also
+  second, minute, hour, day); "100/s burst 200", "600/m". The burst (bucket size)
+  defaults to one second's worth of tokens, at least 1. A malformed text raises
+  ValueError naming it.
+- `TokenBucket(rate, now)`: `take(now, cost=1.0) -> float` (0.0 when taken, else the
+  seconds until it could be), `give(cost)`.
+- `RateLimiter(rate=None, global_rate=None, by="ip", clock=None, max_keys=65536)`:
+  `check(key) -> int` (0: admitted; else Retry-After seconds, an integer >= 1, rounded
+  up), `key(client_ip, headers) -> str | bytes`, `len()`, and counters `admitted`,
+  `limited`, `evicted`.
+
+A bucket holds at most `burst` tokens and refills at `per_second` by elapsed clock time,
+so over any span t a key is admitted at most `per_second * t + burst` times. A request
+must pass its key's bucket and then the global one; a refused request takes no token
+from either. `by` is "ip" or "header:<name>" (requests without that header are keyed by
+their IP). The table of buckets is bounded: when it is full, buckets that have refilled
+completely are dropped (a new bucket is full too, so nothing changes), and if that frees
+too little the least recently used are dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+from podkit.clock import Clock, SystemClock
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_RATE = re.compile(
+    r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)s?"
+    r"(?:\s+burst\s+(\d+))?\s*",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """Tokens per second and the bucket size."""
+
+    per_second: float
+    burst: float
+
+    def __post_init__(self) -> None:
+        if not self.per_second > 0 or not self.burst >= 1:
+            raise ValueError(f"a rate needs per_second > 0 and burst >= 1, not {self!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        """A rate from "100/s burst 200", "600/m", "10/h"..."""
+        match = _RATE.fullmatch(text)
+        if match is None:
+            raise ValueError(
+                f"rate {text!r}: expected '<count>/<s|m|h|d>[ burst <n>]', e.g. '100/s burst 200'"
+            )
+        count, unit, burst = match.groups()
+        per_second = float(count) / _UNITS[unit[0].lower()]
+        if per_second <= 0:
+            raise ValueError(f"rate {text!r}: the count must be positive")
+        return cls(per_second, float(burst) if burst else max(1.0, per_second))
+
+
+class TokenBucket:
+    """`burst` tokens at most, refilled at `per_second`."""
+
+    __slots__ = ("burst", "per_second", "stamp", "tokens")
+
+    def __init__(self, rate: Rate, now: float) -> None:
+        self.per_second = rate.per_second
+        self.burst = rate.burst
+        self.tokens = rate.burst
+        self.stamp = now
+
+    def _refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.per_second)
+            self.stamp = now
+
+    def take(self, now: float, cost: float = 1.0) -> float:
+        """Take `cost` tokens: 0.0 when taken, else the seconds until they would be there."""
+        self._refill(now)
+        if self.tokens >= cost:
+            self.tokens -= cost
+            return 0.0
+        return (cost - self.tokens) / self.per_second
+
+    def give(self, cost: float = 1.0) -> None:
+        """Return tokens taken for a request that was refused later on."""
+        self.tokens = min(self.burst, self.tokens + cost)
+
+    def full(self, now: float) -> bool:
+        """Whether the bucket has refilled completely by `now`."""
+        return self.tokens + (now - self.stamp) * self.per_second >= self.burst
+
+
+def _seconds(wait: float) -> int:
+    """Whole seconds for Retry-After, rounded up, at least 1 (float noise is not a second)."""
+    return max(1, math.ceil(wait - 1e-9))
+
+
+class RateLimiter:
+    """Token buckets per key plus an optional global bucket; `check` says 0 or Retry-After."""
+
+    def __init__(
+        self,
+        rate: Rate | str | None = None,
+        global_rate: Rate | str | None = None,
+        by: str = "ip",
+        clock: Clock | None = None,
+        max_keys: int = 65536,
+    ) -> None:
+        self.rate = Rate.parse(rate) if isinstance(rate, str) else rate
+        self.global_rate = Rate.parse(global_rate) if isinstance(global_rate, str) else global_rate
+        if by == "ip":
+            self._header: bytes | None = None
+        elif by.startswith("header:") and by[7:].strip():
+            self._header = by[7:].strip().lower().encode("latin-1")
+        else:
+            raise ValueError(f"rate limit key {by!r}: expected 'ip' or 'header:<name>'")
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
+        self.clock: Clock = clock or SystemClock()
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[Hashable, TokenBucket] = OrderedDict()
+        self._global = TokenBucket(self.global_rate, self.clock.now()) if self.global_rate else None
+        self.admitted = 0
+        self.limited = 0
+        self.evicted = 0  # buckets dropped before they had refilled (table full of active keys)
+
+    def key(self, client_ip: str, headers: Sequence[tuple[bytes, bytes]]) -> str | bytes:
+        """The key a request is limited by: its header value when keyed by a header, else IP."""
+        name = self._header
+        if name is not None:
+            size = len(name)
+            for k, v in headers:
+                if len(k) == size and k.lower() == name:
+                    return v
+        return client_ip
+
+    def check(self, key: Hashable) -> int:
+        """0 when the request is admitted, else the Retry-After seconds (>= 1)."""
+        now = self.clock.now()
+        bucket = None
+        if self.rate is not None:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._new_bucket(key, self.rate, now)
+            else:
+                self._buckets.move_to_end(key)
+            wait = bucket.take(now)
+            if wait:
+                self.limited += 1
+                return _seconds(wait)
+        if self._global is not None:
+            wait = self._global.take(now)
+            if wait:
+                if bucket is not None:
+                    bucket.give()
+                self.limited += 1
+                return _seconds(wait)
+        self.admitted += 1
+        return 0
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _new_bucket(self, key: Hashable, rate: Rate, now: float) -> TokenBucket:
+        buckets = self._buckets
+        if len(buckets) >= self.max_keys:
+            # Full buckets behave as new ones: dropping them changes nothing. Free at least
+            # an eighth of the table each time, so sweeps stay rare (amortised O(1)).
+            for k in [k for k, b in buckets.items() if b.full(now)]:
+                del buckets[k]
+            target = self.max_keys - max(1, self.max_keys // 8)
+            while len(buckets) > target:
+                buckets.popitem(last=False)
+                self.evicted += 1
+        bucket = buckets[key] = TokenBucket(rate, now)
+        return bucket

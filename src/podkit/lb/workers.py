@@ -1,0 +1,151 @@
+"""Worker processes: N copies of the proxy sharing one port through SO_REUSEPORT.
+
+With `workers == 1` the proxy runs in this process. With more, this process becomes a
+small supervisor: it checks that the port can be bound (so a mistake is reported once,
+clearly), forks the workers (each binds its own SO_REUSEPORT socket, so the kernel spreads
+new connections across them), restarts a worker that dies, and on SIGTERM or SIGINT
+passes the signal on and waits for the workers to drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import wait
+from ssl import SSLContext
+from typing import Protocol
+
+from podkit.aio import run_async
+from podkit.lb.hooks import Filter
+from podkit.lb.proxy import LoadBalancer, ProxyConfig, listen_socket
+
+FilterFactory = Callable[[ProxyConfig], Sequence[Filter]]
+
+
+class WorkerFeatures(Protocol):
+    """What one worker adds to its proxy: filters, a TLS context, background tasks."""
+
+    filters: Sequence[Filter]
+    ssl: SSLContext | None
+
+    async def start(self, lb: LoadBalancer) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+FeaturesFactory = Callable[[ProxyConfig, int], WorkerFeatures]  # (config, worker index)
+
+
+async def run_worker(
+    config: ProxyConfig,
+    filters: FilterFactory | None = None,
+    grace: float = 5.0,
+    sock: socket.socket | None = None,
+    features: FeaturesFactory | None = None,
+    index: int = 0,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain for up to `grace` seconds."""
+    extra = features(config, index) if features else None
+    chain = [*(filters(config) if filters else ()), *(extra.filters if extra else ())]
+    lb = LoadBalancer(config, filters=chain)
+    await lb.start(sock, ssl=extra.ssl if extra else None)
+    if extra is not None:
+        await extra.start(lb)
+    # What exists now lives as long as the worker: keep it out of the collector's scans,
+    # so a full collection never walks the CLI's modules in the middle of requests.
+    gc.collect()
+    gc.freeze()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await lb.close(grace)
+    if extra is not None:
+        await extra.close()
+
+
+def _worker_main(
+    config: ProxyConfig,
+    filters: FilterFactory | None,
+    sock: socket.socket | None,
+    features: FeaturesFactory | None = None,
+    index: int = 0,
+) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM stops us
+    with contextlib.suppress(KeyboardInterrupt):
+        run_async(run_worker(config, filters, sock=sock, features=features, index=index))
+
+
+def serve(
+    config: ProxyConfig,
+    filters: FilterFactory | None = None,
+    features: FeaturesFactory | None = None,
+) -> int:
+    """Run `config.workers` proxies on the port until signalled; return an exit code.
+    `features(config, i)` is called in worker i (0-based) to add its filters and tasks."""
+    if config.workers <= 1:
+        run_async(run_worker(config, filters, features=features))
+        return 0
+    shared: socket.socket | None = None
+    if config.reuse_port:
+        probe = listen_socket(config.host, config.port, True, 1)  # fail early, in one place
+        probe.close()
+    else:  # one socket made here, inherited by every worker (one accept queue)
+        shared = listen_socket(config.host, config.port, False, config.backlog)
+    ctx = multiprocessing.get_context("fork")
+    procs: list[multiprocessing.process.BaseProcess] = []
+    stopping = False
+
+    def start(i: int) -> multiprocessing.process.BaseProcess:
+        p = ctx.Process(
+            target=_worker_main,
+            args=(config, filters, shared, features, i),
+            name=f"lb-worker-{i}",
+        )
+        p.start()
+        return p
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    procs.extend(start(i) for i in range(config.workers))
+    restarts: list[float] = []
+    while True:
+        live = [p for p in procs if p.exitcode is None]
+        if not live:
+            break
+        wait([p.sentinel for p in live], timeout=1.0)
+        if stopping:
+            continue
+        for i, p in enumerate(procs):
+            if p.exitcode is not None:
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < 10] + [now]
+                print(
+                    f"lb: worker {i} (pid {p.pid}) exited with {p.exitcode}; restarting",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if len(restarts) > 5 * config.workers:
+                    print("lb: workers keep dying; giving up", file=sys.stderr, flush=True)
+                    on_signal(signal.SIGTERM, None)
+                    break
+                time.sleep(0.1)
+                procs[i] = start(i)
+    return 0

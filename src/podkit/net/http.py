@@ -1,0 +1,579 @@
+"""Sans-IO HTTP/1.1 over httptools: bytes in, callbacks (or events) out, errors with a status.
+
+Two parsers, one for each side of a proxy:
+
+- `RequestParser` reads what a client sends (server side): pipelined requests on one
+  keep-alive connection, bodies by Content-Length or chunked, handed over piece by piece as
+  they arrive (never buffered whole), and an Upgrade (WebSocket) hand-off.
+- `ResponseParser` reads what an upstream answers (client side): the same framing, plus
+  interim 1xx responses, bodies that run until the connection closes, and responses to HEAD.
+
+Each parser calls a handler (`RequestHandler` / `ResponseHandler`) as the message goes by;
+`feed(data)` returns the bytes that follow an accepted Upgrade (the start of the tunnel),
+otherwise None. The only exception `feed` raises for bad input is `HTTPError`, which
+carries the status to answer (400 malformed, 414 request target too long, 431 headers too
+large, 501 unsupported transfer coding) and a sentence naming what was wrong. After an
+`HTTPError` the connection must be closed: its byte stream can no longer be trusted.
+
+Smuggling defences: a request carrying both Content-Length and Transfer-Encoding, two
+different Content-Lengths, a Transfer-Encoding other than a final `chunked`, obs-folded
+headers or bare LF line endings are all refused (llhttp's strict mode, checked again here).
+
+`ServerConnection` wraps `RequestParser` in the h11 style (`receive_data` / `next_event`)
+for tests and tools; the proxy uses the callbacks directly, which allocate less.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httptools
+
+# Limits (bytes) a parser enforces unless given others.
+MAX_TARGET = 8 * 1024
+MAX_HEAD = 32 * 1024  # request/status line plus all header lines
+MAX_HEADERS = 100
+
+REASONS: dict[int, bytes] = {
+    100: b"Continue",
+    101: b"Switching Protocols",
+    200: b"OK",
+    204: b"No Content",
+    304: b"Not Modified",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+# Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection, never forwarded as is.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+class HTTPError(Exception):
+    """Bad input: answer `status` with `detail`, then close the connection."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"{status} {REASONS.get(status, b'').decode()}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """A request line and its headers, as the client sent them.
+
+    Treat it as read-only: a proxy may share one RequestHead between requests whose heads
+    are the same bytes (see `podkit.lb.proxy`)."""
+
+    method: bytes
+    target: bytes
+    version: str  # "1.1" or "1.0"
+    headers: list[tuple[bytes, bytes]]  # every header, names as sent
+    keep_alive: bool = True
+    content_length: int | None = None
+    chunked: bool = False
+    upgrade: bytes | None = None  # the Upgrade header's value when the request upgrades
+    connection: frozenset[bytes] = frozenset()  # lowercased tokens of Connection headers
+    # A proxy's rewritten head for this request, up to where X-Forwarded-* go (its cache).
+    forward_prefix: bytes | None = None
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first header called `name` (lowercase), or None."""
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """A status line and its headers, as the upstream sent them."""
+
+    status: int
+    reason: bytes
+    version: str
+    headers: list[tuple[bytes, bytes]]
+    keep_alive: bool = True
+    content_length: int | None = None
+    chunked: bool = False
+    connection: frozenset[bytes] = frozenset()
+    until_close: bool = False  # no length and no chunking: the body ends when the peer closes
+    no_body: bool = False  # 1xx, 204, 304, or the answer to HEAD
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+
+class RequestHandler(Protocol):
+    def on_request(self, head: RequestHead) -> None: ...
+
+    def on_body(self, data: bytes) -> None: ...
+
+    def on_request_end(self) -> None: ...
+
+
+class ResponseHandler(Protocol):
+    def on_response(self, head: ResponseHead) -> None: ...
+
+    def on_body(self, data: bytes) -> None: ...
+
+    def on_response_end(self) -> None: ...
+
+
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
+def _split_tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+class _Headers:
+    """Header bookkeeping shared by both parsers (sizes, framing headers)."""
+
+    __slots__ = (
+        "_connection",
+        "_content_length",
+        "_error",
+        "_head_size",
+        "_headers",
+        "_in_head",
+        "_max_head",
+        "_max_headers",
+        "_pending",
+        "_te",
+    )
+
+    def __init__(self, max_head: int, max_headers: int) -> None:
+        self._max_head = max_head
+        self._max_headers = max_headers
+        self._error: HTTPError | None = None
+        self._in_head = False
+        self._pending = 0  # bytes fed while a head was incomplete (slow or huge heads)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._content_length: int | None = None
+        self._te: list[bytes] | None = None
+        self._connection: list[bytes] | None = None
+
+    def _fail(self, status: int, detail: str) -> None:
+        self._error = HTTPError(status, detail)
+        raise self._error
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        headers = self._headers
+        if self._head_size > self._max_head:
+            self._fail(431, f"request headers larger than {self._max_head} bytes")
+        if len(headers) >= self._max_headers:
+            self._fail(431, f"more than {self._max_headers} header fields")
+        headers.append((name, value))
+        n = len(name)
+        if n == 14 or n == 17 or n == 10:  # content-length, transfer-encoding, connection
+            lname = name.lower()
+            if lname == b"content-length":
+                value = value.strip()
+                if not value.isdigit() or len(value) > 18:
+                    self._fail(400, f"invalid Content-Length {value[:40]!r}")
+                length = int(value)
+                if self._content_length is not None and self._content_length != length:
+                    self._fail(400, "two different Content-Length headers")
+                self._content_length = length
+            elif lname == b"transfer-encoding":
+                if self._te is None:
+                    self._te = []
+                self._te.extend(_split_tokens(value))
+            elif lname == b"connection":
+                if self._connection is None:
+                    self._connection = []
+                self._connection.extend(_split_tokens(value))
+
+    def _framing(self) -> bool:
+        """Check Content-Length against Transfer-Encoding; return whether the body is chunked."""
+        te = self._te
+        if te is None:
+            return False
+        if self._content_length is not None:
+            self._fail(400, "both Content-Length and Transfer-Encoding (request smuggling)")
+        if not te or te[-1] != b"chunked":
+            self._fail(501, f"unsupported Transfer-Encoding {b', '.join(te)!r}")
+        if len(te) > 1:
+            self._fail(501, f"unsupported Transfer-Encoding {b', '.join(te)!r}")
+        return True
+
+    def _translate(self, exc: httptools.HttpParserError) -> HTTPError:
+        """The HTTPError for a parser error (ours, raised in a callback, or llhttp's)."""
+        if self._error is not None:
+            return self._error
+        ctx = exc.__context__
+        if ctx is not None and not isinstance(ctx, HTTPError):
+            raise ctx  # a bug in a handler: surface it, do not disguise it as bad input
+        reason = str(exc.args[0]) if exc.args else type(exc).__name__
+        if "Content-Length" in reason and "Transfer-Encoding" in reason:
+            reason += " (request smuggling)"
+        self._error = HTTPError(400, f"malformed HTTP: {reason}")
+        return self._error
+
+
+class RequestParser(_Headers):
+    """Parse requests from a client and call `handler` as they go by."""
+
+    __slots__ = ("_handler", "_parser", "_target", "_upgraded", "max_target")
+
+    def __init__(
+        self,
+        handler: RequestHandler,
+        *,
+        max_target: int = MAX_TARGET,
+        max_head: int = MAX_HEAD,
+        max_headers: int = MAX_HEADERS,
+    ) -> None:
+        super().__init__(max_head, max_headers)
+        self._handler = handler
+        self.max_target = max_target
+        self._target = b""
+        self._upgraded = False
+        self._parser = httptools.HttpRequestParser(self)
+
+    @property
+    def in_head(self) -> bool:
+        """True while a request head has started and is not complete."""
+        return self._in_head
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Parse `data`; return the tunnel's first bytes after an Upgrade, else None."""
+        if self._error is not None:
+            raise self._error
+        if self._upgraded:
+            raise RuntimeError("the connection was upgraded: its bytes are no longer HTTP")
+        was_in_head = self._in_head
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgraded = True
+            return data[exc.args[0] :]
+        except httptools.HttpParserError as exc:
+            raise self._translate(exc) from None
+        if was_in_head and self._in_head:
+            self._pending += len(data)
+            if self._pending > self._max_head:
+                self._fail(431, f"request head larger than {self._max_head} bytes")
+        return None
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._pending = 0
+        self._target = b""
+        self._headers = []
+        self._head_size = 0
+        self._content_length = None
+        self._te = None
+        self._connection = None
+
+    def on_url(self, url: bytes) -> None:
+        target = self._target + url if self._target else url
+        if len(target) > self.max_target:
+            self._fail(414, f"request target longer than {self.max_target} bytes")
+        self._target = target
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        p = self._parser
+        method: bytes = p.get_method()
+        chunked = False if self._te is None else self._framing()
+        upgrade: bytes | None = None
+        if p.should_upgrade():
+            if method == b"CONNECT":
+                self._fail(405, "CONNECT is not supported: this is a reverse proxy")
+            upgrade = self._find(b"upgrade") or b""
+        conn = self._connection
+        self._handler.on_request(
+            RequestHead(
+                method,
+                self._target,
+                p.get_http_version(),
+                self._headers,
+                p.should_keep_alive(),
+                self._content_length,
+                chunked,
+                upgrade,
+                _NO_TOKENS if conn is None else frozenset(conn),
+            )
+        )
+
+    def _find(self, lname: bytes) -> bytes | None:
+        for k, v in self._headers:
+            if k.lower() == lname:
+                return v
+        return None
+
+    def on_body(self, body: bytes) -> None:
+        self._handler.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._handler.on_request_end()
+
+
+class ResponseParser(_Headers):
+    """Parse responses from an upstream and call `handler` as they go by.
+
+    Call `expect(method)` before each response with the method of the request it answers.
+    A response to HEAD ends at its head; the connection it came on should not be reused
+    (llhttp cannot be told to skip the body a HEAD response announces).
+    """
+
+    __slots__ = ("_handler", "_head_request", "_parser", "_reason", "_upgraded")
+
+    def __init__(
+        self, handler: ResponseHandler, *, max_head: int = 64 * 1024, max_headers: int = 200
+    ) -> None:
+        super().__init__(max_head, max_headers)
+        self._handler = handler
+        self._head_request = False
+        self._reason = b""
+        self._upgraded = False
+        self._parser = httptools.HttpResponseParser(self)
+
+    def expect(self, method: bytes) -> None:
+        self._head_request = method == b"HEAD"
+
+    @property
+    def in_head(self) -> bool:
+        return self._in_head
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Parse `data`; return the tunnel's first bytes after a 101, else None."""
+        if self._error is not None:
+            raise self._error
+        if self._upgraded:
+            return None  # after a HEAD answer or a 101 nothing more is parsed here
+        was_in_head = self._in_head
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgraded = True
+            return data[exc.args[0] :]
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _Stop):
+                return None  # the answer to HEAD is complete; the rest is ignored
+            raise self._translate(exc) from None
+        if was_in_head and self._in_head:
+            self._pending += len(data)
+            if self._pending > self._max_head:
+                self._fail(502, f"response head larger than {self._max_head} bytes")
+        return None
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._pending = 0
+        self._reason = b""
+        self._reset()
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        p = self._parser
+        status: int = p.get_status_code()
+        chunked = self._framing()
+        no_body = status < 200 or status == 204 or status == 304 or self._head_request
+        conn = self._connection
+        head = ResponseHead(
+            status,
+            self._reason,
+            p.get_http_version(),
+            self._headers,
+            p.should_keep_alive(),
+            self._content_length,
+            chunked,
+            frozenset(conn) if conn else frozenset(),
+            not no_body and not chunked and self._content_length is None,
+            no_body,
+        )
+        if self._head_request and status >= 200:
+            # The body announced is not coming; this connection's parser is now out of step.
+            head.keep_alive = False
+            self._handler.on_response(head)
+            self._handler.on_response_end()
+            self._head_request = False
+            self._upgraded = True  # nothing more is parsed on this connection
+            raise _Stop
+        self._handler.on_response(head)
+
+    def on_body(self, body: bytes) -> None:
+        self._handler.on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._parser.get_status_code() >= 200 or self._parser.should_upgrade():
+            self._handler.on_response_end()
+
+    def _translate(self, exc: httptools.HttpParserError) -> HTTPError:
+        err = super()._translate(exc)
+        if err.status == 400:  # an upstream speaking bad HTTP is a bad gateway
+            err = self._error = HTTPError(502, f"upstream sent {err.detail}")
+        return err
+
+
+class _Stop(Exception):
+    """Raised inside a callback to stop llhttp (used after a HEAD response)."""
+
+
+# --- h11-style events over RequestParser, for tests and simple servers ----------------
+
+
+@dataclass(slots=True)
+class Data:
+    data: bytes
+
+
+@dataclass(slots=True)
+class EndOfMessage:
+    pass
+
+
+@dataclass(slots=True)
+class Tunnel:
+    """The request upgraded; `data` is what followed its head."""
+
+    data: bytes
+
+
+Event = RequestHead | ResponseHead | Data | EndOfMessage | Tunnel
+
+
+@dataclass
+class _Collector:
+    events: deque[Event] = field(default_factory=deque)
+
+    def on_request(self, head: RequestHead) -> None:
+        self.events.append(head)
+
+    def on_response(self, head: ResponseHead) -> None:
+        self.events.append(head)
+
+    def on_body(self, data: bytes) -> None:
+        self.events.append(Data(data))
+
+    def on_request_end(self) -> None:
+        self.events.append(EndOfMessage())
+
+    def on_response_end(self) -> None:
+        self.events.append(EndOfMessage())
+
+
+class ServerConnection:
+    """The server side of one connection: `receive_data(bytes)`, then `next_event()`.
+
+    Events: `RequestHead`, `Data` (body pieces), `EndOfMessage`, `Tunnel` (after an
+    Upgrade, every later byte comes as a `Tunnel` event); None when more bytes are needed.
+    `receive_data` raises `HTTPError` on bad input.
+    """
+
+    def __init__(self, **limits: int) -> None:
+        self._collector = _Collector()
+        self._parser = RequestParser(self._collector, **limits)
+        self._tunnel = False
+
+    def receive_data(self, data: bytes) -> None:
+        if self._tunnel:  # after an upgrade every byte belongs to the tunnel
+            self._collector.events.append(Tunnel(data))
+            return
+        tunnel = self._parser.feed(data)
+        if tunnel is not None:
+            self._tunnel = True
+            self._collector.events.append(Tunnel(tunnel))
+
+    def next_event(self) -> Event | None:
+        events = self._collector.events
+        return events.popleft() if events else None
+
+
+class ClientConnection:
+    """The client side of one connection: `expect(method)`, `receive_data`, `next_event`."""
+
+    def __init__(self) -> None:
+        self._collector = _Collector()
+        self._parser = ResponseParser(self._collector)
+        self._tunnel = False
+
+    def expect(self, method: bytes) -> None:
+        self._parser.expect(method)
+
+    def receive_data(self, data: bytes) -> None:
+        if self._tunnel:  # after an upgrade every byte belongs to the tunnel
+            self._collector.events.append(Tunnel(data))
+            return
+        tunnel = self._parser.feed(data)
+        if tunnel is not None:
+            self._tunnel = True
+            self._collector.events.append(Tunnel(tunnel))
+
+    def next_event(self) -> Event | None:
+        events = self._collector.events
+        return events.popleft() if events else None
+
+
+# --- writing ---------------------------------------------------------------------------
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def simple_response(
+    status: int,
+    body: bytes,
+    *,
+    content_type: bytes = b"text/plain; charset=utf-8",
+    close: bool = False,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> bytes:
+    """A complete response with a Content-Length body (error pages, local answers)."""
+    lines = [
+        b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b"Unknown")),
+        b"Content-Type: %b\r\nContent-Length: %d\r\n" % (content_type, len(body)),
+    ]
+    for k, v in headers or ():
+        lines.append(b"%b: %b\r\n" % (k, v))
+    if close:
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    lines.append(body)
+    return b"".join(lines)

@@ -1,0 +1,732 @@
+"""The proxy on real sockets: aiohttp backends behind a LoadBalancer in the test's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from podkit.lb.hooks import BaseFilter
+from podkit.lb.policy import Upstream, parse_upstream
+from podkit.lb.proxy import Exchange, LoadBalancer, ProxyConfig
+from support import free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass
+class Backend:
+    name: str
+    port: int = 0
+    runner: web.AppRunner | None = None
+    seen: list[dict[str, str]] = field(default_factory=list)
+    upload_started: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    connections: set[Any] = field(default_factory=set)
+    delay: float = 0.0  # seconds /name waits before answering (a slow replica)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def make_app(b: Backend) -> web.Application:
+    async def name(request: web.Request) -> web.Response:
+        if b.delay:
+            await asyncio.sleep(b.delay)
+        b.seen.append(dict(request.headers))
+        if request.transport is not None:
+            b.connections.add(request.transport)
+        return web.Response(text=b.name, headers={"X-Backend": b.name})
+
+    async def echo_headers(request: web.Request) -> web.Response:
+        return web.json_response(dict(request.headers))
+
+    async def upload(request: web.Request) -> web.Response:
+        h = hashlib.sha256()
+        n = 0
+        async for piece in request.content.iter_any():
+            if n == 0:
+                b.upload_started.set()
+            h.update(piece)
+            n += len(piece)
+        return web.json_response({"bytes": n, "sha256": h.hexdigest()})
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        size = int(request.query.get("n", "1000000"))
+        wait = request.query.get("wait") == "1"
+        resp = web.StreamResponse()
+        await resp.prepare(request)  # chunked
+        piece = b"z" * 65536
+        sent = 0
+        while sent < size:
+            part = piece[: min(len(piece), size - sent)]
+            await resp.write(part)
+            sent += len(part)
+            if wait and sent >= 65536 and not b.release.is_set():
+                await b.release.wait()  # the client must see the start before the rest
+        await resp.write_eof()
+        return resp
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("s", "5")))
+        return web.Response(text="late")
+
+    async def status(request: web.Request) -> web.Response:
+        return web.Response(status=int(request.match_info["code"]), text="x")
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        async for msg in sock:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await sock.send_str(f"{b.name}:{msg.data}")
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await sock.send_bytes(msg.data[::-1])
+        return sock
+
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_get("/name", name)
+    app.router.add_route("*", "/headers", echo_headers)
+    app.router.add_post("/upload", upload)
+    app.router.add_get("/download", download)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/status/{code}", status)
+    app.router.add_get("/ws", ws)
+    return app
+
+
+async def start_backend(name: str, port: int = 0) -> Backend:
+    b = Backend(name)
+    runner = web.AppRunner(make_app(b), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    b.runner = runner
+    b.port = runner.addresses[0][1]
+    return b
+
+
+@asynccontextmanager
+async def cluster(
+    n: int = 3, **config: Any
+) -> AsyncIterator[tuple[LoadBalancer, list[Backend], str]]:
+    backends = [await start_backend(f"b{i}") for i in range(n)]
+    filters = config.pop("filters", ())
+    cfg = ProxyConfig(upstreams=[b.url for b in backends], port=0, tick=0.05, **config)
+    lb = LoadBalancer(cfg, filters=filters)
+    await lb.start()
+    try:
+        yield lb, backends, f"http://127.0.0.1:{lb.port}"
+    finally:
+        await lb.close(grace=0.5)
+        for b in backends:
+            if b.runner is not None:
+                await b.runner.cleanup()
+
+
+async def raw(port: int, data: bytes, read_until_close: bool = True, timeout: float = 5) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        if read_until_close:
+            return await asyncio.wait_for(reader.read(-1), timeout)
+        return await asyncio.wait_for(reader.read(65536), timeout)
+    finally:
+        writer.close()
+
+
+async def get(session: aiohttp.ClientSession, url: str, **kw: Any) -> tuple[int, str]:
+    async with session.get(url, **kw) as resp:
+        return resp.status, await resp.text()
+
+
+# --- basics -------------------------------------------------------------------------
+
+
+async def test_round_robin_over_keep_alive_connections() -> None:
+    async with cluster(3) as (lb, backends, url):
+        conn = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=conn) as s:
+            bodies = [(await get(s, url + "/name"))[1] for _ in range(30)]
+        assert Counter(bodies) == {"b0": 10, "b1": 10, "b2": 10}
+        # one client connection, and each backend saw a single pooled connection
+        assert all(len(b.connections) == 1 for b in backends)
+        assert all(u.pool is not None and u.pool.opened == 1 for u in lb.upstreams)
+
+
+async def test_forwarded_headers_and_hop_by_hop_removal() -> None:
+    async with cluster(1) as (_, _, url), aiohttp.ClientSession() as s:
+        headers = {
+            "X-Forwarded-For": "203.0.113.7",
+            "X-Forwarded-Proto": "https",
+            "Connection": "keep-alive, X-Secret",
+            "X-Secret": "drop me",
+            "Keep-Alive": "timeout=5",
+            "X-Kept": "yes",
+        }
+        async with s.get(url + "/headers", headers=headers) as resp:
+            seen = await resp.json()
+    assert seen["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
+    assert seen["X-Forwarded-Proto"] == "http"
+    assert seen["X-Kept"] == "yes"
+    assert "X-Secret" not in seen and "Keep-Alive" not in seen
+    assert seen.get("Connection", "").lower() not in ("keep-alive, x-secret",)
+
+
+async def test_pipelined_requests_answer_in_order() -> None:
+    async with cluster(3) as (lb, _, _url):
+        reqs = b"".join(
+            b"GET /name HTTP/1.1\r\nHost: x\r\n%b\r\n"
+            % (b"Connection: close\r\n" if i == 5 else b"")
+            for i in range(6)
+        )
+        out = await raw(lb.port, reqs)
+    assert out.count(b"HTTP/1.1 200 OK") == 6
+    # bodies are b0 b1 b2 b0 b1 b2, in that order
+    assert [out.split(b"\r\n\r\n")[i + 1][:2] for i in range(6)] == [
+        b"b0",
+        b"b1",
+        b"b2",
+        b"b0",
+        b"b1",
+        b"b2",
+    ]
+
+
+async def test_http10_client_and_head_request() -> None:
+    async with cluster(1) as (lb, _, _):
+        out = await raw(lb.port, b"GET /name HTTP/1.0\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"b0")
+        out = await raw(lb.port, b"HEAD /name HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"\r\n\r\n")
+        # a chunked answer to an HTTP/1.0 client: no chunking, closed at the end
+        out = await raw(lb.port, b"GET /download?n=100000 HTTP/1.0\r\n\r\n")
+        head, _, body = out.partition(b"\r\n\r\n")
+        assert b"chunked" not in head.lower() and len(body) == 100_000
+
+
+async def test_status_codes_pass_through() -> None:
+    async with cluster(1) as (_, _, url), aiohttp.ClientSession() as s:
+        for code in (201, 404, 500, 503):
+            assert (await get(s, f"{url}/status/{code}"))[0] == code
+
+
+# --- bad input ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n", 400),
+        (b"NOT HTTP AT ALL\r\n\r\n", 400),
+        (
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\n\r\n",
+            400,
+        ),
+        (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n", 431),
+        (b"GET /" + b"a" * 9_000 + b" HTTP/1.1\r\n\r\n", 414),
+    ],
+)
+async def test_bad_requests_get_their_status_and_a_close(request_bytes: bytes, status: int) -> None:
+    async with cluster(1) as (lb, _backends, _):
+        out = await raw(lb.port, request_bytes)
+        assert out.startswith(b"HTTP/1.1 %d " % status), out[:200]
+        assert b"Connection: close" in out
+        assert b"podkit lb:" in out
+        # the smuggled request never reached the backend, and the proxy still serves
+        out = await raw(lb.port, b"GET /name HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert out.endswith(b"b0")
+
+
+async def test_a_bad_request_after_a_good_one_is_answered_in_order() -> None:
+    async with cluster(1) as (lb, _, _):
+        out = await raw(lb.port, b"GET /name HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\x01\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200")
+    _first, _, rest = out.partition(b"\r\n\r\nb0")
+    assert rest.startswith(b"HTTP/1.1 400") and b"Invalid method" in rest
+
+
+async def test_idle_and_slow_clients_time_out() -> None:
+    async with cluster(1, idle_timeout=0.3, header_timeout=0.3) as (lb, _, _):
+        start = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+        assert await asyncio.wait_for(reader.read(), 3) == b""  # idle: closed
+        assert time.monotonic() - start < 2
+        writer.close()
+        # slow loris: a head that trickles in gets 408, though bytes keep coming
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+        writer.write(b"GET / HTTP/1.1\r\n")
+        for _ in range(10):
+            await asyncio.sleep(0.1)
+            try:
+                writer.write(b"X-A: b\r\n")
+            except ConnectionError:
+                break
+        out = await asyncio.wait_for(reader.read(), 3)
+        assert out.startswith(b"HTTP/1.1 408"), out
+        writer.close()
+
+
+# --- failures -----------------------------------------------------------------------
+
+
+async def test_a_dead_upstream_gives_502_with_a_clear_body() -> None:
+    port = free_port()
+    lb = LoadBalancer(ProxyConfig(upstreams=[f"http://127.0.0.1:{port}"], port=0, tick=0.05))
+    await lb.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            code, body = await get(s, f"http://127.0.0.1:{lb.port}/x")
+        assert code == 502
+        assert f"127.0.0.1:{port}" in body and "could not be reached" in body
+    finally:
+        await lb.close(0.1)
+
+
+async def test_a_dead_upstream_among_live_ones_costs_no_request() -> None:
+    async with cluster(2) as (lb, _backends, url):
+        dead = parse_upstream(f"http://127.0.0.1:{free_port()}")
+        lb.set_upstreams([*lb.upstreams, dead])
+        async with aiohttp.ClientSession() as s:
+            results = [await get(s, url + "/name") for _ in range(30)]
+        assert all(code == 200 for code, _ in results)
+        assert {body for _, body in results} == {"b0", "b1"}
+
+
+async def test_no_available_upstream_gives_503() -> None:
+    async with cluster(2) as (lb, _, url):
+        for u in lb.upstreams:
+            u.available = False
+        async with aiohttp.ClientSession() as s:
+            code, body = await get(s, url + "/name")
+    assert code == 503 and "no upstream available (2 configured, 0 available)" in body
+
+
+async def test_a_silent_upstream_gives_504() -> None:
+    async with cluster(1, upstream_timeout=0.3) as (_, _, url), aiohttp.ClientSession() as s:
+        code, body = await get(s, url + "/slow?s=3")
+    assert code == 504 and "did not answer within 0.3 s" in body
+
+
+async def raw_backend(answer: bytes) -> tuple[asyncio.Server, int]:
+    """A backend that reads a request head, sends `answer`, and closes."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_an_upstream_dying_mid_answer_cuts_the_client_off() -> None:
+    server, port = await raw_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 10)
+    lb = LoadBalancer(ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0))
+    await lb.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with s.get(f"http://127.0.0.1:{lb.port}/") as resp:
+                    assert resp.status == 200
+                    await resp.read()
+    finally:
+        await lb.close(0.1)
+        server.close()
+
+
+async def test_an_upstream_closing_before_answering_gives_502() -> None:
+    server, port = await raw_backend(b"")
+    lb = LoadBalancer(ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0))
+    await lb.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            code, body = await get(s, f"http://127.0.0.1:{lb.port}/")
+            assert code == 502 and "closed the connection before answering" in body
+            async with s.post(f"http://127.0.0.1:{lb.port}/", data=b"x") as resp:
+                assert resp.status == 502  # not retried: a POST may have had effects
+        assert lb.upstreams[0].inflight == 0
+    finally:
+        await lb.close(0.1)
+        server.close()
+
+
+async def test_an_invalid_upstream_answer_gives_502() -> None:
+    server, port = await raw_backend(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n")
+    lb = LoadBalancer(ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0, tries=1))
+    await lb.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            code, body = await get(s, f"http://127.0.0.1:{lb.port}/")
+        assert code == 502 and "invalid response" in body
+    finally:
+        await lb.close(0.1)
+        server.close()
+
+
+# --- streaming ----------------------------------------------------------------------
+
+
+async def test_a_large_upload_streams_through() -> None:
+    async with cluster(1) as (_, backends, url):
+        b = backends[0]
+        total = 24 * 1024 * 1024
+        piece = os.urandom(256 * 1024)
+        h = hashlib.sha256()
+
+        async def body() -> AsyncIterator[bytes]:
+            sent = 0
+            while sent < total:
+                if sent == 4 * len(piece):
+                    # the backend has the start before the rest is even produced:
+                    # the proxy did not wait for the whole body
+                    await asyncio.wait_for(b.upload_started.wait(), 5)
+                h.update(piece)
+                yield piece
+                sent += len(piece)
+
+        async with aiohttp.ClientSession() as s, s.post(url + "/upload", data=body()) as resp:
+            result = await resp.json()
+    assert result == {"bytes": total, "sha256": h.hexdigest()}
+
+
+async def test_a_large_download_streams_through() -> None:
+    async with cluster(1) as (_, backends, url):
+        b = backends[0]
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + "/download?n=20000000&wait=1") as resp:
+                first = await asyncio.wait_for(resp.content.readexactly(65536), 5)
+                assert first == b"z" * 65536  # arrived while the backend holds the rest
+                b.release.set()
+                n = len(first)
+                async for piece in resp.content.iter_any():
+                    n += len(piece)
+            assert n == 20_000_000
+            # the same keep-alive connection works afterwards
+            assert (await get(s, url + "/name"))[1] == "b0"
+
+
+async def test_a_slow_reader_holds_the_upstream_back() -> None:
+    """Backpressure: with a client that stops reading, the proxy does not buffer it all."""
+    async with cluster(1) as (lb, _backends, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+        writer.write(b"GET /download?n=200000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await reader.read(1000)
+        await asyncio.sleep(0.5)  # the client reads nothing more
+        client = next(iter(lb.clients))
+        transport = client.transport
+        assert transport is not None
+        assert transport.get_write_buffer_size() < 8 * 1024 * 1024
+        writer.close()
+
+
+# --- WebSocket ----------------------------------------------------------------------
+
+
+async def test_websocket_upgrade_tunnel() -> None:
+    async with cluster(2) as (lb, _, url), aiohttp.ClientSession() as s:
+        async with s.ws_connect(url + "/ws") as ws:
+            await ws.send_str("hello")
+            msg = await ws.receive(timeout=5)
+            assert msg.type == aiohttp.WSMsgType.TEXT
+            who, _, text = msg.data.partition(":")
+            assert who in ("b0", "b1") and text == "hello"
+            await ws.send_bytes(b"\x00\x01\x02" * 50_000)
+            msg = await ws.receive(timeout=5)
+            assert msg.data == (b"\x00\x01\x02" * 50_000)[::-1]
+        assert all(u.inflight == 0 for u in lb.upstreams)
+
+
+async def test_upgrade_refused_by_the_upstream_is_forwarded() -> None:
+    async with cluster(1) as (lb, _, _):
+        out = await raw(
+            lb.port,
+            b"GET /name HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+    assert out.startswith(b"HTTP/1.1 200") and b"Connection: close" in out
+
+
+# --- policies through the proxy -----------------------------------------------------
+
+
+async def test_weighted_distribution() -> None:
+    backends = [await start_backend(f"w{i}") for i in range(2)]
+    cfg = ProxyConfig(
+        upstreams=[backends[0].url + ",weight=3", backends[1].url], port=0, policy="weighted"
+    )
+    lb = LoadBalancer(cfg)
+    await lb.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            bodies = [(await get(s, f"http://127.0.0.1:{lb.port}/name"))[1] for _ in range(40)]
+        assert Counter(bodies) == {"w0": 30, "w1": 10}
+    finally:
+        await lb.close(0.1)
+        for b in backends:
+            assert b.runner is not None
+            await b.runner.cleanup()
+
+
+async def test_least_requests_avoids_the_busy_upstream() -> None:
+    async with cluster(2, policy="least-requests") as (lb, _, url):
+        async with aiohttp.ClientSession() as s:
+            busy = lb.upstreams[0]
+            busy.inflight += 100  # as if 100 requests were stuck there
+            bodies = [(await get(s, url + "/name"))[1] for _ in range(20)]
+            busy.inflight -= 100
+        assert Counter(bodies) == {"b1": 20}
+
+
+async def test_a_slow_replica_loses_traffic_under_least_requests() -> None:
+    async with cluster(2, policy="least-requests") as (_, backends, url):
+        backends[0].delay = 0.05
+        counts: Counter[str] = Counter()
+        stop = asyncio.Event()
+        async with aiohttp.ClientSession() as s:
+
+            async def client() -> None:
+                while not stop.is_set():
+                    counts[(await get(s, url + "/name"))[1]] += 1
+
+            tasks = [asyncio.create_task(client()) for _ in range(8)]
+            await asyncio.sleep(1.0)
+            stop.set()
+            await asyncio.gather(*tasks)
+        # round-robin would give the slow one half; least-requests gives it a trickle
+        assert counts["b1"] > 4 * counts["b0"], counts
+
+
+async def test_consistent_hash_keeps_sessions_when_another_replica_leaves() -> None:
+    async with cluster(4, policy="consistent-hash", hash_on="header:X-Session") as (
+        lb,
+        _,
+        url,
+    ):
+        async with aiohttp.ClientSession() as s:
+
+            async def where(key: str) -> str:
+                return (await get(s, url + "/name", headers={"X-Session": key}))[1]
+
+            keys = [f"user-{i}" for i in range(60)]
+            before = {k: await where(k) for k in keys}
+            assert len(set(before.values())) == 4
+            assert [await where(k) for k in keys[:10]] == [before[k] for k in keys[:10]]
+            leaving = lb.upstreams[1]
+            leaving_name = "b1"
+            lb.set_upstreams([u for u in lb.upstreams if u is not leaving])
+            after = {k: await where(k) for k in keys}
+        moved = {k for k in keys if before[k] != after[k]}
+        assert moved == {k for k in keys if before[k] == leaving_name}
+        assert all(after[k] != leaving_name for k in keys)
+
+
+# --- the pipeline hook points -------------------------------------------------------
+
+
+class Recorder(BaseFilter):
+    def __init__(self) -> None:
+        self.done: list[tuple[str, int | None, str | None]] = []
+
+    def on_request(self, ex: Exchange) -> bytes | Awaitable[bytes | None] | None:
+        if ex.head.target == b"/limited":
+            return b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n"
+        if ex.head.target == b"/wait-then-answer":
+            return self.later(b"HTTP/1.1 200 OK\r\nX-Cache: HIT\r\nContent-Length: 3\r\n\r\nhit")
+        if ex.head.target == b"/name?wait":
+            return self.later(None)
+        return None
+
+    async def later(self, answer: bytes | None) -> bytes | None:
+        await asyncio.sleep(0.05)  # like a request coalesced onto a cache fill
+        return answer
+
+    def admit(self, ex: Exchange, upstream: Upstream) -> bool:
+        return upstream.name.endswith(str(self.allowed_port))
+
+    def on_done(
+        self, ex: Exchange, upstream: Upstream, status: int | None, error: str | None
+    ) -> None:
+        self.done.append((upstream.name, status, error))
+
+    allowed_port = 0
+
+
+async def test_filters_answer_locally_admit_and_observe() -> None:
+    rec = Recorder()
+    async with cluster(2, filters=[rec]) as (_lb, backends, url):
+        rec.allowed_port = backends[1].port
+        async with aiohttp.ClientSession() as s:
+            assert (await get(s, url + "/limited"))[0] == 429
+            assert await get(s, url + "/wait-then-answer") == (200, "hit")
+            bodies = [(await get(s, url + "/name"))[1] for _ in range(3)]
+            bodies.append((await get(s, url + "/name?wait"))[1])
+        assert bodies == ["b1"] * 4  # the breaker-like admit refused b0
+        assert rec.done == [(f"127.0.0.1:{backends[1].port}", 200, None)] * 4
+
+
+# --- the command --------------------------------------------------------------------
+
+
+async def test_podkit_lb_command_with_two_workers() -> None:
+    backends = [await start_backend(f"c{i}") for i in range(2)]
+    port = free_port()
+    cmd = [sys.executable, "-m", "podkit", "lb", "--listen", f"127.0.0.1:{port}", "--workers", "2"]
+    for b in backends:
+        cmd += ["--upstream", b.url]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    try:
+        async with aiohttp.ClientSession() as s:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    _code, _ = await get(s, f"http://127.0.0.1:{port}/name")
+                    break
+                except aiohttp.ClientError:
+                    assert time.monotonic() < deadline, "podkit lb did not start"
+                    await asyncio.sleep(0.1)
+            results = await asyncio.gather(
+                *[get(s, f"http://127.0.0.1:{port}/name") for _ in range(40)]
+            )
+        assert {body for _, body in results} == {"c0", "c1"}
+        assert all(code == 200 for code, _ in results)
+        workers = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(workers) >= 2
+    finally:
+        proc.terminate()
+        _, err = await asyncio.to_thread(proc.communicate, timeout=10)
+        for b in backends:
+            assert b.runner is not None
+            await b.runner.cleanup()
+    assert proc.returncode == 0, err.decode()
+    assert b"2 workers" in err
+
+
+def test_podkit_lb_flags_are_checked() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "podkit", "lb", "--upstream", "ftp://x:1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2 and "only http:// upstreams" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "podkit", "lb", "--upstream", "x:1", "--policy", "random"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2 and "choose one of" in out.stderr
+
+
+# --- faults ---------------------------------------------------------------------------
+
+
+async def test_kill_9_of_a_replica_under_load_fails_no_get() -> None:
+    app = Path(__file__).resolve().parents[1] / "apps" / "web.py"
+    ports = [free_port() for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(app), "127.0.0.1", str(p)],
+            env={**os.environ, "POD_NAME": f"r{i}"},
+        )
+        for i, p in enumerate(ports)
+    ]
+    lb = LoadBalancer(ProxyConfig(upstreams=[f"127.0.0.1:{p}" for p in ports], port=0))
+    await lb.start()
+    url = f"http://127.0.0.1:{lb.port}/"
+    try:
+        async with aiohttp.ClientSession() as s:
+            deadline = time.monotonic() + 10
+            while {(await get(s, url))[1] for _ in range(6)} != {"r0", "r1", "r2"}:
+                assert time.monotonic() < deadline, "replicas did not start"
+                await asyncio.sleep(0.1)
+            results: Counter[str] = Counter()
+            stop = asyncio.Event()
+
+            async def client() -> None:
+                while not stop.is_set():
+                    code, body = await get(s, url)
+                    results[body if code == 200 else f"HTTP {code}"] += 1
+
+            tasks = [asyncio.create_task(client()) for _ in range(16)]
+            await asyncio.sleep(0.5)
+            procs[1].kill()  # kill -9 in the middle of the load
+            await asyncio.sleep(1.0)
+            stop.set()
+            await asyncio.gather(*tasks)
+        assert all(k in ("r0", "r1", "r2") for k in results), results
+        assert results["r0"] > 50 and results["r2"] > 50
+    finally:
+        await lb.close(0.1)
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+async def test_random_bytes_never_take_the_proxy_down() -> None:
+    rng = random.Random(5)
+    async with cluster(1) as (lb, _, url):
+        for i in range(60):
+            blob = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 400)))
+            if i % 3 == 0:  # a valid start, then garbage
+                blob = b"GET / HTTP/1.1\r\nHost: x\r\n" + blob
+            reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+            writer.write(blob)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            writer.write_eof()
+            out = await asyncio.wait_for(reader.read(), 5)
+            assert out == b"" or out.startswith(b"HTTP/1.1 ")
+            writer.close()
+        async with aiohttp.ClientSession() as s:
+            assert await get(s, url + "/name") == (200, "b0")
+        assert all(u.inflight == 0 for u in lb.upstreams)
+
+
+async def test_repeated_heads_are_remembered_and_still_correct() -> None:
+    async with cluster(2) as (lb, _, _):
+        req = b"GET /headers HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.1\r\n\r\n"
+        plain = b"GET /name HTTP/1.1\r\nHost: x\r\n\r\n"
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+        bodies = []
+        for data in (plain, plain, req, req, plain):
+            writer.write(data)  # one request per read: each may be remembered
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            bodies.append(await reader.readexactly(length))
+        assert bodies[0:2] == [b"b0", b"b1"] and bodies[4] == b"b0"  # still round-robin
+        for body in bodies[2:4]:  # still X-Forwarded-For with this client appended
+            assert b'"X-Forwarded-For": "198.51.100.1, 127.0.0.1"' in body
+        assert plain in lb.request_heads and req in lb.request_heads
+        # a remembered head that asks to close still closes
+        close = b"GET /name HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        for _ in range(2):
+            out = await raw(lb.port, close)
+            assert out.startswith(b"HTTP/1.1 200") and b"Connection: close" in out
+        assert close in lb.request_heads
+        # bad bytes are never remembered: each time they get their 400
+        bad = b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n"
+        for _ in range(2):
+            assert (await raw(lb.port, bad)).startswith(b"HTTP/1.1 400")
+        assert bad not in lb.request_heads
+        writer.close()

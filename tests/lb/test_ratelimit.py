@@ -1,0 +1,153 @@
+"""Token buckets per key and global: rates, Retry-After, bounded tables."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from podkit.clock import ManualClock
+from podkit.lb.ratelimit import Rate, RateLimiter
+
+
+def test_rates_parse_from_text() -> None:
+    assert Rate.parse("100/s burst 200") == Rate(100.0, 200.0)
+    assert Rate.parse("600/m") == Rate(10.0, 10.0)  # burst: one second's worth
+    assert Rate.parse("  30 / minute ") == Rate(0.5, 1.0)  # at least one token
+    assert Rate.parse("7200/h burst 5") == Rate(2.0, 5.0)
+    assert Rate.parse("86400/day") == Rate(1.0, 1.0)
+    assert Rate.parse("2.5/S") == Rate(2.5, 2.5)
+
+
+@pytest.mark.parametrize("text", ["", "100", "100/x", "0/s", "-1/s", "10/s burst", "s/10", "1/s 2"])
+def test_malformed_rates_are_refused_with_the_text(text: str) -> None:
+    with pytest.raises(ValueError, match="rate"):
+        Rate.parse(text)
+
+
+async def test_burst_then_refusal_with_retry_after_rounded_up() -> None:
+    clock = ManualClock()
+    limiter = RateLimiter("2/s burst 4", clock=clock)
+    assert [limiter.check("1.2.3.4") for _ in range(4)] == [0, 0, 0, 0]
+    assert limiter.check("1.2.3.4") == 1  # half a second to the next token, rounded up
+    await clock.advance(0.5)
+    assert limiter.check("1.2.3.4") == 0
+    assert limiter.check("1.2.3.4") == 1
+    slow = RateLimiter("1/m", clock=clock)
+    assert slow.check("k") == 0
+    assert slow.check("k") == 60
+    await clock.advance(59)
+    assert slow.check("k") == 1
+    await clock.advance(1)
+    assert slow.check("k") == 0
+    assert (limiter.admitted, limiter.limited) == (5, 2)
+
+
+async def test_each_key_has_its_own_bucket() -> None:
+    limiter = RateLimiter("1/s", clock=ManualClock())
+    assert limiter.check("a") == 0
+    assert limiter.check("a") > 0
+    assert limiter.check("b") == 0
+
+
+async def test_global_bucket_caps_all_keys_and_refusals_cost_nothing() -> None:
+    clock = ManualClock()
+    limiter = RateLimiter("2/s", global_rate="3/s", clock=clock)
+    results = [limiter.check(k) for k in ("a", "a", "b", "b")]
+    assert results[:3] == [0, 0, 0] and results[3] >= 1  # the 4th is over the global rate
+    await clock.advance(1 / 3)  # one global token back; b's bucket still has one
+    assert limiter.check("b") == 0
+    only_global = RateLimiter(global_rate="1/s", clock=clock)
+    assert [only_global.check(k) for k in "xyz"] == [0, 1, 1]
+
+
+def test_keys_from_ip_or_header() -> None:
+    by_ip = RateLimiter("1/s")
+    assert by_ip.key("10.0.0.1", [(b"X-Api-Key", b"k1")]) == "10.0.0.1"
+    by_header = RateLimiter("1/s", by="header:X-Api-Key")
+    assert by_header.key("10.0.0.1", [(b"x-api-key", b"k1")]) == b"k1"
+    assert by_header.key("10.0.0.1", [(b"Other", b"v")]) == "10.0.0.1"
+    with pytest.raises(ValueError, match="header"):
+        RateLimiter("1/s", by="cookie")
+
+
+async def test_table_stays_bounded_and_drops_refilled_buckets_first() -> None:
+    clock = ManualClock()
+    limiter = RateLimiter("1/s burst 5", clock=clock, max_keys=8)
+    for n in range(7):
+        limiter.check(f"idle-{n}")
+    await clock.advance(10)  # the idle buckets have refilled: as good as new
+    for _ in range(5):
+        assert limiter.check("heavy") == 0
+    assert limiter.check("heavy") > 0
+    for n in range(6):  # the table is full: the refilled buckets make room
+        limiter.check(f"new-{n}")
+    assert len(limiter) <= 8
+    assert limiter.evicted == 0  # only full buckets were dropped
+    assert limiter.check("heavy") > 0  # its empty bucket was kept
+    for n in range(10_000):
+        limiter.check(f"flood-{n}")
+    assert len(limiter) <= 8
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.sampled_from(["1/s burst 1", "5/s burst 10", "100/m", "3/s burst 3"]),
+    st.lists(st.floats(0, 2, allow_nan=False), min_size=1, max_size=80),
+    st.lists(st.sampled_from("ab"), min_size=80, max_size=80),
+)
+def test_never_admits_more_than_rate_times_t_plus_burst(
+    text: str, gaps: list[float], keys: list[str]
+) -> None:
+    rate = Rate.parse(text)
+    global_rate = Rate(rate.per_second * 1.5, rate.burst + 1)
+
+    async def run() -> dict[str, list[float]]:
+        clock = ManualClock()
+        limiter = RateLimiter(rate, global_rate=global_rate, clock=clock)
+        admitted: dict[str, list[float]] = {"a": [], "b": [], "all": []}
+        for gap, key in zip(gaps, keys, strict=False):
+            await clock.advance(gap)
+            retry_after = limiter.check(key)
+            if not retry_after:
+                admitted[key].append(clock.now())
+                admitted["all"].append(clock.now())
+            else:
+                assert isinstance(retry_after, int) and retry_after >= 1
+        return admitted
+
+    admitted = asyncio.run(run())
+    for name, times in admitted.items():
+        r = global_rate if name == "all" else rate
+        for i in range(len(times)):  # every window [times[i], times[j]]
+            for j in range(i, len(times)):
+                count = j - i + 1
+                assert count <= r.per_second * (times[j] - times[i]) + r.burst + 1e-9
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.integers(1, 500),
+    st.sampled_from(["s", "m", "h"]),
+    st.integers(1, 20),
+    st.floats(0, 5, allow_nan=False),
+)
+def test_retry_after_is_the_wait_rounded_up(
+    count: int, unit: str, burst: int, pause: float
+) -> None:
+    async def run() -> None:
+        clock = ManualClock()
+        limiter = RateLimiter(f"{count}/{unit} burst {burst}", clock=clock)
+        while limiter.check("k") == 0:
+            pass
+        await clock.advance(pause)
+        retry_after = limiter.check("k")
+        if retry_after:
+            await clock.advance(retry_after - 1)
+            assert retry_after == 1 or limiter.check("k") > 0  # not a second too early
+            await clock.advance(1)
+            assert limiter.check("k") == 0  # and enough
+
+    asyncio.run(run())
