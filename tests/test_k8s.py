@@ -154,6 +154,26 @@ pods:
     containers: [{name: run, command: [true]}]
 services:
   - {name: api, port: 9000, pods: api, target: http, host: 127.0.0.9, policy: round-robin}
+  - name: edge
+    port: 9443
+    pods: api
+    target: http
+    lb:
+      policy: consistent-hash
+      hash_on: cookie:session
+      workers: 3
+      tries: 4
+      health: {path: /ping, interval: 2.5, timeout: 0.7, healthy_threshold: 4,
+               unhealthy_threshold: 6}
+      cache: {max_bytes: 5000000, max_entry_bytes: 70000}
+      rate_limit: {rate: 50/s burst 80, by: "header:X-Key", global: 900/s}
+      tls: {cert: certs/edge.crt, key: certs/edge.key}
+      admin_port: 9901
+  - name: dev
+    port: 9444
+    pods: api
+    target: 8080
+    lb: {tls: {self_signed: true}}
 """
 
 
@@ -195,10 +215,18 @@ def test_every_spec_field_appears_in_the_output() -> None:
     hpa = obj(objs, "HorizontalPodAutoscaler", "crunch")
     scaler = container(objs, "Deployment", "crunch-scaler", "scaler")
     api_pod = obj(objs, sts, "api")["spec"]["template"]["spec"]
+    edge_lb = obj(objs, "Deployment", "edge-lb")
+    edge_pod = edge_lb["spec"]["template"]["spec"]
+    edge_lb_c = container(objs, "Deployment", "edge-lb", "lb")
+    lb_args = edge_lb_c["args"]
+
+    def flag(name: str) -> str | None:
+        return lb_args[lb_args.index(name) + 1] if name in lb_args else None
+
     ready, live = app["readinessProbe"], app["livenessProbe"]
     checks: dict[str, bool] = {
-        "pods": len(workloads(objs)) == 4,  # api, crunch, once and crunch's scaler
-        "services": len(kinds(objs, "Service")) == 3,  # api, api-pods (headless), scaler
+        "pods": len(workloads(objs)) == 6,  # api, crunch, once, crunch's scaler, 2 lbs
+        "services": len(kinds(objs, "Service")) == 5,  # api, edge, dev, api-pods, scaler
         "name": obj(objs, sts, "api")["metadata"]["labels"]["app.kubernetes.io/instance"] == "sink",
         "image": probe_exec["image"] == "registry.example/sink:7",
         "backends": env_of(work)["PODKIT_BACKEND_LOCKS"]
@@ -266,6 +294,36 @@ def test_every_spec_field_appears_in_the_output() -> None:
         "services[].target": obj(objs, "Service", "api")["spec"]["ports"][0]["targetPort"]
         == "http",
         "services[].host": any(w.startswith("services.0.host") for w in warnings),
+        "services[].lb": edge_lb["spec"]["replicas"] == 2
+        and obj(objs, "Service", "edge")["spec"]["selector"]["app.kubernetes.io/name"] == "edge-lb"
+        and flag("--members-dns") == "api-pods:8080"
+        and flag("--listen") == "0.0.0.0:9443",
+        "services[].lb.policy": flag("--policy") == "consistent-hash",
+        "services[].lb.hash_on": flag("--hash-on") == "cookie:session",
+        "services[].lb.workers": flag("--workers") == "3",
+        "services[].lb.tries": flag("--tries") == "4",
+        "services[].lb.health": "--health-path" in lb_args,
+        "services[].lb.health.path": flag("--health-path") == "/ping",
+        "services[].lb.health.interval": flag("--health-interval") == "2.5",
+        "services[].lb.health.timeout": flag("--health-timeout") == "0.7",
+        "services[].lb.health.healthy_threshold": flag("--healthy-threshold") == "4",
+        "services[].lb.health.unhealthy_threshold": flag("--unhealthy-threshold") == "6",
+        "services[].lb.cache": "--cache-bytes" in lb_args,
+        "services[].lb.cache.max_bytes": flag("--cache-bytes") == "5000000",
+        "services[].lb.cache.max_entry_bytes": flag("--cache-entry-bytes") == "70000",
+        "services[].lb.rate_limit": "--rate-limit" in lb_args,
+        "services[].lb.rate_limit.rate": flag("--rate-limit") == "50/s burst 80",
+        "services[].lb.rate_limit.by": flag("--rate-limit-by") == "header:X-Key",
+        "services[].lb.rate_limit.global": flag("--global-rate-limit") == "900/s",
+        "services[].lb.tls": edge_pod["volumes"]
+        == [{"name": "tls", "secret": {"secretName": "edge-tls"}}],
+        "services[].lb.tls.cert": flag("--tls-cert") == "/etc/podkit/tls/tls.crt"
+        and any("kubectl create secret tls edge-tls --cert certs/edge.crt" in w for w in warnings),
+        "services[].lb.tls.key": flag("--tls-key") == "/etc/podkit/tls/tls.key",
+        "services[].lb.tls.self_signed": "--self-signed"
+        in container(objs, "Deployment", "dev-lb", "lb")["args"],
+        "services[].lb.admin_port": flag("--admin-port") == "9901"
+        and edge_lb_c["ports"][1] == {"name": "admin", "containerPort": 9901, "protocol": "TCP"},
         "services[].policy": obj(objs, "Service", "api")["spec"].get("sessionAffinity") is None,
     }
     assert sorted(set(FIELDS) - set(checks)) == [], "a field without a check"
@@ -300,7 +358,9 @@ def test_fields_that_cannot_be_rendered_are_refused(
         c = data["pods"][0]["containers"][0]
         c["ports"] = {value: 8080}
         c["readiness"]["http"]["port"] = value
-        data["services"][0]["target"] = value
+        for svc in data["services"]:
+            if svc["target"] == "http":
+                svc["target"] = value
     with pytest.raises(RenderError) as info:
         render(parse_spec(yaml.safe_dump(data)), RenderOptions())
     hits = [p for p in info.value.problems if ".".join(map(str, p.loc)).startswith(field)]

@@ -92,7 +92,8 @@ FIELDS: dict[str, str] = {
     "pods[].autoscale.cooldown_down": "behavior.scaleDown.stabilizationWindowSeconds",
     "pods[].containers": "containers (components: native sidecars from 1.29)",
     "pods[].containers[].name": "the container's name",
-    "pods[].containers[].image": "the container's image",
+    "pods[].containers[].image": "the container's image (a component's too: one that reads "
+    "files of the spec's directory runs in the app image, which holds podkit)",
     "pods[].containers[].command": "command",
     "pods[].containers[].args": "args",
     "pods[].containers[].component": "the podkit image running `podkit <component>`",
@@ -118,6 +119,31 @@ FIELDS: dict[str, str] = {
     "services[].target": "the Service's targetPort",
     "services[].host": "local only (the address `podkit up` binds): a warning if set",
     "services[].policy": "round-robin: kube-proxy's balancing",
+    "services[].lb": "a `podkit lb` Deployment `<service>-lb` (2 replicas) behind the "
+    "Service, following the pod's ready replicas through the headless Service `<pod>-pods`",
+    "services[].lb.policy": "--policy",
+    "services[].lb.hash_on": "--hash-on",
+    "services[].lb.workers": "--workers",
+    "services[].lb.tries": "--tries",
+    "services[].lb.health": "active checks: the --health-* flags",
+    "services[].lb.health.path": "--health-path",
+    "services[].lb.health.interval": "--health-interval",
+    "services[].lb.health.timeout": "--health-timeout",
+    "services[].lb.health.healthy_threshold": "--healthy-threshold",
+    "services[].lb.health.unhealthy_threshold": "--unhealthy-threshold",
+    "services[].lb.cache": "the response cache: --cache-bytes, --cache-entry-bytes",
+    "services[].lb.cache.max_bytes": "--cache-bytes",
+    "services[].lb.cache.max_entry_bytes": "--cache-entry-bytes",
+    "services[].lb.rate_limit": "token buckets: --rate-limit, --rate-limit-by, --global-rate-limit",
+    "services[].lb.rate_limit.rate": "--rate-limit",
+    "services[].lb.rate_limit.by": "--rate-limit-by",
+    "services[].lb.rate_limit.global": "--global-rate-limit",
+    "services[].lb.tls": "TLS at the edge",
+    "services[].lb.tls.cert": "the Secret `<service>-tls` (kubernetes.io/tls), referenced and "
+    "mounted read-only: --tls-cert",
+    "services[].lb.tls.key": "the same Secret: --tls-key",
+    "services[].lb.tls.self_signed": "--self-signed",
+    "services[].lb.admin_port": "--admin-port on the pod IP, a containerPort named admin",
 }
 
 
@@ -239,6 +265,7 @@ class _Renderer:
         self.backends: dict[str, str] = {}  # backend name -> URL the cluster uses
         self.version = (0, 0)
         self._implicit_state_loc: Loc | None = None
+        self._headless: set[str] = set()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -366,23 +393,8 @@ class _Renderer:
             spec["replicas"] = pod.replicas
         spec["selector"] = {"matchLabels": self.selector(pod.name)}
         if stable:
-            headless = f"{pod.name}-pods"
-            spec["serviceName"] = headless
+            spec["serviceName"] = self.headless(pod)
             spec["podManagementPolicy"] = "Parallel"
-            ports = [
-                {"name": n, "port": p} for c in pod.all_containers() for n, p in c.ports.items()
-            ]
-            svc: Obj = {"clusterIP": "None", "selector": self.selector(pod.name)}
-            if ports:
-                svc["ports"] = ports
-            self.add(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Service",
-                    "metadata": self.meta(headless, "workload", pod.name),
-                    "spec": svc,
-                }
-            )
         spec["template"] = template
         self.add({"apiVersion": "apps/v1", "kind": kind, "metadata": meta, "spec": spec})
         if pod.autoscale is not None:
@@ -425,7 +437,10 @@ class _Renderer:
         if c.component is not None:
             # an elector that runs a command of the app's needs the app's image
             runs_app = c.name == "elector" and pod.election is not None and pod.election.exec
-            out["image"] = self.image(loc, c) if runs_app else self.opts.podkit_image
+            if c.image:  # a component that reads files of the spec's directory
+                out["image"] = c.image
+            else:
+                out["image"] = self.image(loc, c) if runs_app else self.opts.podkit_image
             options = dict(c.with_)
             if c.name == "elector" and lease is not None:
                 options["backend"] = "k8s://$(POD_NAMESPACE)"
@@ -716,6 +731,9 @@ class _Renderer:
                 f"{svc.host} is where `podkit up` binds; on Kubernetes the Service gets a "
                 "cluster IP",
             )
+        if svc.lb is not None:
+            self.balancer(k, svc)
+            return
         self.add(
             {
                 "apiVersion": "v1",
@@ -730,6 +748,82 @@ class _Renderer:
                             "targetPort": svc.target,
                             "protocol": "TCP",
                         }
+                    ],
+                },
+            }
+        )
+
+    def headless(self, pod: Pod) -> str:
+        """The headless Service `<pod>-pods` (once), whose DNS name lists ready replicas."""
+        name = f"{pod.name}-pods"
+        if name not in self._headless:
+            self._headless.add(name)
+            ports = [
+                {"name": n, "port": p} for c in pod.all_containers() for n, p in c.ports.items()
+            ]
+            svc: Obj = {"clusterIP": "None", "selector": self.selector(pod.name)}
+            if ports:
+                svc["ports"] = ports
+            self.add(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": self.meta(name, "workload", pod.name),
+                    "spec": svc,
+                }
+            )
+        return name
+
+    def balancer(self, k: int, svc: Service) -> None:
+        """A `podkit lb` Deployment in front of the pod's replicas, and the Service."""
+        lb = svc.lb
+        assert lb is not None
+        pod = self.spec.pod(svc.pods)
+        port = svc.target
+        if isinstance(port, str):
+            port = next(p for c in pod.all_containers() for n, p in c.ports.items() if n == port)
+        name = f"{svc.name}-lb"
+        tls_dir = "/etc/podkit/tls" if lb.tls and lb.tls.cert else None
+        members = f"{self.headless(pod)}:{port}"
+        args = ["--listen", f"0.0.0.0:{svc.port}", "--members-dns", members]
+        args += lb.flags(tls_dir=tls_dir)
+        ports = [{"name": "http", "containerPort": svc.port, "protocol": "TCP"}]
+        if lb.admin_port:
+            args += ["--admin-host", "$(POD_IP)", "--admin-port", str(lb.admin_port)]
+            ports.append({"name": "admin", "containerPort": lb.admin_port, "protocol": "TCP"})
+        container: Obj = {
+            "name": "lb",
+            "image": self.opts.podkit_image,
+            "command": ["podkit", "lb"],
+            "args": args,
+            "ports": ports,
+            "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+            "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 2},
+            "securityContext": _hardened(read_only=True),
+        }
+        workload = self.one_replica("Deployment", name, "lb", container, UID, {})
+        workload["spec"]["replicas"] = 2
+        if tls_dir is not None and lb.tls is not None:
+            container["volumeMounts"] = [{"name": "tls", "mountPath": tls_dir, "readOnly": True}]
+            workload["spec"]["template"]["spec"]["volumes"] = [
+                {"name": "tls", "secret": {"secretName": f"{svc.name}-tls"}}
+            ]
+            self.warn(
+                ("services", k, "lb", "tls", "cert"),
+                f"the certificate comes from the Secret '{svc.name}-tls' on Kubernetes: "
+                f"kubectl create secret tls {svc.name}-tls --cert {lb.tls.cert} "
+                f"--key {lb.tls.key}",
+            )
+        self.add(workload)
+        self.add(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": self.meta(svc.name, "service", name),
+                "spec": {
+                    "selector": self.selector(name),
+                    "ports": [
+                        {"name": "http", "port": svc.port, "targetPort": "http", "protocol": "TCP"}
                     ],
                 },
             }

@@ -425,7 +425,7 @@ class Runtime:
             else default_subnet(f"{self.base_dir}/{spec.name}")
         )
         self._addresses = (str(a) for a in net.hosts() if int(a) & 0xFF not in (0, 1, 255))
-        self.proxy_factory = proxy_factory or (lambda s: TCPForwarder(s.host, s.port))
+        self.proxy_factory = proxy_factory or self._default_proxy
         self.replicas: list[PodReplica] = []
         self.proxies: dict[str, ServiceProxy] = {}
         self.watchdog: Watchdog
@@ -435,6 +435,14 @@ class Runtime:
         self._announced = False
         self._scalers: list[asyncio.Task[None]] = []
         self.scale_events: list[tuple[float, str, int, int]] = []
+
+    def _default_proxy(self, svc: Service) -> ServiceProxy:
+        """`podkit lb` for a service with `lb:`, else the plain TCP forwarder."""
+        if svc.lb is not None:
+            from podkit.system.lbservice import LBService
+
+            return LBService(svc, self)
+        return TCPForwarder(svc.host, svc.port)
 
     async def start(self) -> None:
         """Start services, then every pod replica."""

@@ -216,6 +216,114 @@ class Pod(Model):
         return [*self.containers, elector]
 
 
+class LBHealth(Model):
+    """Active HTTP health checks of each replica."""
+
+    path: str = "/healthz"
+    interval: Annotated[float, Field(gt=0)] = 5.0
+    timeout: Annotated[float, Field(gt=0)] = 1.0
+    healthy_threshold: Annotated[int, Field(ge=1)] = 2
+    unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
+
+
+class LBCache(Model):
+    """A response cache (Cache-Control, Expires, Vary), bounded in bytes."""
+
+    max_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    max_entry_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
+
+
+class LBRateLimit(Model):
+    """Token buckets: `rate` like '100/s burst 200' per client, `global` for everyone."""
+
+    rate: str | None = None
+    by: str = "ip"  # ip or header:NAME
+    global_: str | None = Field(default=None, alias="global")
+
+    @model_validator(mode="after")
+    def _something_to_limit(self) -> LBRateLimit:
+        if self.rate is None and self.global_ is None:
+            raise PydanticCustomError(
+                "lb_rate", "rate_limit: give 'rate' (per client), 'global', or both", {}
+            )
+        if self.by != "ip" and not (self.by.startswith("header:") and len(self.by) > 7):
+            raise PydanticCustomError(
+                "lb_rate", "rate_limit.by: 'ip' or 'header:NAME' (got {by!r})", {"by": self.by}
+            )
+        return self
+
+
+class LBTLS(Model):
+    """TLS at the edge: a certificate and key (reloaded when they change), or self-signed."""
+
+    cert: str | None = None
+    key: str | None = None
+    self_signed: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LBTLS:
+        if self.self_signed == bool(self.cert or self.key) or bool(self.cert) != bool(self.key):
+            raise PydanticCustomError(
+                "lb_tls", "tls: give 'cert' and 'key', or 'self_signed: true'", {}
+            )
+        return self
+
+
+class LBOptions(Model):
+    """Run `podkit lb` for this service instead of the plain TCP forwarder."""
+
+    policy: Literal["round-robin", "weighted", "least-requests", "consistent-hash"] = "round-robin"
+    hash_on: str | None = None  # header:NAME, cookie:NAME or ip, for consistent-hash
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    tries: Annotated[int, Field(ge=1, le=10)] = 3
+    health: LBHealth | None = None
+    cache: LBCache | None = None
+    rate_limit: LBRateLimit | None = None
+    tls: LBTLS | None = None
+    admin_port: Port | None = None
+
+    def flags(self, *, tls_dir: str | None = None) -> list[str]:
+        """The `podkit lb` flags for these options (without --listen and membership);
+        with `tls_dir`, the certificate is read from there (`tls.crt`, `tls.key`)."""
+        argv = ["--policy", self.policy, "--workers", str(self.workers), "--tries", str(self.tries)]
+        if self.hash_on:
+            argv += ["--hash-on", self.hash_on]
+        if self.health:
+            h = self.health
+            argv += [
+                "--health-path", h.path, "--health-interval", f"{h.interval:g}",
+                "--health-timeout", f"{h.timeout:g}",
+                "--healthy-threshold", str(h.healthy_threshold),
+                "--unhealthy-threshold", str(h.unhealthy_threshold),
+            ]  # fmt: skip
+        if self.cache:
+            argv += ["--cache-bytes", str(self.cache.max_bytes),
+                     "--cache-entry-bytes", str(self.cache.max_entry_bytes)]  # fmt: skip
+        if self.rate_limit:
+            r = self.rate_limit
+            if r.rate:
+                argv += ["--rate-limit", r.rate, "--rate-limit-by", r.by]
+            if r.global_:
+                argv += ["--global-rate-limit", r.global_]
+        if self.tls:
+            if self.tls.self_signed:
+                argv += ["--self-signed"]
+            elif tls_dir is not None:
+                argv += ["--tls-cert", f"{tls_dir}/tls.crt", "--tls-key", f"{tls_dir}/tls.key"]
+            else:
+                argv += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
+        return argv
+
+    @model_validator(mode="after")
+    def _hash_needs_key(self) -> LBOptions:
+        if (self.policy == "consistent-hash") != (self.hash_on is not None):
+            raise PydanticCustomError(
+                "lb_hash", "lb: 'hash_on' goes with policy 'consistent-hash', and only with it",
+                {},
+            )  # fmt: skip
+        return self
+
+
 class Service(Model):
     """A stable port that balances over the ready replicas of one pod."""
 
@@ -225,6 +333,7 @@ class Service(Model):
     target: PortRef
     host: str = "127.0.0.1"
     policy: Literal["round-robin"] = "round-robin"
+    lb: LBOptions | None = None  # the HTTP load balancer, with its features
 
 
 class Spec(Model):
@@ -347,7 +456,7 @@ def _describe(err: Any) -> str:
         return f"missing required field '{loc[-1]}'"
     msg = str(err["msg"])
     if kind.startswith(
-        ("dns_label", "probe_kind", "missing_command", "backend_url", "autoscale_bounds")
+        ("dns_label", "probe_kind", "missing_command", "backend_url", "autoscale_bounds", "lb_")
     ):
         return msg
     if kind in ("command_and_component", "with_without_component"):
