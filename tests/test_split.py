@@ -3,14 +3,24 @@ canary's weight change moves only the users it must."""
 
 from __future__ import annotations
 
+import http.client
+import http.server
+import json
 import math
 import random
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from podkit.ambassador.split import Splitter, UserKey
+from support import free_port
 
 
 def users(n: int, seed: int) -> list[str]:
@@ -96,3 +106,92 @@ def test_reading_keys_from_arbitrary_headers_never_fails(
     for spec in ("header:x-user", "cookie:uid", "ip"):
         key = UserKey.parse(spec).read(headers, "1.2.3.4")
         assert key is None or isinstance(key, str)
+
+
+# -- the command, end to end ------------------------------------------------------------------
+
+
+def backend(name: str) -> tuple[http.server.ThreadingHTTPServer, str]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # head and body go in two writes
+
+        def do_GET(self) -> None:
+            body = name.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_the_split_command_keeps_users_sticky_and_takes_new_weights() -> None:
+    stable, stable_url = backend("stable")
+    canary, canary_url = backend("canary")
+    port, admin = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "podkit", "ambassador", "split", "--listen", f"127.0.0.1:{port}",
+         "--arm", f"stable={stable_url},weight=80", "--arm", f"canary={canary_url},weight=20",
+         "--sticky", "header:X-User", "--experiment", "checkout", "--admin-port", str(admin)],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    conn = None
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/", headers={"X-User": "probe"})
+                conn.getresponse().read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "split did not start"
+                time.sleep(0.1)
+
+        def arm_of(user: str) -> str:
+            assert conn is not None
+            conn.request("GET", "/", headers={"X-User": user})
+            return conn.getresponse().read().decode()
+
+        pop = users(400, 9)
+        first = {u: arm_of(u) for u in pop}
+        assert all(arm_of(u) == first[u] for u in pop)  # every user sticks: 100%
+        in_canary = sum(a == "canary" for a in first.values())
+        assert abs(in_canary - 80) <= 4 * math.sqrt(400 * 0.2 * 0.8)
+        # the canary grows at run time: its users stay, some stable users join them
+        weights = json.dumps({"canary": 50, "stable": 50}).encode()
+        url = f"http://127.0.0.1:{admin}/weights"
+        req = urllib.request.Request(url, method="PUT", data=weights)
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert json.load(r) == {"stable": 50.0, "canary": 50.0}
+        after = {u: arm_of(u) for u in pop}
+        assert all(after[u] == "canary" for u in pop if first[u] == "canary")
+        assert sum(a == "canary" for a in after.values()) > in_canary
+        bad = urllib.request.Request(url, method="PUT", data=b'{"blue": 1}')
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(bad, timeout=5)
+        assert info.value.code == 400 and "no arm named" in info.value.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        counted = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("podkit_split_requests_total{")
+        ]
+        assert sum(counted) == 1 + 400 * 3
+        assert 'podkit_split_weight{arm="canary"} 50.0' in text
+    finally:
+        if conn is not None:
+            conn.close()
+        proc.terminate()
+        proc.wait(10)
+        stable.shutdown()
+        canary.shutdown()
+        stable.server_close()
+        canary.server_close()

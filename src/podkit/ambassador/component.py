@@ -138,3 +138,102 @@ def broker(
         log=_log,
     )
     raise typer.Exit(run_async(_run_broker(b, admin_port)))
+
+
+# -- split -------------------------------------------------------------------------------
+
+
+def parse_arm(text: str) -> tuple[str, list[str], float]:
+    """'canary=http://10.0.0.2:80+http://10.0.0.3:80,weight=10' -> (name, urls, weight)."""
+    name, eq, rest = text.partition("=")
+    if not eq or not name.strip():
+        raise ValueError(f"--arm {text!r}: expected NAME=URL[+URL...][,weight=W]")
+    urls, _, opt = rest.partition(",")
+    weight = 1.0
+    if opt:
+        key, _, value = opt.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if key.strip() != "weight" or weight < 0:
+            raise ValueError(f"--arm {text!r}: expected ,weight=W with W >= 0")
+    targets = [u.strip() for u in urls.split("+") if u.strip()]
+    if not targets:
+        raise ValueError(f"--arm {text!r}: no upstream URL")
+    return name.strip(), targets, weight
+
+
+@cli.command()
+def split(
+    arm: Annotated[
+        list[str],
+        typer.Option(help="An arm: NAME=URL[+URL...][,weight=W]; repeat; the last is the canary."),
+    ],
+    listen: Annotated[str, typer.Option(help="Address to serve on, HOST:PORT.")] = "127.0.0.1:8000",
+    sticky: Annotated[
+        str, typer.Option(help="Who a user is: header:NAME, cookie:NAME or ip.")
+    ] = "header:X-User",
+    experiment: Annotated[str, typer.Option(help="Name that salts the user hash.")] = "default",
+    admin_port: Annotated[
+        int | None, typer.Option(help="Loopback port: /status, /metrics, GET/PUT /weights.")
+    ] = None,
+) -> None:
+    """Split HTTP traffic over weighted arms, each user sticking to one arm."""
+    from podkit.ambassador.split import Splitter, UserKey
+    from podkit.lb.policy import parse_upstream
+
+    try:
+        arms = [parse_arm(a) for a in arm]
+        names = {n: [parse_upstream(u).name for u in urls] for n, urls, _ in arms}
+        splitter = Splitter.from_weights(experiment, {n: w for n, _, w in arms})
+        key = UserKey.parse(sticky)
+        host, _, port_text = listen.rpartition(":")
+        port = int(port_text)
+    except ValueError as exc:
+        _log(str(exc))
+        raise typer.Exit(2) from None
+    urls = [u for _, us, _ in arms for u in us]
+    code = run_async(_run_split(splitter, key, names, urls, host or "127.0.0.1", port, admin_port))
+    raise typer.Exit(code)
+
+
+async def _run_split(
+    splitter: object,
+    key: object,
+    names: dict[str, list[str]],
+    urls: list[str],
+    host: str,
+    port: int,
+    admin_port: int | None,
+) -> int:
+    from podkit.ambassador.split import SplitMetrics, SplitPolicy, Splitter, UserKey, split_admin
+    from podkit.lb.proxy import LoadBalancer, ProxyConfig
+
+    assert isinstance(splitter, Splitter) and isinstance(key, UserKey)
+    policy = SplitPolicy(splitter, key, names)
+    metrics = SplitMetrics(policy)
+    lb = LoadBalancer(
+        ProxyConfig(upstreams=urls, host=host, port=port, reuse_port=False),
+        policy=policy,
+        filters=[metrics],
+    )
+    try:
+        await lb.start()
+    except OSError as exc:
+        _log(f"cannot listen on {host}:{port}: {exc.strerror}")
+        return 1
+    arms = ", ".join(f"{a.name} ({a.weight:g})" for a in splitter.arms)
+    _log(f"splitting {host}:{port} over {arms}")
+    runner = None
+    if admin_port is not None:
+        runner = await split_admin(policy, metrics, "127.0.0.1", admin_port, _log)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    if runner is not None:
+        await runner.cleanup()
+    await lb.close()
+    return 0

@@ -22,6 +22,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -135,3 +136,159 @@ class Splitter:
 
     def weights(self) -> dict[str, float]:
         return {a.name: a.weight for a in self.arms}
+
+
+# -- the data plane: a balancer policy and a filter over podkit.lb -------------------------
+
+
+class SplitPolicy:
+    """A `podkit.lb` policy: the user's arm first, round-robin inside it. When every
+    upstream of the arm is down the request goes to another arm (counted as a fallback)
+    rather than fail: availability comes before stickiness."""
+
+    name = "split"
+
+    def __init__(self, splitter: Splitter, key: UserKey, arms: Mapping[str, Sequence[str]]) -> None:
+        self.splitter = splitter
+        self.key = key
+        self.arm_names = {arm: list(names) for arm, names in arms.items()}
+        self.by_arm: dict[str, list[Any]] = {}
+        self._next: dict[str, int] = {}
+        self.fallbacks = 0
+
+    def set_upstreams(self, upstreams: list[Any]) -> None:
+        by_name = {u.name: u for u in upstreams}
+        self.by_arm = {
+            arm: [by_name[n] for n in names if n in by_name]
+            for arm, names in self.arm_names.items()
+        }
+
+    def _from(self, arm: str, exclude: set[Any] | None) -> Any:
+        ups = self.by_arm.get(arm, [])
+        start = self._next.get(arm, 0)
+        for i in range(len(ups)):
+            u = ups[(start + i) % len(ups)]
+            if u.available and (exclude is None or u not in exclude):
+                self._next[arm] = (start + i + 1) % len(ups)
+                return u
+        return None
+
+    def pick(self, head: Any, client: str, exclude: set[Any] | None = None) -> Any:
+        arm = self.splitter.choose(self.key.read(head.headers, client))
+        up = self._from(arm.name, exclude)
+        if up is None:
+            for other in self.splitter.arms:
+                if other is not arm and (up := self._from(other.name, exclude)) is not None:
+                    self.fallbacks += 1
+                    break
+        return up
+
+    def arm_of(self, upstream: Any) -> str:
+        for arm, ups in self.by_arm.items():
+            if upstream in ups:
+                return arm
+        return "?"
+
+
+class SplitMetrics:
+    """A `podkit.lb` filter counting each arm's answers by status class, with Prometheus
+    metrics `podkit_split_requests_total{arm,code}` and `podkit_split_weight{arm}`."""
+
+    def __init__(self, policy: SplitPolicy) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.policy = policy
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "podkit_split_requests", "Answers by arm and status class (error: no answer).",
+            ["arm", "code"], registry=self.registry,
+        )  # fmt: skip
+        self.weight = Gauge("podkit_split_weight", "Weight of each arm.", ["arm"],
+                            registry=self.registry)  # fmt: skip
+        self.fallback = Counter("podkit_split_fallbacks", "Requests sent to another arm "
+                                "because theirs was down.", registry=self.registry)  # fmt: skip
+        self._fallbacks = 0
+
+    def on_request(self, ex: Any) -> None:
+        return None
+
+    def admit(self, ex: Any, upstream: Any) -> bool:
+        return True
+
+    def on_response(self, ex: Any, head: Any) -> None:
+        return None
+
+    def on_done(self, ex: Any, upstream: Any, status: int | None, error: str | None) -> None:
+        arm = self.policy.arm_of(upstream)
+        code = "error" if status is None else f"{status // 100}xx"
+        self.requests.labels(arm=arm, code=code).inc()
+        if status is None or status >= 500:
+            for a in self.policy.splitter.arms:
+                if a.name == arm:
+                    a.errors += 1
+
+    def status(self) -> dict[str, Any]:
+        s = self.policy.splitter
+        return {
+            "experiment": s.experiment,
+            "arms": [
+                {
+                    "name": a.name,
+                    "weight": a.weight,
+                    "requests": a.requests,
+                    "errors": a.errors,
+                    "upstreams": self.policy.arm_names[a.name],
+                }
+                for a in s.arms
+            ],
+            "fallbacks": self.policy.fallbacks,
+        }
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        for a in self.policy.splitter.arms:
+            self.weight.labels(arm=a.name).set(a.weight)
+        self.fallback.inc(self.policy.fallbacks - self._fallbacks)
+        self._fallbacks = self.policy.fallbacks
+        return generate_latest(self.registry)
+
+
+async def split_admin(
+    policy: SplitPolicy, metrics: SplitMetrics, host: str, port: int, log: Any
+) -> Any:
+    """The admin port: GET /status, GET /metrics, GET /weights, PUT /weights {arm: w}."""
+    import json
+
+    from aiohttp import web
+
+    async def status(_: web.Request) -> web.Response:
+        return web.json_response(metrics.status())
+
+    async def prometheus(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(), content_type="text/plain")
+
+    async def get_weights(_: web.Request) -> web.Response:
+        return web.json_response(policy.splitter.weights())
+
+    async def put_weights(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            if not isinstance(body, dict) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in body.values()
+            ):
+                raise ValueError('expected a JSON object of numbers, like {"canary": 20}')
+            policy.splitter.set_weights(body)
+        except (ValueError, json.JSONDecodeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        log(f"weights now {policy.splitter.weights()}")
+        return web.json_response(policy.splitter.weights())
+
+    app = web.Application()
+    app.add_routes([web.get("/status", status), web.get("/metrics", prometheus),
+                    web.get("/weights", get_weights), web.put("/weights", put_weights),
+                    web.post("/weights", put_weights)])  # fmt: skip
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

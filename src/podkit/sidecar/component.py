@@ -152,3 +152,72 @@ def config(
         backoff=Backoff(maximum=max_backoff),
     )
     raise typer.Exit(run_async(_run_config(sync, admin_port, once)))
+
+
+# -- tls -------------------------------------------------------------------------------------
+
+
+@cli.command()
+def tls(
+    upstream: Annotated[
+        str, typer.Option(help="The plain-HTTP app: PORT, HOST:PORT or http://HOST:PORT.")
+    ],
+    listen: Annotated[str, typer.Option(help="Address to serve HTTPS on, HOST:PORT.")] = (
+        "0.0.0.0:8443"
+    ),
+    cert: Annotated[
+        Path | None, typer.Option(help="Certificate chain (PEM); reloaded when it changes.")
+    ] = None,
+    key: Annotated[Path | None, typer.Option(help="Private key (PEM).")] = None,
+    self_signed: Annotated[
+        bool, typer.Option(help="Make a self-signed certificate (development).")
+    ] = False,
+    workers: Annotated[int, typer.Option(help="Worker processes sharing the port.")] = 1,
+    idle_timeout: Annotated[float, typer.Option(help="Seconds a client may idle.")] = 60.0,
+) -> None:
+    """HTTPS in front of a plain-HTTP app: TLS 1.2+, modern ciphers, keep-alive both
+    ways, X-Forwarded-For/-Proto, WebSocket upgrades passed through."""
+    import shutil
+    import tempfile
+
+    from podkit.lb.component import build_config
+    from podkit.lb.features import Features
+    from podkit.lb.workers import serve
+    from podkit.net.tls import self_signed as make_self_signed
+
+    target = upstream if not upstream.isdigit() else f"127.0.0.1:{upstream}"
+    if self_signed == bool(cert or key) or (cert is None) != (key is None):
+        _log("give --cert and --key, or --self-signed")
+        raise typer.Exit(2)
+    try:
+        config = build_config(listen, [target], workers=workers, scheme="https",
+                              idle_timeout=idle_timeout)  # fmt: skip
+    except ValueError as exc:
+        _log(str(exc))
+        raise typer.Exit(2) from None
+    tmp = None
+    if self_signed:
+        tmp = tempfile.mkdtemp(prefix="podkit-tls-")
+        hosts = ["localhost", "127.0.0.1", *([config.host] if config.host != "0.0.0.0" else [])]
+        cert, key = make_self_signed(tmp, list(dict.fromkeys(hosts)))
+    assert cert is not None and key is not None
+    for path in (cert, key):
+        if not path.is_file():
+            _log(f"{path}: no such file")
+            raise typer.Exit(2)
+    features = Features(tls_cert=str(cert), tls_key=str(key))
+    try:
+        features.check()
+    except ValueError as exc:
+        _log(str(exc))
+        raise typer.Exit(2) from None
+    _log(f"https://{config.host}:{config.port} -> http://{target}")
+    try:
+        code = serve(config, features=features)
+    except OSError as exc:
+        _log(f"cannot listen on {listen}: {exc.strerror or exc}")
+        raise typer.Exit(1) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    raise typer.Exit(code)

@@ -15,6 +15,8 @@ _REGISTRY: dict[str, tuple[str, ...]] = {
     "adapter.health": ("adapter", "health"),
     "adapter.metrics": ("adapter", "metrics"),
     "sidecar.config": ("sidecar", "config"),
+    "sidecar.tls": ("sidecar", "tls"),
+    "ambassador.split": ("ambassador", "split"),
     "ambassador.broker": ("ambassador", "broker"),
 }
 
