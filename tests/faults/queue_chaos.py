@@ -66,15 +66,25 @@ async def _open_queue(url: str, visibility: float, max_attempts: int, patience: 
 async def worker_main(
     url: str, out: str, *, concurrency: int, visibility: float, work_ms: float, max_attempts: int
 ) -> None:
-    """One worker process: records each item's effect (its number, one line) in `out`."""
+    """One worker process: records each item's effect (its number, one line) in `out`;
+    a keyed item's effect is `apply_once` in the backend's KV, noted in `out` too
+    (`again N` when an earlier delivery had already applied it)."""
+    from podkit.backends import open_kv
+    from podkit.workqueue import apply_once
+
     wq = await _open_queue(url, visibility, max_attempts, patience=30.0)
+    kv = await open_kv(url)
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     rng = random.Random()
 
     async def handler(item: dict[str, int]) -> None:
         if work_ms > 0:
             await asyncio.sleep(rng.uniform(0.5, 1.5) * work_ms / 1000)
-        os.write(fd, b"%d\n" % item["i"])  # the effect: in the file before the ack
+        i = item["i"]
+        if i % 2 == 0 and not await apply_once(kv, f"{QUEUE}/k{i}"):
+            os.write(fd, b"again %d\n" % i)  # applied before: not applied twice
+            return
+        os.write(fd, b"%d\n" % i)  # the effect: in the file before the ack
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -103,7 +113,9 @@ class ChaosResult:
     lost: list[int] = field(default_factory=list)  # no effect recorded
     duplicates: int = 0  # items whose effect was recorded more than once
     extra_effects: int = 0  # effects beyond the first, over all items
-    keyed_duplicates: int = 0  # of `duplicates`, items enqueued with a key
+    keyed_duplicates: int = 0  # of `duplicates`, items enqueued with a key: must be 0
+    keyed_applied: int = 0  # keyed items whose effect apply_once recorded
+    suppressed: int = 0  # redeliveries of keyed items that apply_once did not apply again
     unknown: int = 0  # effect lines naming no enqueued item (or torn lines)
     dead: int = 0
     dead_letters: list[str] = field(default_factory=list)
@@ -128,6 +140,7 @@ class ChaosResult:
             and self.dead == 0
             and self.unknown == 0
             and self.keyed_enqueued_once
+            and self.keyed_duplicates == 0
             and not self.crashed
             and not self.hung
             and not self.timed_out
@@ -136,6 +149,7 @@ class ChaosResult:
     def summary(self) -> str:
         return (
             f"items {self.items} lost {len(self.lost)} duplicates {self.duplicates} "
+            f"(keyed {self.keyed_duplicates}, {self.suppressed} redeliveries not applied) "
             f"dead {self.dead} kills {self.kills} backend restarts {self.restarts} "
             f"seconds {self.seconds:.1f}"
         )
@@ -145,8 +159,9 @@ class ChaosResult:
             f"backend {self.backend}, seed {self.seed}, workdir {self.workdir}",
             f"enqueue: {self.items} items in {self.enqueue_seconds:.1f}s, {self.keyed} keyed, "
             f"keyed enqueued once: {self.keyed_enqueued_once}",
-            f"effects: extra {self.extra_effects}, keyed items duplicated "
-            f"{self.keyed_duplicates}, unknown lines {self.unknown}",
+            f"effects: extra {self.extra_effects}, keyed items applied {self.keyed_applied}, "
+            f"duplicated {self.keyed_duplicates}, redeliveries not applied again "
+            f"{self.suppressed}, unknown lines {self.unknown}",
             f"final stats (depth, in flight, dead): {self.final_stats}, "
             f"timed out: {self.timed_out}",
         ]
@@ -395,7 +410,16 @@ async def chaos(
                 f"{m.id} after {m.attempts} attempts: {m.last_error}"
                 for m in await wq.queue.dead_letters(100)
             ]
-        _check_effects(work, items, result)
+        from podkit.backends import open_kv
+        from podkit.workqueue import EFFECTS
+
+        kv = await open_kv(server.url)
+        try:
+            prefix = f"{EFFECTS}{QUEUE}/k"
+            applied = {int(e.key[len(prefix) :]) for e in await kv.range(prefix)}
+        finally:
+            await kv.close()
+        _check_effects(work, items, result, applied)
         return result
     finally:
         for w in live:
@@ -411,20 +435,27 @@ async def chaos(
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _check_effects(work: Path, items: int, result: ChaosResult) -> None:
+def _check_effects(work: Path, items: int, result: ChaosResult, applied: set[int]) -> None:
+    """Unkeyed items: their lines in the effect files. Keyed items: the `apply_once`
+    records (`applied`), which hold each at most once by construction; a keyed item's
+    line may be missing when its worker died between the record and the line."""
     counts: Counter[int] = Counter()
     for path in work.glob("effects-*.txt"):
         for line in path.read_bytes().splitlines():
+            again = line.startswith(b"again ")
             try:
-                i = int(line)
+                i = int(line[6:] if again else line)
             except ValueError:
                 result.unknown += 1
                 continue
-            if 0 <= i < items:
-                counts[i] += 1
-            else:
+            if not 0 <= i < items:
                 result.unknown += 1
-    result.lost = [i for i in range(items) if counts[i] == 0]
+            elif again:
+                result.suppressed += 1
+            else:
+                counts[i] += 1
+    result.keyed_applied = len(applied)
+    result.lost = [i for i in range(items) if (i not in applied if i % 2 == 0 else counts[i] == 0)]
     dup = [i for i, c in counts.items() if c > 1]
     result.duplicates = len(dup)
     result.keyed_duplicates = sum(1 for i in dup if i % 2 == 0)

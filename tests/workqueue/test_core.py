@@ -224,3 +224,27 @@ async def test_a_backend_outage_does_not_end_the_worker() -> None:
     done: list[int] = []
     stats = await asyncio.wait_for(wq.run(done.append, drain=True), 20)
     assert sorted(done) == [1, 2, 3] and stats.outages == 4
+
+
+async def test_apply_once_makes_a_redelivered_effect_happen_once() -> None:
+    from podkit.backends import open_kv
+    from podkit.workqueue import EFFECTS, apply_once
+
+    kv = await open_kv("memory://")
+    wq = await WorkQueue.open("memory://", "once", visibility=0.2)
+    await wq.enqueue({"order": 7}, key="order-7")
+    seen: list[bool] = []
+    first = True
+
+    async def handler(item: dict[str, int]) -> None:
+        nonlocal first
+        seen.append(await apply_once(kv, f"order-{item['order']}"))
+        if first:  # the worker dies after the effect, before the ack: delivered again
+            first = False
+            raise RuntimeError("crashed after the effect")
+
+    await wq.run(handler, concurrency=1, drain=True)
+    assert seen == [True, False]  # applied on the first delivery only
+    assert [e.key for e in await kv.range(EFFECTS)] == [f"{EFFECTS}order-7"]
+    await wq.close()
+    await kv.close()

@@ -432,3 +432,16 @@ class _Pool:
                 await self.wq.queue.nack(m, error="returned unfinished at worker shutdown")
             self.stats.returned += 1
         self.in_hand.clear()
+
+
+EFFECTS = "podkit/effects/"
+
+
+async def apply_once(kv: KV, key: str, value: bytes = b"1") -> bool:
+    """Record the effect of the item with idempotency `key` in `kv`, at most once.
+
+    Delivery is at least once, so a handler may run again for an item whose effect
+    already happened (it was killed before its ack). When the effect *is* this record
+    (or is keyed by it downstream), the create-if-absent makes it exactly once: True when
+    this call recorded it, False when an earlier delivery already had."""
+    return await kv.create(f"{EFFECTS}{key}", value) is not None
