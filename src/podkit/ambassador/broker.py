@@ -33,16 +33,14 @@ import os
 import socket
 import sys
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from podkit.ambassador import dns
 from podkit.backends import KV, BackendError, open_kv
 from podkit.clock import Clock, SystemClock
-
-Endpoint = tuple[str, int]
-REPLAY_LIMIT = 64 * 1024
+from podkit.net.relay import Endpoint, Relay
 
 
 class ResolveError(Exception):
@@ -375,162 +373,6 @@ class EndpointSet:
 # ---------------------------------------------------------------------------- forwarding
 
 
-class _Conn:
-    """One client connection, its upstream, and what to replay on a failover."""
-
-    __slots__ = ("answered", "broker", "client", "client_eof", "endpoint", "pending", "tried",
-                 "upstream")  # fmt: skip
-
-    def __init__(self, broker: Broker, client: asyncio.Transport) -> None:
-        self.broker = broker
-        self.client: asyncio.Transport | None = client
-        self.upstream: asyncio.Transport | None = None
-        self.endpoint: Endpoint | None = None
-        self.pending = bytearray()
-        self.answered = False
-        self.client_eof = False
-        self.tried: set[Endpoint] = set()
-
-    def from_client(self, data: bytes) -> None:
-        if not self.answered:
-            if len(self.pending) + len(data) > REPLAY_LIMIT:
-                self.answered = True  # too much to replay: stay with this upstream
-                if self.upstream is None:
-                    self.pending += data  # sent once it connects
-                    return
-                self.pending = bytearray()
-            else:
-                self.pending += data
-        if self.upstream is not None:
-            self.upstream.write(data)
-
-    def from_upstream(self, data: bytes) -> None:
-        if not self.answered:
-            self.answered = True
-            self.pending = bytearray()
-        if self.client is not None:
-            self.client.write(data)
-
-    def upstream_lost(self, upstream: asyncio.Transport, exc: Exception | None) -> None:
-        if upstream is not self.upstream:
-            return
-        self.upstream = None
-        client = self.client
-        if client is None or client.is_closing():
-            return
-        if not self.answered and (exc is not None or not self.client_eof):
-            if self.endpoint is not None and (exc is not None or self.pending):
-                self.broker._endpoint_failed(self.endpoint)  # dropped a request unanswered
-            self.broker._spawn(self.connect())
-        else:
-            client.close()
-
-    async def connect(self) -> None:
-        broker = self.broker
-        loop = asyncio.get_running_loop()
-        for endpoint in await broker._candidates(self.tried):
-            client = self.client
-            if client is None or client.is_closing():
-                return
-            self.tried.add(endpoint)
-            try:
-                transport, _ = await asyncio.wait_for(
-                    loop.create_connection(lambda: _Upstream(self), *endpoint),
-                    broker.connect_timeout,
-                )
-            except (OSError, TimeoutError):
-                broker._endpoint_failed(endpoint)
-                continue
-            if client.is_closing():
-                transport.close()
-                return
-            broker.endpoints.succeeded(endpoint)
-            self.endpoint = endpoint
-            self.upstream = transport
-            if self.pending:
-                transport.write(bytes(self.pending))
-            if self.client_eof and transport.can_write_eof():
-                transport.write_eof()
-            client.resume_reading()
-            return
-        broker.failed_connections += 1
-        broker.log(f"no endpoint answered ({len(self.tried)} tried); closing a client")
-        if self.client is not None:
-            self.client.close()
-
-
-class _Client(asyncio.Protocol):
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-        self.conn: _Conn | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        client = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport
-        client.pause_reading()
-        self.conn = _Conn(self.broker, client)
-        self.broker.accepted += 1
-        self.broker._conns.add(self.conn)
-        self.broker._spawn(self.conn.connect())
-
-    def data_received(self, data: bytes) -> None:
-        assert self.conn is not None
-        self.conn.from_client(data)
-
-    def eof_received(self) -> bool:
-        assert self.conn is not None
-        self.conn.client_eof = True
-        up = self.conn.upstream
-        if up is not None and up.can_write_eof():
-            up.write_eof()
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.conn is not None:
-            self.broker._conns.discard(self.conn)
-            self.conn.client = None
-            if self.conn.upstream is not None:
-                self.conn.upstream.close()
-
-    def pause_writing(self) -> None:
-        if self.conn is not None and self.conn.upstream is not None:
-            self.conn.upstream.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.conn is not None and self.conn.upstream is not None:
-            self.conn.upstream.resume_reading()
-
-
-class _Upstream(asyncio.Protocol):
-    def __init__(self, conn: _Conn) -> None:
-        self.conn = conn
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.conn.from_upstream(data)
-
-    def eof_received(self) -> bool:
-        client = self.conn.client
-        if self.conn.answered and client is not None and client.can_write_eof():
-            client.write_eof()
-            return True
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.transport is not None:
-            self.conn.upstream_lost(self.transport, exc)
-
-    def pause_writing(self) -> None:
-        if self.conn.client is not None:
-            self.conn.client.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.conn.client is not None:
-            self.conn.client.resume_reading()
-
-
 async def stop_task(task: asyncio.Task[Any]) -> None:
     """Cancel `task` and wait for it, cancelling again if it swallowed the first one
     (asyncio.wait_for in Python 3.11 can, when its inner wait completes at that moment)."""
@@ -545,8 +387,9 @@ def _stderr_log(message: str) -> None:
     print(f"ambassador broker: {message}", file=sys.stderr, flush=True)
 
 
-class Broker:
-    """Listens on `host:port` and forwards each connection to an endpoint of the service."""
+class Broker(Relay):
+    """Listens on `host:port` and forwards each connection to an endpoint of the service
+    (`podkit.net.relay`: replayed to the next endpoint if one fails before answering)."""
 
     def __init__(
         self,
@@ -562,40 +405,37 @@ class Broker:
         clock: Clock | None = None,
         log: Callable[[str], None] = _stderr_log,
     ) -> None:
+        super().__init__(host, port, connect_timeout=connect_timeout)
         self.resolvers = list(resolvers)
-        self.host = host
-        self.port = port
         self.refresh_interval = refresh
-        self.connect_timeout = connect_timeout
         self.wait_for_endpoint = wait_for_endpoint
         self.clock = clock or SystemClock()
         self.log = log
         self.endpoints = EndpointSet(down_for, max_down_for)
-        self.accepted = 0
         self.failed_connections = 0
         self.last_errors: dict[str, str | None] = {r.description: None for r in self.resolvers}
         self._known: list[list[Endpoint]] = [[] for _ in self.resolvers]
         self._wake = asyncio.Event()
         self._have_endpoints = asyncio.Event()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._conns: set[_Conn] = set()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def poke(self) -> None:
         """Re-resolve now (a watch saw a change, or an endpoint failed)."""
         self._wake.set()
 
-    def _endpoint_failed(self, endpoint: Endpoint) -> None:
+    def failed(self, endpoint: Endpoint) -> None:
         period = self.endpoints.failed(endpoint, self.clock.now())
         self.log(f"{format_endpoint(endpoint)} failed: down for {period:.1f}s")
         self.poke()
 
-    async def _candidates(self, tried: set[Endpoint]) -> list[Endpoint]:
+    def succeeded(self, endpoint: Endpoint) -> None:
+        super().succeeded(endpoint)
+        self.endpoints.succeeded(endpoint)
+
+    def gave_up(self, tried: int) -> None:
+        self.failed_connections += 1
+        self.log(f"no endpoint answered ({tried} tried); closing a client")
+
+    async def candidates(self, tried: set[Endpoint]) -> list[Endpoint]:
         if not self.endpoints.endpoints:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._have_endpoints.wait(), self.wait_for_endpoint)
@@ -649,14 +489,10 @@ class Broker:
     async def start(self) -> None:
         """Resolve once, start watching and listening."""
         await self.refresh()
-        self._spawn(self._refresher())
+        self.spawn(self._refresher())
         for resolver in self.resolvers:
-            self._spawn(self._watcher(resolver))
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Client(self), self.host, self.port, reuse_address=True
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+            self.spawn(self._watcher(resolver))
+        await self.listen()
 
     def status(self) -> dict[str, Any]:
         """Endpoints with their health, resolver errors and counters (for /status)."""
@@ -683,10 +519,7 @@ class Broker:
             self._server.close()
         for task in list(self._tasks):
             await stop_task(task)
-        for conn in list(self._conns):
-            for transport in (conn.client, conn.upstream):
-                if transport is not None:
-                    transport.close()
+        self.close_connections()
         for resolver in self.resolvers:
             closer = getattr(resolver, "close", None)
             if closer is not None:
