@@ -16,3 +16,14 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         return asyncio.run(coro)
     return uvloop.run(coro)
+
+
+def stop_event() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets (call it inside the running loop)."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

@@ -11,14 +11,13 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, TextIO
 
 import typer
 
-from podkit.aio import run_async
+from podkit.aio import run_async, stop_event
 
 cli = typer.Typer(
     help="Adapters: logs, metrics and health in standard shapes.", no_args_is_help=True
@@ -27,12 +26,6 @@ cli = typer.Typer(
 
 def log(message: str) -> None:
     print(f"adapter: {message}", file=sys.stderr, flush=True)
-
-
-def _stop_on_signals(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
 
 
 # -- logs ------------------------------------------------------------------------------------
@@ -153,8 +146,7 @@ def logs(
 
     async def main() -> int:
         lines: asyncio.Queue[str | None] = asyncio.Queue(maxsize=10_000)
-        stop = asyncio.Event()
-        _stop_on_signals(stop)
+        stop = stop_event()
         code = 0
         if file is not None:
             writer = _Writer(out, str(file))
@@ -254,8 +246,7 @@ def health(
         monitor.start()
         names = ", ".join(CheckConfig.model_validate(c).label for c in cfg.checks)
         log(f"health on {server.url}/healthz and /readyz every {cfg.interval:g} s: {names}")
-        stop = asyncio.Event()
-        _stop_on_signals(stop)
+        stop = stop_event()
         await stop.wait()
         await server.close()
         await monitor.close()
@@ -333,8 +324,7 @@ def metrics(
         server = JSONServer(routes, host, port)
         await server.start()
         log(f"metrics of {source.name} on {server.url}/metrics")
-        stop = asyncio.Event()
-        _stop_on_signals(stop)
+        stop = stop_event()
         await stop.wait()
         await server.close()
         await source.close()

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import sys
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from podkit.aio import run_async
+from podkit.aio import run_async, stop_event
 
 if TYPE_CHECKING:
     from podkit.ambassador.broker import Broker
@@ -42,10 +41,7 @@ async def _run_broker(broker: Broker, admin_port: int | None) -> int:
         )
         await admin.start()
         _log(f"status on {admin.url}/status")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     with contextlib.suppress(asyncio.CancelledError):
         await stop.wait()
     if admin is not None:
@@ -228,10 +224,7 @@ async def _run_split(
     runner = None
     if admin_port is not None:
         runner = await split_admin(policy, metrics, "127.0.0.1", admin_port, _log)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     await stop.wait()
     if runner is not None:
         await runner.cleanup()

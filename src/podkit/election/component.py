@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 import typer
 
-from podkit.aio import run_async
+from podkit.aio import run_async, stop_event
 from podkit.backends import BackendError, open_kv
 from podkit.election.core import Election, LeaderElection, LeadershipLost
 from podkit.net.admin import JSONServer
@@ -150,10 +150,7 @@ async def run(config: ElectorConfig) -> None:
     """Run the elector until cancelled or signalled."""
     election, close = await _election(config)
     elector = Elector(config, election)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     task = asyncio.create_task(elector.run())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)

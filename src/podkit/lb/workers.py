@@ -9,7 +9,6 @@ passes the signal on and waits for the workers to drain.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import multiprocessing
@@ -23,7 +22,7 @@ from multiprocessing.connection import wait
 from ssl import SSLContext
 from typing import Protocol
 
-from podkit.aio import run_async
+from podkit.aio import run_async, stop_event
 from podkit.lb.hooks import Filter
 from podkit.lb.proxy import LoadBalancer, ProxyConfig, listen_socket
 
@@ -63,10 +62,7 @@ async def run_worker(
     # so a full collection never walks the CLI's modules in the middle of requests.
     gc.collect()
     gc.freeze()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     await stop.wait()
     await lb.close(grace)
     if extra is not None:

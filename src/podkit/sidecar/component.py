@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from podkit.aio import run_async
+from podkit.aio import run_async, stop_event
 
 if TYPE_CHECKING:
     from podkit.sidecar.config import ConfigSync
@@ -52,10 +52,7 @@ async def _run_config(sync: ConfigSync, admin_port: int | None, once: bool) -> i
         )
         await admin.start()
         _log(f"status on {admin.url}/status")
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     task = asyncio.create_task(sync.run())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)

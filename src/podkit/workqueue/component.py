@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from podkit.aio import run_async
+from podkit.aio import run_async, stop_event
 from podkit.backends import BackendError, open_kv
 from podkit.workqueue import sources
 from podkit.workqueue.core import RetryPolicy, WorkerStats, WorkQueue
@@ -36,12 +36,6 @@ QueueName = Annotated[str, typer.Option("--name", help="The queue's name.")]
 
 def log(message: str) -> None:
     print(f"queue: {message}", file=sys.stderr, flush=True)
-
-
-def _stop_on_signals(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
 
 
 def _run(coro: Any) -> None:
@@ -262,8 +256,7 @@ def scaler(
         server = JSONServer(routes, host, port)
         await server.start()
         log(f"scaler for {name!r} on {server.url}/desired and /metrics")
-        stop = asyncio.Event()
-        _stop_on_signals(stop)
+        stop = stop_event()
         try:
             while not stop.is_set():
                 try:
@@ -295,8 +288,7 @@ def scaler(
 async def _watch(wq: WorkQueue) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    stop = asyncio.Event()
-    _stop_on_signals(stop)
+    stop = stop_event()
     first = await wq.stats()
     total = max(1, first.depth + first.in_flight)
     with Progress(
@@ -328,8 +320,7 @@ def _feed(
 
     async def main() -> None:
         wq = await WorkQueue.open(queue, name)
-        stop = asyncio.Event()
-        _stop_on_signals(stop)
+        stop = stop_event()
         try:
             await body(wq, stop)
         finally:
