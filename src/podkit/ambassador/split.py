@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
+from podkit.lb.hooks import BaseFilter
+
 
 @dataclass(frozen=True)
 class UserKey:
@@ -190,7 +192,7 @@ class SplitPolicy:
         return "?"
 
 
-class SplitMetrics:
+class SplitMetrics(BaseFilter):
     """A `podkit.lb` filter counting each arm's answers by status class, with Prometheus
     metrics `podkit_split_requests_total{arm,code}` and `podkit_split_weight{arm}`."""
 
@@ -208,15 +210,6 @@ class SplitMetrics:
         self.fallback = Counter("podkit_split_fallbacks", "Requests sent to another arm "
                                 "because theirs was down.", registry=self.registry)  # fmt: skip
         self._fallbacks = 0
-
-    def on_request(self, ex: Any) -> None:
-        return None
-
-    def admit(self, ex: Any, upstream: Any) -> bool:
-        return True
-
-    def on_response(self, ex: Any, head: Any) -> None:
-        return None
 
     def on_done(self, ex: Any, upstream: Any, status: int | None, error: str | None) -> None:
         arm = self.policy.arm_of(upstream)
