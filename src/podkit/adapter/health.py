@@ -29,9 +29,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from podkit.backends.url import mask
 
 
 class CheckConfig(BaseModel):
@@ -75,7 +77,7 @@ class CheckConfig(BaseModel):
         target = getattr(self, self.kind)
         if isinstance(target, list):
             target = shlex.join(target)
-        return f"{self.kind} {_mask(str(target))}"
+        return f"{self.kind} {mask(str(target))}"
 
 
 class HealthConfig(BaseModel):
@@ -88,14 +90,6 @@ class HealthConfig(BaseModel):
 
 
 SQL_SCHEMES = ("postgresql", "postgres", "mysql")
-
-
-def _mask(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class CheckFailed(Exception):
@@ -261,14 +255,11 @@ class HealthMonitor:
         if len(set(names)) != len(names):
             raise ValueError(f"check names must differ: {names}")
         self._task: asyncio.Task[None] | None = None
-        self.changed = asyncio.Event()
 
     async def run_once(self) -> None:
         """Run every check now, concurrently."""
         await asyncio.gather(*(self._run(c) for c in self._checks))
         self.rounds += 1
-        self.changed.set()
-        self.changed = asyncio.Event()
 
     async def _run(self, check: _Check) -> None:
         t0 = time.monotonic()

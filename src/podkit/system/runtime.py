@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from podkit.backends.url import mask
 from podkit.clock import Clock, SystemClock
 from podkit.proc import Watchdog, parent_death_signal, signal_group
 from podkit.system.backoff import RestartBackoff
@@ -580,7 +581,7 @@ class Runtime:
             "name": self.spec.name,
             "pid": os.getpid(),
             "started_at": self.started_at,
-            "backends": {k: _mask(v) for k, v in self.backends.items()},
+            "backends": {k: mask(v) for k, v in self.backends.items()},
             "pods": [r.describe() for r in self.replicas],
             "services": [
                 {
@@ -592,7 +593,3 @@ class Runtime:
                 for s in self.spec.services
             ],
         }
-
-
-def _mask(url: str) -> str:
-    return re.sub(r"//([^:/@]*):([^@/]*)@", r"//\1:***@", url)
