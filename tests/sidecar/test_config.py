@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from podkit.aio import stop_task
 from podkit.backends import open_kv
 from podkit.sidecar.config import (
     Backoff,
@@ -35,7 +36,6 @@ from podkit.sidecar.config import (
     Source,
     digest,
     open_source,
-    stop_task,
 )
 from servers import EtcdServer, RedisServer
 from support import free_port, http_get, wait_for

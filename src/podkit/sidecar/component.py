@@ -28,8 +28,9 @@ def _log(message: str) -> None:
 
 
 async def _run_config(sync: ConfigSync, admin_port: int | None, once: bool) -> int:
+    from podkit.aio import stop_task
     from podkit.net.admin import JSONServer
-    from podkit.sidecar.config import SourceError, stop_task
+    from podkit.sidecar.config import SourceError
 
     if once:
         try:

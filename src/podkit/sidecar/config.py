@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from podkit.aio import stop_task
 from podkit.backends import KV, BackendError, Event, open_kv
 from podkit.clock import Clock, SystemClock
 
@@ -398,16 +399,6 @@ class SyncStatus:
 
 
 Log = Callable[[str], None]
-
-
-async def stop_task(task: asyncio.Task[Any]) -> None:
-    """Cancel `task` and wait for it, cancelling again if it swallowed the first one
-    (asyncio.wait_for in Python 3.11 can, when its inner wait completes at that moment)."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.1)
-    if not task.cancelled():
-        task.exception()  # retrieved, so a failure is not reported again at exit
 
 
 def _stderr_log(message: str) -> None:
