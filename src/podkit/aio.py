@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -16,6 +16,16 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         return asyncio.run(coro)
     return uvloop.run(coro)
+
+
+async def wait_for(aw: Awaitable[T], timeout: float | None) -> T:
+    """`await aw` with a timeout (TimeoutError), never swallowing a cancellation.
+
+    asyncio.wait_for in Python 3.11 returns the result instead of raising CancelledError
+    when the awaited thing completes just as the caller is cancelled; a loop that is
+    stopped by cancelling it would then run on."""
+    async with asyncio.timeout(timeout):
+        return await aw
 
 
 def stop_event() -> asyncio.Event:

@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any
 
+from podkit.aio import wait_for
 from podkit.backends import open_kv
 from podkit.election import FencedResource, LeaderElection, StaleToken
 
@@ -35,7 +36,7 @@ async def main(url: str, name: str, identity: str, ttl: float, log_path: str) ->
         except Exception as exc:  # unreachable backend, lost session: queue again
             emit(ev="campaign-failed", error=repr(exc)[:200])
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(election.resign(), ttl)
+                await wait_for(election.resign(), ttl)
             await asyncio.sleep(0.05)
             continue
         session = election.session
@@ -45,7 +46,7 @@ async def main(url: str, name: str, identity: str, ttl: float, log_path: str) ->
             sent = time.time()
             body = json.dumps({"id": identity, "token": leader.token, "sent": sent})
             try:
-                await asyncio.wait_for(
+                await wait_for(
                     guard.write(leader.token, body.encode()), max(0.05, session.remaining())
                 )
             except StaleToken:
@@ -55,7 +56,7 @@ async def main(url: str, name: str, identity: str, ttl: float, log_path: str) ->
             await asyncio.sleep(0.02)
         emit(ev="loss", token=leader.token)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(election.resign(), ttl)
+            await wait_for(election.resign(), ttl)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Annotated, Any, TextIO
 
 import typer
 
-from podkit.aio import run_async, stop_event
+from podkit.aio import run_async, stop_event, wait_for
 
 cli = typer.Typer(
     help="Adapters: logs, metrics and health in standard shapes.", no_args_is_help=True
@@ -55,7 +55,7 @@ async def _pump(lines: asyncio.Queue[str | None], writer: _Writer) -> None:
     parser = LogParser()
     while True:
         try:
-            line = await asyncio.wait_for(lines.get(), IDLE_FLUSH)
+            line = await wait_for(lines.get(), IDLE_FLUSH)
         except TimeoutError:
             writer.write(parser.flush())
             continue
@@ -122,7 +122,7 @@ async def _follow(path: Path, lines: asyncio.Queue[str | None], stop: asyncio.Ev
             seen = b""
             continue
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), poll)
+            await wait_for(stop.wait(), poll)
     if buf:
         await lines.put(buf.decode("utf-8", "replace"))
     if handle is not None:

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from podkit.aio import wait_for
 from podkit.backends.url import mask
 
 
@@ -264,7 +265,7 @@ class HealthMonitor:
     async def _run(self, check: _Check) -> None:
         t0 = time.monotonic()
         try:
-            detail = await asyncio.wait_for(check.probe(), check.timeout)
+            detail = await wait_for(check.probe(), check.timeout)
             ok = True
         except TimeoutError:
             await check.close()

@@ -33,6 +33,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from podkit.aio import wait_for
+
 Kind = Literal["gauge", "counter"]
 METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
@@ -374,12 +376,11 @@ class Exporter:
 
     async def scrape(self) -> bytes:
         """Collect now and return the exposition text."""
-        import asyncio
 
         async with self._lock:  # concurrent scrapes share one read of the app
             t0 = time.monotonic()
             try:
-                samples = await asyncio.wait_for(self.source.collect(), self.timeout)
+                samples = await wait_for(self.source.collect(), self.timeout)
                 up, self.last_error = 1.0, None
             except Exception as exc:
                 samples, up = [], 0.0

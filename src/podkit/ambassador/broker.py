@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from podkit.aio import stop_task
+from podkit.aio import stop_task, wait_for
 from podkit.ambassador import dns
 from podkit.backends import KV, BackendError, open_kv
 from podkit.clock import Clock, SystemClock
@@ -429,7 +429,7 @@ class Broker(Relay):
     async def candidates(self, tried: set[Endpoint]) -> list[Endpoint]:
         if not self.endpoints.endpoints:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._have_endpoints.wait(), self.wait_for_endpoint)
+                await wait_for(self._have_endpoints.wait(), self.wait_for_endpoint)
         return [e for e in self.endpoints.candidates(self.clock.now()) if e not in tried]
 
     async def refresh(self) -> list[Endpoint]:
@@ -460,7 +460,7 @@ class Broker(Relay):
     async def _refresher(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.refresh_interval)
+                await wait_for(self._wake.wait(), self.refresh_interval)
             self._wake.clear()
             await self.refresh()
             await asyncio.sleep(0.02)  # coalesce bursts of changes

@@ -15,6 +15,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from podkit.aio import wait_for
+
 A, AAAA, SRV = 1, 28, 33
 CLASS_IN = 1
 RCODES = {1: "format error", 2: "server failure", 3: "no such name", 4: "not implemented",
@@ -173,7 +175,7 @@ async def query(server: tuple[str, int], name: str, qtype: int, timeout: float =
         raise DNSError(f"{what}: {exc.strerror or exc}") from None
     try:
         transport.sendto(encode_query(qid, name, qtype))
-        data = await asyncio.wait_for(proto.reply, timeout)
+        data = await wait_for(proto.reply, timeout)
     except TimeoutError:
         raise DNSError(f"{what}: no answer within {timeout}s") from None
     except OSError as exc:

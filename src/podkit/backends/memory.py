@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from podkit.aio import wait_for
 from podkit.backends.base import (
     Entry,
     Event,
@@ -44,7 +45,7 @@ class _Waiters:
         ev = asyncio.Event()
         self._events.add(ev)
         try:
-            await asyncio.wait_for(ev.wait(), timeout)
+            await wait_for(ev.wait(), timeout)
         except TimeoutError:
             pass
         finally:

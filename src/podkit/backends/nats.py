@@ -74,6 +74,7 @@ from typing import Any
 import nats
 import nats.errors
 
+from podkit.aio import wait_for
 from podkit.backends.base import (
     BackendError,
     BackendUnavailable,
@@ -421,7 +422,7 @@ class _Conn:
                         subject, payload, reply=self._prefix + token, headers=headers
                     )
                 if not batch.done.done():
-                    await asyncio.wait_for(batch.done, max(0.001, deadline - loop.time()))
+                    await wait_for(batch.done, max(0.001, deadline - loop.time()))
                 batch.done.result()
             except TimeoutError:
                 raise self.unavailable(f"no reply to {items[todo[0]][0]}") from None
@@ -612,7 +613,7 @@ class _Conn:
             while not done.done() and len(got) > seen:  # give up after `idle` s without news
                 seen = len(got)
                 try:
-                    await asyncio.wait_for(asyncio.shield(done), idle)
+                    await wait_for(asyncio.shield(done), idle)
                 except TimeoutError:
                     pass
         except nats.errors.Error as exc:
@@ -743,7 +744,7 @@ class _Feed:
         nc = self.conn.nc
         while True:
             try:
-                msg = await asyncio.wait_for(self._q.get(), 3 * self.heartbeat)
+                msg = await wait_for(self._q.get(), 3 * self.heartbeat)
             except TimeoutError:
                 return None
             if msg is None:

@@ -75,6 +75,7 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
+from podkit.aio import wait_for
 from podkit.backends.base import (
     BackendError,
     Entry,
@@ -700,7 +701,7 @@ async def _connect(url: BackendURL, timeout: float | None, retries: int) -> tupl
         raise BackendError(f"{url.masked}: timeout must be seconds") from None
     probe = _client(url, wait, 0)
     try:
-        await asyncio.wait_for(probe.ping(), wait)
+        await wait_for(probe.ping(), wait)
     except AuthenticationError as exc:
         raise BackendError(f"{url.masked}: {exc}") from None
     except (TimeoutError, *_NET_ERRORS) as exc:

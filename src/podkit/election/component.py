@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 import typer
 
-from podkit.aio import run_async, stop_event
+from podkit.aio import run_async, stop_event, wait_for
 from podkit.backends import BackendError, open_kv
 from podkit.election.core import Election, LeaderElection, LeadershipLost
 from podkit.net.admin import JSONServer
@@ -118,7 +118,7 @@ class Elector:
             return
         signal_group(child.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(child.wait(), grace)
+            await wait_for(child.wait(), grace)
         except TimeoutError:
             signal_group(child.pid, signal.SIGKILL)
             await child.wait()

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from podkit.aio import stop_task, wait_for
 from podkit.backends.base import KV, BackendError, Entry
 from podkit.clock import Clock, SystemClock
 
@@ -89,7 +90,7 @@ class Session:
             await self.clock.sleep(interval)
             sent = self.clock.now()
             try:
-                alive = await asyncio.wait_for(self.kv.keep_alive(self.lease), interval)
+                alive = await wait_for(self.kv.keep_alive(self.lease), interval)
             except (BackendError, OSError, TimeoutError):
                 continue  # unreachable: keep trying until the deadline says otherwise
             if not alive:
@@ -108,15 +109,12 @@ class Session:
     async def close(self, *, revoke: bool = True) -> None:
         """Stop renewing; with `revoke`, end the lease now (its keys vanish)."""
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
         was_valid = self.valid
         self.lost.set()
         if revoke and was_valid:
             with contextlib.suppress(BackendError, OSError, TimeoutError):
-                await asyncio.wait_for(self.kv.revoke(self.lease), self.ttl)
+                await wait_for(self.kv.revoke(self.lease), self.ttl)
 
     async def __aenter__(self) -> Session:
         return await self.start()
@@ -244,7 +242,7 @@ class Lock:
         self._queue = _Queue(self.kv, f"{PREFIX}lock/{self.name}/", self.session, b"")
         await self._queue.join()
         try:
-            await asyncio.wait_for(self._queue.wait_first(), timeout)
+            await wait_for(self._queue.wait_first(), timeout)
         except BaseException:
             await self._queue.leave()
             self._queue = None
@@ -354,7 +352,7 @@ class LeaderElection:
         self._queue = _Queue(self.kv, self.prefix, self.session, value)
         await self._queue.join()
         try:
-            await asyncio.wait_for(self._queue.wait_first(), timeout)
+            await wait_for(self._queue.wait_first(), timeout)
         except BaseException:
             await self._queue.leave()
             raise

@@ -25,6 +25,7 @@ from lightkube.models.coordination_v1 import LeaseSpec
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.coordination_v1 import Lease
 
+from podkit.aio import wait_for
 from podkit.clock import Clock, SystemClock
 from podkit.election.core import Leader, LeadershipLost
 
@@ -165,7 +166,7 @@ class KubeLeaseElection:
                 await self.clock.sleep(self.retry_period)
 
         self.lost.clear()
-        leader = await asyncio.wait_for(loop(), timeout)
+        leader = await wait_for(loop(), timeout)
         self._renewer = asyncio.create_task(self._renew())
         return leader
 
@@ -176,7 +177,7 @@ class KubeLeaseElection:
             if self.clock.now() >= self.deadline:
                 break
             try:
-                ok = await asyncio.wait_for(self._try_acquire_or_renew(), interval)
+                ok = await wait_for(self._try_acquire_or_renew(), interval)
             except (ApiError, OSError, TimeoutError):
                 continue  # unreachable: the deadline decides
             if not ok:

@@ -33,6 +33,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from podkit.aio import wait_for
 from podkit.lb.policy import Upstream
 
 if TYPE_CHECKING:
@@ -271,7 +272,7 @@ class AdminServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            head = await wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             line = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
             if len(line) != 3:
                 code, ctype, body = 400, "application/json", b'{"error": "malformed request"}'

@@ -7,6 +7,8 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from podkit.aio import wait_for
+
 Handler = Callable[[], Awaitable[tuple[int, Any]] | tuple[int, Any]]
 REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
@@ -43,7 +45,7 @@ class JSONServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                head = await wait_for(reader.readuntil(b"\r\n\r\n"), 30)
                 line = head.split(b"\r\n", 1)[0].split(b" ")
                 if len(line) != 3:
                     status, body = 400, {"error": "malformed request line"}

@@ -13,6 +13,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from podkit.aio import wait_for
+
 
 class PooledConnection(asyncio.Protocol):
     """Base protocol for connections a `ConnectionPool` manages."""
@@ -78,7 +80,7 @@ class ConnectionPool(Generic[C]):
     async def connect(self) -> C:
         """A new connection; OSError or TimeoutError when the upstream cannot be reached."""
         loop = asyncio.get_running_loop()
-        _, conn = await asyncio.wait_for(
+        _, conn = await wait_for(
             loop.create_connection(self.factory, self.host, self.port), self.connect_timeout
         )
         conn.pool = self  # type: ignore[assignment]

@@ -20,6 +20,8 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, cast
 
+from podkit.aio import wait_for
+
 Endpoint = tuple[str, int]
 REPLAY_LIMIT = 64 * 1024
 
@@ -83,7 +85,7 @@ class _Conn:
                 return
             self.tried.add(endpoint)
             try:
-                transport, _ = await asyncio.wait_for(
+                transport, _ = await wait_for(
                     loop.create_connection(lambda: _Upstream(self), *endpoint),
                     relay.connect_timeout,
                 )

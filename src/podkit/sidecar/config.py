@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from podkit.aio import stop_task
+from podkit.aio import stop_task, wait_for
 from podkit.backends import KV, BackendError, Event, open_kv
 from podkit.clock import Clock, SystemClock
 
@@ -340,7 +340,7 @@ async def run_command(
     except OSError as exc:
         return -1, f"cannot start {argv[0]!r}: {exc.strerror or exc}"
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        out, _ = await wait_for(proc.communicate(), timeout)
     except TimeoutError:
         proc.kill()
         await proc.wait()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
+from podkit.aio import wait_for
 from podkit.net.relay import Endpoint, Relay
 
 __all__ = ["Endpoint", "ServiceProxy", "TCPForwarder"]
@@ -57,7 +58,7 @@ class TCPForwarder(Relay):
         """The ready endpoints from the next in turn (waits a moment while there are none)."""
         if not self._endpoints:
             try:
-                await asyncio.wait_for(self._have_endpoints.wait(), self.wait_for_endpoint)
+                await wait_for(self._have_endpoints.wait(), self.wait_for_endpoint)
             except TimeoutError:
                 return []
         eps = self._endpoints

@@ -20,6 +20,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from podkit.aio import wait_for
 from podkit.lb.members import write_members
 from podkit.proc import parent_death_signal, signal_group
 from podkit.system.forwarder import Endpoint
@@ -132,7 +133,7 @@ class LBService:
         if proc.returncode is None:
             signal_group(proc.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), grace)
+                await wait_for(proc.wait(), grace)
             except TimeoutError:
                 signal_group(proc.pid, signal.SIGKILL)
                 await proc.wait()
@@ -149,4 +150,4 @@ class LBService:
             await self._stop_proc(self.proc)
         for t in self._pumps:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(t, 1.0)
+                await wait_for(t, 1.0)

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from podkit.aio import wait_for
 from podkit.system.spec import Probe
 
 
@@ -51,7 +52,7 @@ async def http_check(host: str, port: int, path: str, timeout: float) -> bool:
         return len(parts) >= 2 and parts[1][:1] in (b"2", b"3")
 
     try:
-        return await asyncio.wait_for(attempt(), timeout)
+        return await wait_for(attempt(), timeout)
     except (OSError, TimeoutError, ValueError):
         return False
 
@@ -59,7 +60,7 @@ async def http_check(host: str, port: int, path: str, timeout: float) -> bool:
 async def tcp_check(host: str, port: int, timeout: float) -> bool:
     """Healthy when a TCP connection opens."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        _, writer = await wait_for(asyncio.open_connection(host, port), timeout)
     except (OSError, TimeoutError):
         return False
     writer.close()
@@ -83,7 +84,7 @@ async def exec_check(
     except OSError:
         return False
     try:
-        return await asyncio.wait_for(proc.wait(), timeout) == 0
+        return await wait_for(proc.wait(), timeout) == 0
     except TimeoutError:
         try:
             os.killpg(proc.pid, 9)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from podkit.aio import wait_for
 from podkit.backends.url import mask
 from podkit.clock import Clock, SystemClock
 from podkit.proc import Watchdog, parent_death_signal, signal_group
@@ -321,7 +322,7 @@ class ContainerRunner:
             return
         signal_group(proc.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
+            await wait_for(asyncio.shield(proc.wait()), grace)
         except TimeoutError:
             self.runtime.log.event(f"{self.log_source} did not stop in {grace}s: SIGKILL")
             signal_group(proc.pid, signal.SIGKILL)

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from podkit.aio import run_async, stop_event
+from podkit.aio import run_async, stop_event, wait_for
 from podkit.backends import BackendError, open_kv
 from podkit.workqueue import sources
 from podkit.workqueue.core import RetryPolicy, WorkerStats, WorkQueue
@@ -274,7 +274,7 @@ def scaler(
                     g_rate.set(d.rate or 0.0)
                     g_workers.set(d.workers)
                 try:
-                    await asyncio.wait_for(stop.wait(), every)
+                    await wait_for(stop.wait(), every)
                 except TimeoutError:
                     pass
         finally:
@@ -308,7 +308,7 @@ async def _watch(wq: WorkQueue) -> None:
             if left == 0:
                 break
             try:
-                await asyncio.wait_for(stop.wait(), 0.5)
+                await wait_for(stop.wait(), 0.5)
             except TimeoutError:
                 pass
 

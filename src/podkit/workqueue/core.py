@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from podkit.aio import wait_for
 from podkit.backends import (
     KV,
     BackendError,
@@ -177,7 +178,7 @@ class WorkQueue:
                     return decode(ev.value)
             raise RuntimeError("watch ended")
 
-        return await asyncio.wait_for(wait(), timeout)
+        return await wait_for(wait(), timeout)
 
     def worker(
         self, fn: Handler | None = None, *, concurrency: int = 8
@@ -298,7 +299,7 @@ class _Pool:
                     if outage == 1:
                         log.warning("queue %s unavailable, retrying: %s", self.wq.name, exc)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.wq._stop.wait(), min(5.0, 0.2 * 2**outage))
+                        await wait_for(self.wq._stop.wait(), min(5.0, 0.2 * 2**outage))
                     continue
                 finally:
                     self.fetch = None

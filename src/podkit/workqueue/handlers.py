@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import aiohttp
 
+from podkit.aio import wait_for
 from podkit.proc import parent_death_signal, signal_group
 
 Mode = Literal["arg", "stdin", "file"]
@@ -125,7 +126,7 @@ class ExecHandler:
         except OSError as exc:
             raise HandlerFailed(f"cannot run {argv[0]!r}: {exc.strerror}") from None
         try:
-            out, err = await asyncio.wait_for(proc.communicate(stdin), self.timeout)
+            out, err = await wait_for(proc.communicate(stdin), self.timeout)
         except (TimeoutError, asyncio.CancelledError) as exc:
             signal_group(proc.pid, signal.SIGKILL)
             await proc.wait()

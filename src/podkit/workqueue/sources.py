@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from podkit.aio import wait_for
 from podkit.backends import open_kv
 from podkit.workqueue.core import WorkQueue
 
@@ -71,7 +72,7 @@ async def directory(
             count += len(batch)
             log(f"enqueued {len(batch)} file(s) from {root}")
         try:
-            await asyncio.wait_for(stop.wait(), poll)
+            await wait_for(stop.wait(), poll)
         except TimeoutError:
             pass
     return count
@@ -119,7 +120,7 @@ async def schedule(
         count += 1
         log(f"tick {tick}")
         try:
-            await asyncio.wait_for(stop.wait(), (tick + 1) * every - now)
+            await wait_for(stop.wait(), (tick + 1) * every - now)
         except TimeoutError:
             pass
     return count
@@ -204,7 +205,7 @@ class HTTPSource:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            head = await wait_for(reader.readuntil(b"\r\n\r\n"), 30)
             lines_ = head.decode("latin-1").split("\r\n")
             method, path, _ = [*lines_[0].split(" "), "", "", ""][:3]
             headers = {
@@ -215,7 +216,7 @@ class HTTPSource:
             if length > 16 << 20:
                 status, body = 413, {"error": "body over 16 MiB"}
             else:
-                data = await asyncio.wait_for(reader.readexactly(length), 30)
+                data = await wait_for(reader.readexactly(length), 30)
                 status, body = await self._answer(method, path, headers, data)
             payload = json.dumps(body).encode()
             writer.write(
