@@ -241,21 +241,35 @@ class _Database:
     def _connect(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
-            try:
-                self._prepare(conn)
-            except BaseException:
-                conn.close()
-                raise
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
             raise BackendError(
                 f"{self.masked}: cannot open the SQLite database {self.path}: {exc}"
             ) from None
-        self.conn = conn
         try:  # a lock file the writers queue on; without it SQLite's busy wait still works
             self._lock = os.open(f"{self.path}-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError:
             self._lock = -1
+        try:
+            if self._lock >= 0:  # openers take turns: switching to WAL does not wait on busy
+                fcntl.flock(self._lock, fcntl.LOCK_EX)
+            try:
+                conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+                try:
+                    self._prepare(conn)
+                except BaseException:
+                    conn.close()
+                    raise
+            finally:
+                if self._lock >= 0:
+                    fcntl.flock(self._lock, fcntl.LOCK_UN)
+        except (OSError, sqlite3.Error) as exc:
+            if self._lock >= 0:
+                os.close(self._lock)
+                self._lock = -1
+            raise BackendError(
+                f"{self.masked}: cannot open the SQLite database {self.path}: {exc}"
+            ) from None
+        self.conn = conn
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
