@@ -152,7 +152,15 @@ def test_elector_component_on_a_kubernetes_lease(api: FakeKubeAPI, tmp_path: Pat
             time.sleep(0.05)
         assert leader["identity"] in ("pod-0", "pod-1") and leader["token"] == 1
         assert api.leases["jobs", "cron"]["spec"]["holderIdentity"] == leader["identity"]
-        me = [json.loads(http_get(f"http://127.0.0.1:{p}/me")[1]) for p in ports]
+        me = []
+        for p in ports:  # the other elector may still be starting on a slow machine
+            while True:
+                assert time.monotonic() < deadline, f"the elector on port {p} never answered"
+                try:
+                    me.append(json.loads(http_get(f"http://127.0.0.1:{p}/me", timeout=1)[1]))
+                    break
+                except OSError:
+                    time.sleep(0.05)
         assert sorted(m["leader"] for m in me) == [False, True]
     finally:
         for p in procs:
