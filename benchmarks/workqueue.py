@@ -1,8 +1,8 @@
 """Task queues: podkit's WorkQueue beside Celery, arq and Dramatiq on one private Redis.
 
-    .venv/bin/python benchmarks/queue.py            # --tasks 100000 --procs 2 --concurrency 8
-    .venv/bin/python benchmarks/queue.py --quick    # 10,000 tasks: a smoke run
-    .venv/bin/python benchmarks/queue.py --peers podkit,dramatiq
+    .venv/bin/python benchmarks/workqueue.py            # --tasks 100000 --procs 2 --concurrency 8
+    .venv/bin/python benchmarks/workqueue.py --quick    # 10,000 tasks: a smoke run
+    .venv/bin/python benchmarks/workqueue.py --peers podkit,dramatiq
 
 Every peer runs N no-op tasks on the same redis-server (started here on a free port,
 FLUSHALL between peers) with the same number of worker processes:
@@ -38,31 +38,25 @@ Peers live in their own virtualenvs, made on first use under benchmarks/.venvs/<
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import json
 import os
+import shutil
+import signal
+import struct
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
-# This file is named queue.py: take its folder off sys.path before anything imports the
-# standard library's `queue` (redis-py, concurrent.futures and logging.handlers do).
-for _entry in [p for p in sys.path if Path(p or ".").resolve() == HERE]:
-    sys.path.remove(_entry)
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import struct  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
-
 ROOT = HERE.parent
 VENVS = HERE / ".venvs"
 MODULE = "podkit_bench_queue"  # the name this file is imported under by peers' CLIs
