@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from podkit.lb.hooks import BaseFilter
+from podkit.lb.hooks import BaseFilter, observes_responses
 from podkit.lb.policy import Upstream, parse_upstream
 from podkit.lb.proxy import Exchange, LoadBalancer, ProxyConfig
 from support import free_port
@@ -580,6 +580,38 @@ async def test_filters_answer_locally_admit_and_observe() -> None:
             bodies.append((await get(s, url + "/name?wait"))[1])
         assert bodies == ["b1"] * 4  # the breaker-like admit refused b0
         assert rec.done == [(f"127.0.0.1:{backends[1].port}", 200, None)] * 4
+
+
+def test_only_filters_that_read_responses_take_answers_off_the_fast_path() -> None:
+    """Status-only filters (health, timing, breakers, rate limits) keep whole answers on
+    the fast path; a filter with its own on_response (a cache) does not."""
+    from podkit.lb.breaker import Limits
+    from podkit.lb.filters import BreakerFilter, CacheFilter, RateLimitFilter, Timing
+
+    class AddsHeader(BaseFilter):
+        def on_response(self, ex: Exchange, head: Any) -> None:
+            head.headers.append((b"X-Seen", b"1"))
+
+    assert not observes_responses(Recorder())
+    assert not observes_responses(Timing(lambda *_: None))
+    assert not observes_responses(BreakerFilter(Limits(10, 10, 10)))
+    assert observes_responses(AddsHeader())
+    assert CacheFilter.on_response is not BaseFilter.on_response  # so a cache observes
+    assert RateLimitFilter.on_response is BaseFilter.on_response
+
+
+async def test_a_response_filter_still_sees_every_answer() -> None:
+    class AddsHeader(BaseFilter):
+        def on_response(self, ex: Exchange, head: Any) -> None:
+            head.headers.append((b"X-Seen", b"1"))
+
+    async with (
+        cluster(2, filters=[AddsHeader()]) as (_lb, _backends, url),
+        aiohttp.ClientSession() as s,
+    ):
+        for _ in range(4):
+            async with s.get(url + "/name") as r:
+                assert r.status == 200 and r.headers.get("X-Seen") == "1"
 
 
 # --- the command --------------------------------------------------------------------

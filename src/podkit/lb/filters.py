@@ -255,6 +255,10 @@ class HealthFilter(BaseFilter):
 class BreakerFilter(BaseFilter):
     """Per-upstream circuit breakers and a retry budget over all upstreams."""
 
+    # on_response only frees the pending slot early; on_done frees it too, so an answer
+    # that arrives whole in one read need not be parsed for it
+    observes_responses = False
+
     def __init__(self, limits: Limits, budget: RetryBudget | None = None) -> None:
         self.limits = limits
         self.breakers: dict[str, Breaker] = {}

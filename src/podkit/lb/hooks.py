@@ -19,7 +19,10 @@ The proxy calls each `Filter` it was given, in order, at four points of an excha
    (connect refused, reset, timeout). Passive health, outlier ejection and breaker
    releases go here. It is called once per try, so a retried request reports each try.
 
-With no filters the proxy skips all of this: the hot path pays one truth test.
+With no filters the proxy skips all of this: the hot path pays one truth test. A filter
+whose `on_response` is BaseFilter's (or that sets `observes_responses = False`) leaves
+whole answers of one read on the fast path, where they are passed through unparsed;
+`on_done` still runs for every try.
 """
 
 from __future__ import annotations
@@ -51,6 +54,14 @@ class Filter(Protocol):
     def on_done(
         self, ex: Exchange, upstream: Upstream, status: int | None, error: str | None
     ) -> None: ...
+
+
+def observes_responses(f: object) -> bool:
+    """Whether the proxy must parse responses to call `f.on_response`."""
+    flag = getattr(f, "observes_responses", None)
+    if flag is not None:
+        return bool(flag)
+    return getattr(type(f), "on_response", None) is not BaseFilter.on_response
 
 
 class BaseFilter:

@@ -46,7 +46,7 @@ from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from podkit.lb.hooks import BodyObserver, Filter
+from podkit.lb.hooks import BodyObserver, Filter, observes_responses
 from podkit.lb.policy import Policy, Upstream, make_policy, parse_upstream
 from podkit.net.http import (
     HOP_BY_HOP,
@@ -847,8 +847,8 @@ class UpstreamConnection(PooledConnection):
             elif not client_11:
                 tail += b"Connection: keep-alive\r\n"
         self.rechunk = rechunk
-        if self.lb.filters:  # before the head is written: a filter may add headers to it
-            for f in self.lb.filters:
+        if self.lb.response_filters:  # before the head is written: a filter may add headers
+            for f in self.lb.response_filters:
                 obs = f.on_response(ex, head)
                 if obs is not None and ex.observer is None:
                     ex.observer = obs
@@ -903,7 +903,7 @@ class UpstreamConnection(PooledConnection):
         if end < 12:
             return False
         lb = self.lb
-        if lb.filters or lb.closing:
+        if lb.response_filters or lb.closing:
             return False
         req = ex.head
         if req.method == b"HEAD" or not req.keep_alive or req.version != "1.1":
@@ -1072,6 +1072,8 @@ class LoadBalancer:
         for u in self.upstreams:
             u.pool = self._pool(u)
         self.filters: list[Filter] = list(filters)
+        # the filters that must see a response head; with none, answers take the fast path
+        self.response_filters: list[Filter] = [f for f in filters if observes_responses(f)]
         self.scheme = config.scheme.encode()
         self.clients: set[ClientConnection] = set()
         self.fast_heads: dict[bytes, tuple[int, int]] = {}  # UpstreamConnection._fast's memo
