@@ -344,22 +344,36 @@ def _name(name: str) -> bytes:
 
 
 class TinyDNSServer(asyncio.DatagramProtocol):
-    """A tiny in-test UDP DNS server: answers SRV and A queries from `srv` and `a`
-    (SRV answers carry A records of their targets as additional records when
-    `glue` is true); unknown names get NXDOMAIN. Built with struct, independent of
-    podkit's codec."""
+    """A tiny in-test DNS server on UDP and TCP (one port): answers SRV and A queries from
+    `srv` and `a` (SRV answers carry A records of their targets as additional records
+    when `glue` is true); unknown names get NXDOMAIN. Over UDP it sends at most
+    `udp_answers` answers, with the TC bit set when it cut some. Built with struct,
+    independent of podkit's codec."""
 
     def __init__(self) -> None:
         self.srv: dict[str, list[tuple[int, int, int, str]]] = {}
         self.a: dict[str, list[str]] = {}
         self.glue = True
-        self.queries: list[tuple[str, int]] = []
+        self.udp_answers = 1000
+        self.queries: list[tuple[str, int, str]] = []  # (name, type, "udp" | "tcp")
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        assert self.transport is not None
+        self.transport.sendto(self.answer(data, "udp"), addr)
+
+    async def serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                (size,) = struct.unpack("!H", await reader.readexactly(2))
+                reply = self.answer(await reader.readexactly(size), "tcp")
+                writer.write(struct.pack("!H", len(reply)) + reply)
+        writer.close()
+
+    def answer(self, data: bytes, via: str) -> bytes:
         qid = struct.unpack_from("!H", data)[0]
         labels, i = [], 12
         while data[i]:
@@ -368,7 +382,7 @@ class TinyDNSServer(asyncio.DatagramProtocol):
         qname = ".".join(labels).lower()
         qtype = struct.unpack_from("!H", data, i + 1)[0]
         question = data[12 : i + 5]
-        self.queries.append((qname, qtype))
+        self.queries.append((qname, qtype, via))
         answers, additional = [], []
         if qtype == 33 and qname in self.srv:
             for prio, weight, port, target in self.srv[qname]:
@@ -385,9 +399,10 @@ class TinyDNSServer(asyncio.DatagramProtocol):
                 )
         known = qname in self.srv or qname in self.a
         flags = 0x8180 if known else 0x8183
+        if via == "udp" and len(answers) > self.udp_answers:
+            answers, additional, flags = answers[: self.udp_answers], [], flags | 0x0200
         header = struct.pack("!HHHHHH", qid, flags, 1, len(answers), 0, len(additional))
-        assert self.transport is not None
-        self.transport.sendto(header + question + b"".join(answers + additional), addr)
+        return header + question + b"".join(answers + additional)
 
 
 @pytest.fixture
@@ -396,7 +411,10 @@ async def dns_server() -> AsyncIterator[tuple[TinyDNSServer, tuple[str, int]]]:
     transport, proto = await loop.create_datagram_endpoint(
         TinyDNSServer, local_addr=("127.0.0.1", 0)
     )
-    yield proto, transport.get_extra_info("sockname")[:2]
+    addr = transport.get_extra_info("sockname")[:2]
+    tcp = await asyncio.start_server(proto.serve_tcp, addr[0], addr[1])
+    yield proto, addr
+    tcp.close()
     transport.close()
 
 
@@ -415,9 +433,46 @@ async def test_dns_srv_with_and_without_additional_records(
     server.glue = False  # targets then need their own A queries
     server.queries.clear()
     assert await resolver.resolve() == expected
-    assert ("a.cache.test", 1) in server.queries
+    assert ("a.cache.test", 1, "udp") in server.queries
     with pytest.raises(ResolveError, match="no such name"):
         await DNSResolver("_x._tcp.missing.test", server=addr).resolve()
+
+
+async def test_dns_truncated_reply_is_asked_again_over_tcp(
+    dns_server: tuple[TinyDNSServer, tuple[str, int]],
+) -> None:
+    """60 SRV records do not fit the UDP reply: the TC bit sends the client to TCP."""
+    server, addr = dns_server
+    server.srv["_big._tcp.svc.test"] = [(10, 1, 7000 + i, f"h{i}.svc.test") for i in range(60)]
+    server.a.update({f"h{i}.svc.test": [f"127.0.1.{i + 1}"] for i in range(60)})
+    server.udp_answers = 5
+    got = await DNSResolver("_big._tcp.svc.test", server=addr).resolve()
+    assert sorted(got) == sorted((f"127.0.1.{i + 1}", 7000 + i) for i in range(60))
+    assert [q for q in server.queries if q[0] == "_big._tcp.svc.test"] == [
+        ("_big._tcp.svc.test", 33, "udp"),
+        ("_big._tcp.svc.test", 33, "tcp"),
+    ]
+    reply = await dns.query(addr, "_big._tcp.svc.test", dns.SRV)
+    assert len(reply.answers) == 60 and not reply.truncated
+
+
+async def test_dns_truncated_reply_without_tcp_is_a_clear_error() -> None:
+    class Truncating(asyncio.DatagramProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+            header = struct.pack("!HHHHHH", struct.unpack_from("!H", data)[0], 0x8380, 0, 0, 0, 0)
+            self.transport.sendto(header, addr)  # type: ignore[attr-defined]
+
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(Truncating, local_addr=("127.0.0.1", 0))
+    try:  # nothing listens on the TCP side of the port
+        addr = transport.get_extra_info("sockname")[:2]
+        with pytest.raises(dns.DNSError, match=r"truncated and TCP failed"):
+            await dns.query(addr, "_a._tcp.x", dns.SRV, timeout=1)
+    finally:
+        transport.close()
 
 
 async def test_dns_a_records_with_a_port(dns_server: tuple[TinyDNSServer, tuple[str, int]]) -> None:

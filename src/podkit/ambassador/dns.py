@@ -2,8 +2,8 @@
 
 The codec is sans-IO: `encode_query` builds a query, `decode_response` parses an answer
 (with name compression). `query` sends one over UDP to a name server and waits for the
-matching reply. A truncated reply (TC bit) is used as far as it goes: there is no TCP
-fallback, which SRV sets of a few dozen records do not need.
+matching reply; a truncated reply (TC bit) is asked again over TCP (RFC 7766), so large
+SRV sets arrive whole.
 """
 
 from __future__ import annotations
@@ -183,6 +183,39 @@ async def query(server: tuple[str, int], name: str, qtype: int, timeout: float =
     finally:
         transport.close()
     response = decode_response(data)
+    if response.truncated and not response.rcode:
+        response = await _query_tcp(server, name, qtype, timeout, what)
     if response.rcode:
         raise DNSError(f"{what}: {RCODES.get(response.rcode, f'rcode {response.rcode}')}")
     return response
+
+
+async def _query_tcp(
+    server: tuple[str, int], name: str, qtype: int, timeout: float, what: str
+) -> Response:
+    """The same question over TCP: each message after its two-byte length."""
+    qid = random.randrange(1 << 16)
+    message = encode_query(qid, name, qtype)
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(server[0], server[1])
+            writer.write(struct.pack("!H", len(message)) + message)
+            while True:
+                (size,) = struct.unpack("!H", await reader.readexactly(2))
+                data = await reader.readexactly(size)
+                if len(data) >= 2 and struct.unpack_from("!H", data)[0] == qid:
+                    return decode_response(data)
+    except TimeoutError:
+        raise DNSError(
+            f"{what}: the reply was truncated and TCP gave none within {timeout}s"
+        ) from None
+    except asyncio.IncompleteReadError:
+        raise DNSError(f"{what}: the reply was truncated and the TCP connection closed") from None
+    except OSError as exc:
+        raise DNSError(
+            f"{what}: the reply was truncated and TCP failed: {exc.strerror or exc}"
+        ) from None
+    finally:
+        if writer is not None:
+            writer.close()
