@@ -21,7 +21,9 @@ last revision it saw, so it resumes after a reconnect without gaps or repeats (a
 means the log was trimmed: BackendError). Leases: zset `leases` (id -> deadline, server
 ms), hash `ttl`, set `lk:<id>` of the keys held. Every script first sweeps expired
 leases, deleting their keys with delete events at new revisions, so reads never return
-them; a watch also sweeps at the next lease deadline and at least once a second.
+them; a watch also sweeps at the next lease deadline and at least once a second, on its
+own timer (Redis times out a blocked read only at its next event-loop wake-up: up to
+100 ms late on an idle server).
 
 Queue (keys under `P q:<name>:`): not Streams with consumer groups, whose pending
 entries share one min-idle-time per XAUTOCLAIM call (no visibility per delivery, no
@@ -672,6 +674,16 @@ def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
 
 
+def _discard(future: asyncio.Future[Any]) -> None:
+    """Cancel a command in flight (redis-py then drops its connection), or take the
+    outcome of a finished one, so that no error goes unretrieved."""
+    if future.done():
+        if not future.cancelled():
+            future.exception()
+    else:
+        future.cancel()
+
+
 def _client(url: BackendURL, timeout: float, retries: int) -> Redis:
     db = url.path.strip("/") or "0"
     if not db.isdigit():
@@ -848,50 +860,73 @@ class RedisKV(_Backend):
     async def watch(
         self, key: str, *, prefix: bool = False, start_revision: int | None = None
     ) -> AsyncIterator[Event]:
-        """XREAD BLOCK on the changelog after the last revision seen; sweeps leases at
-        least once a second; retries connection errors forever."""
+        """XREAD BLOCK on the changelog after the last revision seen; sweeps leases at the
+        next lease deadline and at least once a second; retries connection errors forever.
+
+        The sweep runs on this client's timer, beside the blocked read (on another pooled
+        connection), not when the read times out: Redis ends a blocked command's timeout
+        only when its event loop next wakes up, on an idle server at the next serverCron
+        tick (every 100 ms at the default hz 10), which would delay an expired lease's
+        delete event, and so a failover, by up to 100 ms. A sweep that deletes keys
+        appends their events to the log, which ends the read at once."""
         last = None if start_revision is None else max(0, start_revision - 1)
         known = 0  # the highest revision the server has shown
         next_sweep = 0.0
         failures = 0
-        while True:
-            try:
-                if last is None or time.monotonic() >= next_sweep:
-                    rev, wait_ms = await self._run(self._sweep_s)
-                    if rev < known:
-                        raise BackendError(
-                            f"{self.url}: the revision went back from {known} to {rev} "
-                            f"(the server lost data): the watch of {key!r} cannot resume"
+        read: asyncio.Future[Any] | None = None  # the XREAD in flight
+        try:
+            while True:
+                try:
+                    if last is None or time.monotonic() >= next_sweep:
+                        rev, wait_ms = await self._run(self._sweep_s)
+                        if rev < known:
+                            raise BackendError(
+                                f"{self.url}: the revision went back from {known} to {rev} "
+                                f"(the server lost data): the watch of {key!r} cannot resume"
+                            )
+                        known = max(known, rev)
+                        if last is None:
+                            last = rev
+                        wait = BLOCK_MAX if wait_ms < 0 else min(BLOCK_MAX, wait_ms / 1000 + 0.002)
+                        next_sweep = time.monotonic() + wait
+                    if read is None:
+                        read = asyncio.ensure_future(
+                            self._r.xread(
+                                {self._log: f"{last}-0"}, count=1000, block=_ms(BLOCK_MAX)
+                            )
                         )
-                    known = max(known, rev)
-                    if last is None:
-                        last = rev
-                    wait = BLOCK_MAX if wait_ms < 0 else min(BLOCK_MAX, wait_ms / 1000 + 0.002)
-                    next_sweep = time.monotonic() + wait
-                block = max(1, _ms(next_sweep - time.monotonic()))
-                reply: Any = await self._r.xread({self._log: f"{last}-0"}, count=1000, block=block)
-                failures = 0
-            except _NET_ERRORS:
-                failures += 1
-                await asyncio.sleep(min(1.0, 0.02 * 2**failures))
-                continue
-            except RedisError as exc:
-                raise self._failed(exc) from exc
-            for _stream, entries in reply or ():
-                for entry_id, fields in entries:
-                    rev = int(entry_id.split(b"-", 1)[0])
-                    if rev != last + 1:
-                        raise BackendError(
-                            f"{self.url}: watch of {key!r} cannot resume at revision "
-                            f"{last + 1}: the changelog was trimmed up to {rev}"
-                        )
-                    last, known = rev, max(known, rev)
-                    name = fields[b"k"].decode()
-                    if name == key or (prefix and name.startswith(key)):
-                        if fields[b"t"] == b"p":
-                            yield Event("put", name, fields[b"v"], rev)
-                        else:
-                            yield Event("delete", name, None, rev)
+                    left = next_sweep - time.monotonic()
+                    if left > 0:
+                        await asyncio.wait({read}, timeout=left)
+                    if not read.done():
+                        continue  # the sweep is due; the read stays in flight
+                    done, read = read, None
+                    reply: Any = done.result()
+                    failures = 0
+                except _NET_ERRORS:
+                    failures += 1
+                    await asyncio.sleep(min(1.0, 0.02 * 2**failures))
+                    continue
+                except RedisError as exc:
+                    raise self._failed(exc) from exc
+                for _stream, entries in reply or ():
+                    for entry_id, fields in entries:
+                        rev = int(entry_id.split(b"-", 1)[0])
+                        if rev != last + 1:
+                            raise BackendError(
+                                f"{self.url}: watch of {key!r} cannot resume at revision "
+                                f"{last + 1}: the changelog was trimmed up to {rev}"
+                            )
+                        last, known = rev, max(known, rev)
+                        name = fields[b"k"].decode()
+                        if name == key or (prefix and name.startswith(key)):
+                            if fields[b"t"] == b"p":
+                                yield Event("put", name, fields[b"v"], rev)
+                            else:
+                                yield Event("delete", name, None, rev)
+        finally:
+            if read is not None:
+                _discard(read)
 
     async def close(self) -> None:
         await self._r.aclose()
