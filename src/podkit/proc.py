@@ -7,12 +7,15 @@ terminates every process group it was told about.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
+
+from podkit.aio import wait_for
 
 PR_SET_PDEATHSIG = 1
 
@@ -49,6 +52,21 @@ def signal_group(pgid: int, sig: int) -> bool:
     except PermissionError:
         return False
     return True
+
+
+async def stop_group(proc: asyncio.subprocess.Process, grace: float) -> bool:
+    """SIGTERM to `proc`'s process group, SIGKILL after `grace` seconds; wait for it.
+    True when it had to be killed."""
+    if proc.returncode is not None:
+        return False
+    signal_group(proc.pid, signal.SIGTERM)
+    try:
+        await wait_for(asyncio.shield(proc.wait()), grace)
+        return False
+    except TimeoutError:
+        signal_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        return True
 
 
 class Watchdog:

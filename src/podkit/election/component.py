@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import os
 import shlex
-import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
@@ -24,11 +23,11 @@ from typing import Annotated, Any
 
 import typer
 
-from podkit.aio import run_async, stop_event, wait_for
+from podkit.aio import run_async, stop_event
 from podkit.backends import BackendError, open_kv
 from podkit.election.core import Election, LeaderElection, LeadershipLost
 from podkit.net.admin import JSONServer
-from podkit.proc import parent_death_signal, signal_group
+from podkit.proc import parent_death_signal, stop_group
 
 
 @dataclass
@@ -113,15 +112,8 @@ class Elector:
         self.child = None
 
     async def _stop_child(self, grace: float) -> None:
-        child = self.child
-        if child is None or child.returncode is not None:
-            return
-        signal_group(child.pid, signal.SIGTERM)
-        try:
-            await wait_for(child.wait(), grace)
-        except TimeoutError:
-            signal_group(child.pid, signal.SIGKILL)
-            await child.wait()
+        if self.child is not None:
+            await stop_group(self.child, grace)
 
     async def close(self) -> None:
         await self._stop_child(0.5)

@@ -15,14 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import sys
 import time
 from typing import TYPE_CHECKING
 
 from podkit.aio import wait_for
 from podkit.lb.members import write_members
-from podkit.proc import parent_death_signal, signal_group
+from podkit.proc import parent_death_signal, stop_group
 from podkit.system.forwarder import Endpoint
 from podkit.system.spec import Service
 
@@ -130,13 +129,7 @@ class LBService:
         write_members(self.members, [f"{host}:{port}" for host, port in endpoints])
 
     async def _stop_proc(self, proc: asyncio.subprocess.Process, grace: float = 5.0) -> None:
-        if proc.returncode is None:
-            signal_group(proc.pid, signal.SIGTERM)
-            try:
-                await wait_for(proc.wait(), grace)
-            except TimeoutError:
-                signal_group(proc.pid, signal.SIGKILL)
-                await proc.wait()
+        await stop_group(proc, grace)
         self.runtime.watchdog.unwatch(proc.pid)
 
     async def close(self) -> None:

@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from podkit.aio import wait_for
 from podkit.backends.url import mask
 from podkit.clock import Clock, SystemClock
-from podkit.proc import Watchdog, parent_death_signal, signal_group
+from podkit.proc import Watchdog, parent_death_signal, signal_group, stop_group
 from podkit.system.backoff import RestartBackoff
 from podkit.system.components import component_argv
 from podkit.system.forwarder import Endpoint, ServiceProxy, TCPForwarder
@@ -318,15 +317,8 @@ class ContainerRunner:
 
     async def _terminate(self, grace: float) -> None:
         proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return
-        signal_group(proc.pid, signal.SIGTERM)
-        try:
-            await wait_for(asyncio.shield(proc.wait()), grace)
-        except TimeoutError:
+        if proc is not None and await stop_group(proc, grace):
             self.runtime.log.event(f"{self.log_source} did not stop in {grace}s: SIGKILL")
-            signal_group(proc.pid, signal.SIGKILL)
-            await proc.wait()
 
     async def stop(self, grace: float) -> None:
         """Stop for good: SIGTERM to the process group, SIGKILL after `grace` seconds."""
