@@ -6,6 +6,8 @@ import asyncio
 import itertools
 import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -24,6 +26,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 def unique_subnet() -> str:
     """A /16 in 127.0.0.0/8 no other test of this run uses."""
     return f"127.{20 + next(_subnets) % 230}.0.0/16"
+
+
+def podkit_up(spec: Path, log: Path, run_dir: Path) -> subprocess.Popen[bytes]:
+    """`podkit up SPEC` on a subnet of its own, its output in `log`, its state in `run_dir`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "podkit", "up", str(spec), "--subnet", unique_subnet()],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, PODKIT_RUN_DIR=str(run_dir)),
+    )
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:

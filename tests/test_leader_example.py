@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from support import free_port, http_get, unique_subnet
+from support import free_port, http_get, podkit_up
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -23,12 +23,7 @@ def test_leader_example_runs_one_job_and_fails_over(tmp_path: Path) -> None:
     spec.write_text((EXAMPLES / "leader.yaml").read_text().replace("port: 8001", f"port: {port}"))
     log = tmp_path / "up.log"
     env = dict(os.environ, PODKIT_RUN_DIR=str(tmp_path / "run"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "podkit", "up", str(spec), "--subnet", unique_subnet()],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    proc = podkit_up(spec, log, tmp_path / "run")
     try:
         deadline = time.monotonic() + 20
         leader: dict[str, object] = {}

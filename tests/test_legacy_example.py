@@ -3,12 +3,9 @@ through the TLS sidecar, and its JSON /stats reads as Prometheus metrics."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import ssl
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import free_port, unique_subnet
+from support import free_port, podkit_up
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -35,11 +32,7 @@ def test_legacy_app_is_served_over_https_with_metrics(tmp_path: Path) -> None:
     spec = tmp_path / "legacy-https.yaml"
     spec.write_text(text)
     log = tmp_path / "up.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "podkit", "up", str(spec), "--subnet", unique_subnet()],
-        stdout=log.open("w"), stderr=subprocess.STDOUT,
-        env=dict(os.environ, PODKIT_RUN_DIR=str(tmp_path / "run")),
-    )  # fmt: skip
+    proc = podkit_up(spec, log, tmp_path / "run")
     insecure = ssl.create_default_context()
     insecure.check_hostname = False
     insecure.verify_mode = ssl.CERT_NONE  # --self-signed: the example's certificate

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from support import free_port, http_get, unique_subnet
+from support import free_port, http_get, podkit_up
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -40,12 +40,7 @@ def test_quickstart_answers_within_5s_and_survives_a_killed_replica(tmp_path: Pa
     url = f"http://127.0.0.1:{port}/"
     start = time.monotonic()
     log = tmp_path / "up.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "podkit", "up", str(spec), "--subnet", unique_subnet()],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ, PODKIT_RUN_DIR=str(run_dir)),
-    )
+    proc = podkit_up(spec, log, run_dir)
     try:
         while True:
             try:

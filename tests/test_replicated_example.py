@@ -4,17 +4,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from support import free_port, unique_subnet
+from support import free_port, podkit_up
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -38,11 +35,7 @@ def test_replicated_service_caches_limits_and_follows_replicas(tmp_path: Path) -
     spec = tmp_path / "replicated-service.yaml"
     spec.write_text(text)
     log = tmp_path / "up.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "podkit", "up", str(spec), "--subnet", unique_subnet()],
-        stdout=log.open("w"), stderr=subprocess.STDOUT,
-        env=dict(os.environ, PODKIT_RUN_DIR=str(tmp_path / "run")),
-    )  # fmt: skip
+    proc = podkit_up(spec, log, tmp_path / "run")
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30

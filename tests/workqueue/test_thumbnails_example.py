@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from PIL import Image
 
-from support import unique_subnet
+from support import podkit_up
 
 EXAMPLES = Path(__file__).parent.parent.parent / "examples"
 
@@ -22,12 +19,7 @@ def test_every_picture_gets_a_thumbnail_and_the_pool_scales(tmp_path: Path) -> N
     spec = tmp_path / "thumbnails.yaml"
     spec.write_text((EXAMPLES / "thumbnails.yaml").read_text().replace('"300"', '"120"'))
     log = tmp_path / "up.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "podkit", "up", str(spec), "--subnet", unique_subnet()],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ, PODKIT_RUN_DIR=str(tmp_path / "run")),
-    )
+    proc = podkit_up(spec, log, tmp_path / "run")
     out = tmp_path / "thumbnails" / "out"
     try:
         deadline = time.monotonic() + 120
