@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import itertools
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -36,6 +38,34 @@ def podkit_up(spec: Path, log: Path, run_dir: Path) -> subprocess.Popen[bytes]:
         stderr=subprocess.STDOUT,
         env=dict(os.environ, PODKIT_RUN_DIR=str(run_dir)),
     )
+
+
+class TinyHTTP:
+    """A threaded HTTP/1.1 server on a free loopback port for tests: `answer(path)` gives
+    the (status, body) of every GET. `url` is its base; `close()` stops it."""
+
+    def __init__(self, answer: Callable[[str], tuple[int, bytes]]) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # head and body go in two writes
+
+            def do_GET(self) -> None:
+                status, body = answer(self.path)
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:

@@ -10,7 +10,6 @@ import math
 import random
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from podkit.ambassador.split import Splitter, UserKey
-from support import free_port
+from support import TinyHTTP, free_port
 
 
 def users(n: int, seed: int) -> list[str]:
@@ -111,29 +110,10 @@ def test_reading_keys_from_arbitrary_headers_never_fails(
 # -- the command, end to end ------------------------------------------------------------------
 
 
-def backend(name: str) -> tuple[http.server.ThreadingHTTPServer, str]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True  # head and body go in two writes
-
-        def do_GET(self) -> None:
-            body = name.encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
-
-
 def test_the_split_command_keeps_users_sticky_and_takes_new_weights() -> None:
-    stable, stable_url = backend("stable")
-    canary, canary_url = backend("canary")
+    stable = TinyHTTP(lambda _: (200, b"stable"))
+    canary = TinyHTTP(lambda _: (200, b"canary"))
+    stable_url, canary_url = stable.url, canary.url
     port, admin = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "podkit", "ambassador", "split", "--listen", f"127.0.0.1:{port}",
@@ -191,7 +171,5 @@ def test_the_split_command_keeps_users_sticky_and_takes_new_weights() -> None:
             conn.close()
         proc.terminate()
         proc.wait(10)
-        stable.shutdown()
-        canary.shutdown()
-        stable.server_close()
-        canary.server_close()
+        stable.close()
+        canary.close()

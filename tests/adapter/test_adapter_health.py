@@ -4,13 +4,11 @@ machine's MariaDB, a Redis replica whose primary dies, HTTP and command checks."
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +20,7 @@ import pytest
 
 from podkit.adapter.health import CheckConfig, HealthMonitor
 from servers import PostgresServer, RedisServer
-from support import free_port
+from support import TinyHTTP, free_port
 
 PODKIT = [sys.executable, "-m", "podkit"]
 MARIADB = "mysql://root@127.0.0.1:3306/test"
@@ -156,22 +154,13 @@ def test_redis_replica_fails_when_its_primary_dies() -> None:
 
 @pytest.fixture
 def web() -> Iterator[str]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b'{"db": "ok", "queue": "degraded"}' if self.path == "/status" else b"gone"
-            self.send_response(200 if self.path == "/status" else 410)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    server = TinyHTTP(
+        lambda path: (
+            (200, b'{"db": "ok", "queue": "degraded"}') if path == "/status" else (410, b"gone")
+        )
+    )
+    yield server.url
+    server.close()
 
 
 def test_http_status_and_body_match(web: str) -> None:

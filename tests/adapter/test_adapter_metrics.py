@@ -4,11 +4,9 @@ JSON stats endpoint become Prometheus metrics that follow what the app does."""
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -29,7 +27,7 @@ from podkit.adapter.metrics import (
     parse_redis_info,
 )
 from servers import PostgresServer, RedisServer
-from support import free_port
+from support import TinyHTTP, free_port
 
 PODKIT = [sys.executable, "-m", "podkit"]
 
@@ -161,22 +159,9 @@ metrics:
 
 @pytest.fixture
 def stats_url() -> Iterator[str]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps(STATS).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/stats"
-    server.shutdown()
-    server.server_close()
+    server = TinyHTTP(lambda _: (200, json.dumps(STATS).encode()))
+    yield f"{server.url}/stats"
+    server.close()
 
 
 def test_json_stats_through_a_mapping(stats_url: str, tmp_path: Path) -> None:
