@@ -408,11 +408,17 @@ class TinyDNSServer(asyncio.DatagramProtocol):
 @pytest.fixture
 async def dns_server() -> AsyncIterator[tuple[TinyDNSServer, tuple[str, int]]]:
     loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(
-        TinyDNSServer, local_addr=("127.0.0.1", 0)
-    )
-    addr = transport.get_extra_info("sockname")[:2]
-    tcp = await asyncio.start_server(proto.serve_tcp, addr[0], addr[1])
+    proto = TinyDNSServer()
+    for _ in range(50):  # a port free for both TCP and UDP
+        tcp = await asyncio.start_server(proto.serve_tcp, "127.0.0.1", 0)
+        addr = tcp.sockets[0].getsockname()[:2]
+        try:
+            transport, _ = await loop.create_datagram_endpoint(lambda: proto, local_addr=addr)
+            break
+        except OSError:
+            tcp.close()
+    else:
+        raise RuntimeError("no port free for both TCP and UDP")
     yield proto, addr
     tcp.close()
     transport.close()
