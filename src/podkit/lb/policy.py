@@ -111,6 +111,11 @@ class RoundRobin:
         ups = self.upstreams
         n = len(ups)
         i = self._next
+        if exclude is None and i < n:  # the common case: the next one is available
+            u = ups[i]
+            if u.available:
+                self._next = i + 1
+                return u
         for _ in range(n):
             if i >= n:
                 i = 0

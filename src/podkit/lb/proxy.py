@@ -196,6 +196,29 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.active = True
+        memo = self.lb.request_heads
+        if (
+            self.receiving is None
+            and self.tunnel is None
+            and self.tunnel_buf is None
+            and not self.lingering
+        ):
+            head = memo.get(data)
+            if head is not None and not self.parser.in_head:
+                # these exact bytes were one whole body-less request before: on_request
+                # and on_request_end, inlined
+                self.head_since = 0.0
+                self.seen += 1
+                self.last_head = head
+                ex = Exchange(self, head)
+                ex.request_done = True
+                if self.ex is None:
+                    self.ex = ex
+                    self.dispatch(ex)
+                    return
+                self._enqueue(ex)
+                self._after_feed()
+                return
         if self.lingering:
             return
         if self.tunnel is not None:
@@ -208,44 +231,40 @@ class ClientConnection(asyncio.Protocol):
             return
         parser = self.parser
         at_boundary = self.receiving is None and not parser.in_head
-        memo = self.lb.request_heads
-        head = memo.get(data) if at_boundary else None
-        if head is not None:  # these exact bytes were one whole body-less request before
-            self.on_request(head)
-            self.on_request_end()
+        seen = self.seen
+        try:
+            rest = parser.feed(data)
+        except HTTPError as exc:
+            self.bad_request(exc)  # answered after the requests before it
             rest = None
-        else:
-            seen = self.seen
-            try:
-                rest = parser.feed(data)
-            except HTTPError as exc:
-                self.bad_request(exc)  # answered after the requests before it
-                rest = None
-            except Exception as exc:  # a bug must not take the worker down
-                self.lb.log(f"internal error on a client connection: {exc!r}")
-                self.abort()
-                return
-            if (
-                at_boundary
-                and self.seen == seen + 1
-                and self.receiving is None
-                and rest is None
-                and len(data) <= MEMO_HEAD_LIMIT
-                and data.find(b"\r\n\r\n") == len(data) - 4
-            ):
-                last = self.last_head
-                if last is not None and last.upgrade is None and not last.has_body:
-                    if len(memo) >= MEMO_SIZE:
-                        memo.clear()
-                    memo[data] = last
+        except Exception as exc:  # a bug must not take the worker down
+            self.lb.log(f"internal error on a client connection: {exc!r}")
+            self.abort()
+            return
+        if (
+            at_boundary
+            and self.seen == seen + 1
+            and self.receiving is None
+            and rest is None
+            and len(data) <= MEMO_HEAD_LIMIT
+            and data.find(b"\r\n\r\n") == len(data) - 4
+        ):
+            last = self.last_head
+            if last is not None and last.upgrade is None and not last.has_body:
+                if len(memo) >= MEMO_SIZE:
+                    memo.clear()
+                memo[data] = last
+        self._after_feed()
+        if rest is not None:
+            self.tunnel_buf = [rest] if rest else []
+
+    def _after_feed(self) -> None:
         ex = self.ex
         if ex is not None:
             if ex.upstream is None and not ex.done and ex.local is None:
                 self.dispatch(ex)
             elif ex.conn is not None and ex.pending:
                 self._flush_pending(ex)
-        if rest is not None:
-            self.tunnel_buf = [rest] if rest else []
 
     def eof_received(self) -> bool | None:
         if self.lingering:
@@ -306,11 +325,15 @@ class ClientConnection(asyncio.Protocol):
         if self.ex is None:
             self.ex = ex
         else:
-            if self.queue is None:
-                self.queue = deque()
-            self.queue.append(ex)
-            if len(self.queue) > 32 and self.transport is not None:
-                self.transport.pause_reading()
+            self._enqueue(ex)
+
+    def _enqueue(self, ex: Exchange) -> None:
+        """A pipelined request waits for the answers before it."""
+        if self.queue is None:
+            self.queue = deque()
+        self.queue.append(ex)
+        if len(self.queue) > 32 and self.transport is not None:
+            self.transport.pause_reading()
 
     def on_body(self, data: bytes) -> None:
         ex = self.receiving
@@ -439,7 +462,8 @@ class ClientConnection(asyncio.Protocol):
         conn.active = True
         t = conn.transport
         assert t is not None
-        head = self.request_head(ex)
+        prefix = ex.head.forward_prefix  # request_head's cache, checked inline
+        head = prefix + self.fwd_tail if prefix is not None else self.request_head(ex)
         if ex.pending:
             t.write(b"".join([head, *ex.pending]))
             ex.pending.clear()
@@ -900,15 +924,10 @@ class UpstreamConnection(PooledConnection):
         The verdict on a head depends only on its bytes, so it is memoised: a hot
         resource answers with the same head (Date included) many times a second."""
         end = data.find(b"\r\n\r\n")
-        if end < 12:
+        if end < 12 or not ex.head.plain or ex.client.eof:
             return False
         lb = self.lb
-        if lb.response_filters or lb.closing:
-            return False
-        req = ex.head
-        if req.method == b"HEAD" or not req.keep_alive or req.version != "1.1":
-            return False
-        if req.upgrade is not None or ex.client.eof:
+        if not lb.fast_answers:
             return False
         head = data[:end]
         memo = lb.fast_heads
@@ -978,7 +997,18 @@ class UpstreamConnection(PooledConnection):
         else:
             self.close()
         ex.conn = None
-        ex.client.exchange_done(ex)
+        client = ex.client
+        if (  # client.exchange_done, inlined for the common case: nothing else to do
+            client.ex is ex
+            and not client.queue
+            and not ex.close_after
+            and not client.eof
+            and not lb.closing
+        ):
+            ex.done = True
+            client.ex = None
+        else:
+            client.exchange_done(ex)
 
     def _start_tunnel(self, ex: Exchange, rest: bytes) -> None:
         """After a 101: splice the client and this connection together."""
@@ -1074,6 +1104,7 @@ class LoadBalancer:
         self.filters: list[Filter] = list(filters)
         # the filters that must see a response head; with none, answers take the fast path
         self.response_filters: list[Filter] = [f for f in filters if observes_responses(f)]
+        self.fast_answers = not self.response_filters  # UpstreamConnection._fast may run
         self.scheme = config.scheme.encode()
         self.clients: set[ClientConnection] = set()
         self.fast_heads: dict[bytes, tuple[int, int]] = {}  # UpstreamConnection._fast's memo
@@ -1180,6 +1211,7 @@ class LoadBalancer:
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting; let exchanges in flight finish (up to `grace` s); close all."""
         self.closing = True
+        self.fast_answers = False
         if self._server is not None:
             self._server.close()
         for c in list(self.clients):

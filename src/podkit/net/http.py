@@ -98,6 +98,17 @@ class RequestHead:
     connection: frozenset[bytes] = frozenset()  # lowercased tokens of Connection headers
     # A proxy's rewritten head for this request, up to where X-Forwarded-* go (its cache).
     forward_prefix: bytes | None = None
+    # A keep-alive HTTP/1.1 request, not HEAD, not upgrading: an answer to it may pass
+    # through a proxy as received (computed).
+    plain: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.plain = (
+            self.keep_alive
+            and self.version == "1.1"
+            and self.upgrade is None
+            and self.method != b"HEAD"
+        )
 
     @property
     def has_body(self) -> bool:
@@ -165,18 +176,18 @@ class _Headers:
         "_error",
         "_head_size",
         "_headers",
-        "_in_head",
         "_max_head",
         "_max_headers",
         "_pending",
         "_te",
+        "in_head",
     )
 
     def __init__(self, max_head: int, max_headers: int) -> None:
         self._max_head = max_head
         self._max_headers = max_headers
         self._error: HTTPError | None = None
-        self._in_head = False
+        self.in_head = False  # a head has started and is not complete (read-only)
         self._pending = 0  # bytes fed while a head was incomplete (slow or huge heads)
         self._reset()
 
@@ -266,18 +277,13 @@ class RequestParser(_Headers):
         self._upgraded = False
         self._parser = httptools.HttpRequestParser(self)
 
-    @property
-    def in_head(self) -> bool:
-        """True while a request head has started and is not complete."""
-        return self._in_head
-
     def feed(self, data: bytes) -> bytes | None:
         """Parse `data`; return the tunnel's first bytes after an Upgrade, else None."""
         if self._error is not None:
             raise self._error
         if self._upgraded:
             raise RuntimeError("the connection was upgraded: its bytes are no longer HTTP")
-        was_in_head = self._in_head
+        was_in_head = self.in_head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -285,7 +291,7 @@ class RequestParser(_Headers):
             return data[exc.args[0] :]
         except httptools.HttpParserError as exc:
             raise self._translate(exc) from None
-        if was_in_head and self._in_head:
+        if was_in_head and self.in_head:
             self._pending += len(data)
             if self._pending > self._max_head:
                 self._fail(431, f"request head larger than {self._max_head} bytes")
@@ -293,7 +299,7 @@ class RequestParser(_Headers):
 
     # httptools callbacks
     def on_message_begin(self) -> None:
-        self._in_head = True
+        self.in_head = True
         self._pending = 0
         self._target = b""
         self._headers = []
@@ -309,7 +315,7 @@ class RequestParser(_Headers):
         self._target = target
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self.in_head = False
         p = self._parser
         method: bytes = p.get_method()
         chunked = False if self._te is None else self._framing()
@@ -369,17 +375,13 @@ class ResponseParser(_Headers):
     def expect(self, method: bytes) -> None:
         self._head_request = method == b"HEAD"
 
-    @property
-    def in_head(self) -> bool:
-        return self._in_head
-
     def feed(self, data: bytes) -> bytes | None:
         """Parse `data`; return the tunnel's first bytes after a 101, else None."""
         if self._error is not None:
             raise self._error
         if self._upgraded:
             return None  # after a HEAD answer or a 101 nothing more is parsed here
-        was_in_head = self._in_head
+        was_in_head = self.in_head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -389,14 +391,14 @@ class ResponseParser(_Headers):
             if isinstance(exc.__context__, _Stop):
                 return None  # the answer to HEAD is complete; the rest is ignored
             raise self._translate(exc) from None
-        if was_in_head and self._in_head:
+        if was_in_head and self.in_head:
             self._pending += len(data)
             if self._pending > self._max_head:
                 self._fail(502, f"response head larger than {self._max_head} bytes")
         return None
 
     def on_message_begin(self) -> None:
-        self._in_head = True
+        self.in_head = True
         self._pending = 0
         self._reason = b""
         self._reset()
@@ -405,7 +407,7 @@ class ResponseParser(_Headers):
         self._reason += reason
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self.in_head = False
         p = self._parser
         status: int = p.get_status_code()
         chunked = self._framing()
