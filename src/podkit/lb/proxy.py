@@ -144,6 +144,8 @@ class ClientConnection(asyncio.Protocol):
         "active",
         "eof",
         "ex",
+        "fwd_bytes",
+        "fwd_head",
         "fwd_tail",
         "head_since",
         "ip",
@@ -168,6 +170,9 @@ class ClientConnection(asyncio.Protocol):
         self.parser = RequestParser(self, **lb.config.limits)
         self.ip = ""
         self.fwd_tail = b""
+        # the last request head sent upstream whole from a cached prefix, and its bytes
+        self.fwd_head: RequestHead | None = None
+        self.fwd_bytes = b""
         self.ex: Exchange | None = None  # the exchange being answered
         self.receiving: Exchange | None = None  # the exchange whose request is being read
         self.queue: deque[Exchange] | None = None  # pipelined requests waiting their turn
@@ -206,10 +211,8 @@ class ClientConnection(asyncio.Protocol):
             head = memo.get(data)
             if head is not None and not self.parser.in_head:
                 # these exact bytes were one whole body-less request before: on_request
-                # and on_request_end, inlined
-                self.head_since = 0.0
-                self.seen += 1
-                self.last_head = head
+                # and on_request_end, inlined (seen, last_head and head_since only matter
+                # inside a parse)
                 ex = Exchange(self, head)
                 ex.request_done = True
                 if self.ex is None:
@@ -462,8 +465,14 @@ class ClientConnection(asyncio.Protocol):
         conn.active = True
         t = conn.transport
         assert t is not None
-        prefix = ex.head.forward_prefix  # request_head's cache, checked inline
-        head = prefix + self.fwd_tail if prefix is not None else self.request_head(ex)
+        req = ex.head
+        if req is self.fwd_head:  # the same (memoised) request as the last one here
+            head = self.fwd_bytes
+        else:
+            head = self.request_head(ex)
+            if req.forward_prefix is not None:
+                self.fwd_head = req
+                self.fwd_bytes = head
         if ex.pending:
             t.write(b"".join([head, *ex.pending]))
             ex.pending.clear()

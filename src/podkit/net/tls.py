@@ -23,13 +23,33 @@ import os
 import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 CIPHERS_TLS12 = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+class _DirectSSLObject(ssl.SSLObject):
+    """An `ssl.SSLObject` whose `read`, `write` and `pending` are the C methods themselves.
+
+    The event loop calls them for every TLS record it moves; the Python wrappers in `ssl`
+    only forward their arguments, at the price of a frame per call. Where the wrapped
+    object is not there (another Python), the wrappers stay."""
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        obj = super()._create(*args, **kwargs)  # type: ignore[misc]
+        inner = getattr(obj, "_sslobj", None)
+        if inner is not None:
+            obj.read = inner.read
+            obj.write = inner.write
+            obj.pending = inner.pending
+        return obj  # type: ignore[no-any-return]
 
 
 def server_context(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> ssl.SSLContext:
     """A server context for one certificate chain and key (raises ssl.SSLError, OSError)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.sslobject_class = _DirectSSLObject
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(CIPHERS_TLS12)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
