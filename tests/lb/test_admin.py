@@ -20,8 +20,10 @@ from support import free_port
 pytestmark = pytest.mark.timeout(60)
 
 
-async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    ans = await request(port, "/metrics")
+async def scrape(
+    port: int, target: str = "/metrics"
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    ans = await request(port, target)
     assert ans.status == 200 and ans.headers["content-type"].startswith("text/plain")
     out = {}
     for fam in text_string_to_metric_families(ans.body.decode()):
@@ -155,3 +157,94 @@ def test_feature_flags_are_checked() -> None:
     assert out.returncode == 2 and "--members-" in out.stderr
     out = run("--members-dns", "nameonly")
     assert out.returncode == 2 and "NAME:PORT" in out.stderr
+
+
+def _two_free_ports() -> int:
+    """A port P with P+1 free too (worker i's admin port is P+i)."""
+    import socket
+
+    for _ in range(50):
+        p = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+        return p
+    raise RuntimeError("no two consecutive free ports")
+
+
+async def test_any_workers_admin_port_answers_for_every_worker() -> None:
+    """With 2 workers, /metrics on one admin port has both workers' samples (labelled),
+    and /purge empties both workers' caches."""
+    async with backends(1) as bs:
+        port, admin = free_port(), _two_free_ports()
+        cmd = [
+            sys.executable, "-m", "podkit", "lb", "--listen", f"127.0.0.1:{port}",
+            "--upstream", bs[0].url, "--workers", "2", "--cache-bytes", "1000000",
+            "--admin-port", str(admin),
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    await admin_json(admin, "/status")
+                    await admin_json(admin + 1, "/status")
+                    break
+                except (OSError, AssertionError):
+                    assert time.monotonic() < deadline, "podkit lb did not start"
+                    await asyncio.sleep(0.1)
+            sent = 0
+            while True:  # fresh connections until each worker has cached /cached
+                assert (await request(port, "/cached")).status == 200
+                sent += 1
+                entries = [
+                    (await admin_json(admin + i, "/status"))["cache"]["entries"] for i in (0, 1)
+                ]
+                if min(entries) >= 1:
+                    break
+                assert sent < 200, f"the kernel gave every connection to one worker: {entries}"
+            both = await scrape(admin + 1)
+            assert both[("podkit_lb_admin_worker_up", (("worker", "0"),))] == 1
+            assert both[("podkit_lb_admin_worker_up", (("worker", "1"),))] == 1
+            lookups = sum(
+                v
+                for (name, _), v in both.items()
+                if name in ("podkit_lb_cache_hits_total", "podkit_lb_cache_misses_total")
+            )
+            assert lookups == sent
+            assert {dict(labels).get("worker") for (_, labels) in both} == {"0", "1"}
+            alone = await scrape(admin, "/metrics?local=1")
+            assert all("worker" not in dict(labels) for (_, labels) in alone)
+            assert (
+                sum(v for (name, _), v in alone.items() if name == "podkit_lb_cache_misses_total")
+                == both[("podkit_lb_cache_misses_total", (("worker", "0"),))]
+            )
+            ans = await request(admin + 1, f"/purge?url=127.0.0.1:{port}/cached", method="POST")
+            assert ans.status == 200, ans
+            assert json.loads(ans.body) == {"purged": 2, "workers": 2}
+            for i in (0, 1):
+                assert (await admin_json(admin + i, "/status"))["cache"]["entries"] == 0
+        finally:
+            proc.terminate()
+            _, err = await asyncio.to_thread(proc.communicate, timeout=10)
+        assert proc.returncode == 0, err.decode()
+
+
+async def test_a_silent_worker_is_named_by_purge_and_metrics() -> None:
+    feats = Features(cache_bytes=1 << 20, admin_port=0)
+    async with backends(1) as bs, balancer(feats, [bs[0].url]) as (lb, w):
+        assert w.admin is not None
+        dead = free_port()
+        w.admin.siblings = {1: dead}
+        await request(lb.port, "/cached")
+        ans = await request(w.admin.port, f"/purge?url=127.0.0.1:{lb.port}/cached")
+        assert ans.status == 502
+        doc = json.loads(ans.body)
+        assert doc["purged"] == 1 and doc["workers"] == 2
+        assert len(doc["failed"]) == 1 and f"worker 1 (port {dead})" in doc["failed"][0]
+        m = await scrape(w.admin.port)
+        assert m[("podkit_lb_admin_worker_up", (("worker", "0"),))] == 1
+        assert m[("podkit_lb_admin_worker_up", (("worker", "1"),))] == 0
+        assert m[("podkit_lb_cache_misses_total", (("worker", "0"),))] == 1

@@ -10,8 +10,12 @@
   (`127.0.0.1:8080/products`); a `http://` or `https://` in front is ignored. Answers
   `{"purged": N}`.
 
-Each worker process has its own proxy, cache and health state, so each serves its own
-admin port: worker i listens on `admin_port + i`.
+Each worker process has its own proxy, cache and health state, and serves its own admin
+port: worker i listens on `admin_port + i`. With several workers, any of these ports
+answers for all of them: /metrics gathers every worker's samples (each with a `worker`
+label, and `podkit_lb_admin_worker_up` saying which workers answered) and /purge purges
+every worker's cache (502 naming the workers that did not answer). `?local=1` asks one
+worker alone. /status is always the one worker's.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import asyncio
 import bisect
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -31,6 +35,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from podkit.aio import wait_for
@@ -39,7 +44,14 @@ from podkit.lb.policy import Upstream
 if TYPE_CHECKING:
     from podkit.lb.features import Worker
 
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    502: "Bad Gateway",
+}
+SIBLING_TIMEOUT = 2.0  # seconds a worker waits for another worker's admin answer
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.0005,
     0.001,
@@ -176,6 +188,16 @@ class _Live(Collector):
             yield CounterMetricFamily("podkit_lb_retries", "Retries sent.", value=w.timing.retries)
 
 
+class _Fixed(Collector):
+    """Families gathered already, for `generate_latest`."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
 def status(worker: Worker) -> dict[str, Any]:
     """The /status document."""
     lb = worker.lb
@@ -225,11 +247,18 @@ def status(worker: Worker) -> dict[str, Any]:
 class AdminServer:
     """A small HTTP/1.1 server for the admin endpoints (one request per connection)."""
 
-    def __init__(self, worker: Worker, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        siblings: dict[int, int] | None = None,
+    ) -> None:
         self.worker = worker
         self.metrics = Metrics(worker)
         self.host = host
         self.port = port
+        self.siblings = siblings or {}  # the other workers' admin ports, by worker index
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -240,20 +269,26 @@ class AdminServer:
         if self._server is not None:
             self._server.close()
 
-    def answer(self, method: str, target: str) -> tuple[int, str, bytes]:
+    async def answer(self, method: str, target: str) -> tuple[int, str, bytes]:
         """(status, content type, body) for one request."""
         url = urlsplit(target)
         path = url.path
+        query = parse_qs(url.query)
+        alone = not self.siblings or query.get("local", ["0"])[0] in ("1", "true", "yes")
         if path == "/metrics" and method in ("GET", "HEAD"):
-            return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.text()
+            text = self.metrics.text() if alone else await self._all_metrics()
+            return 200, "text/plain; version=0.0.4; charset=utf-8", text
         if path == "/status" and method in ("GET", "HEAD"):
             return 200, "application/json", json.dumps(status(self.worker), indent=1).encode()
         if path == "/purge" and method in ("GET", "POST"):
-            return self._purge(parse_qs(url.query))
+            code, ctype, body = self._purge(query)
+            if alone or code != 200:
+                return code, ctype, body
+            return await self._purge_siblings(url.query, json.loads(body)["purged"])
         if path in ("/metrics", "/status", "/purge"):
             return 405, "application/json", b'{"error": "method not allowed"}'
-        body = {"error": f"not found: {path}", "paths": ["/metrics", "/status", "/purge"]}
-        return 404, "application/json", json.dumps(body).encode()
+        doc = {"error": f"not found: {path}", "paths": ["/metrics", "/status", "/purge"]}
+        return 404, "application/json", json.dumps(doc).encode()
 
     def _purge(self, query: dict[str, list[str]]) -> tuple[int, str, bytes]:
         cache = self.worker.cache
@@ -270,6 +305,81 @@ class AdminServer:
         n = cache.cache.purge(url.encode("latin-1"), prefix=prefix)
         return 200, "application/json", json.dumps({"purged": n}).encode()
 
+    async def _ask(self, port: int, target: str) -> bytes:
+        """GET `target` from another worker's admin port; its body (raises on failure)."""
+        reader, writer = await wait_for(asyncio.open_connection(self.host, port), SIBLING_TIMEOUT)
+        try:
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+            data = await wait_for(reader.read(-1), SIBLING_TIMEOUT)
+        finally:
+            writer.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        first = head.split(b"\r\n", 1)[0]
+        if first.split(b" ")[1:2] != [b"200"]:
+            raise OSError(f"answered {first.decode('latin-1')!r}")
+        return body
+
+    async def _from_siblings(self, target: str) -> dict[int, bytes | str]:
+        """Each sibling's answer body to `target`, or why there is none."""
+        indices = sorted(self.siblings)
+        answers = await asyncio.gather(
+            *(self._ask(self.siblings[i], target) for i in indices), return_exceptions=True
+        )
+        out: dict[int, bytes | str] = {}
+        for i, a in zip(indices, answers, strict=True):
+            if isinstance(a, BaseException):
+                reason = str(a) or type(a).__name__
+                out[i] = f"worker {i} (port {self.siblings[i]}): {reason}"
+            else:
+                out[i] = a
+        return out
+
+    async def _all_metrics(self) -> bytes:
+        """Every worker's samples, labelled with their worker, as one exposition."""
+        merged: dict[str, Metric] = {}
+        up = GaugeMetricFamily(
+            "podkit_lb_admin_worker_up",
+            "1 when the worker's samples are in this scrape.",
+            labels=["worker"],
+        )
+
+        def add(index: int, families: Iterable[Metric]) -> None:
+            for fam in families:
+                into = merged.get(fam.name)
+                if into is None:
+                    into = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type)
+                for sample in fam.samples:
+                    labels = {**sample.labels, "worker": str(index)}
+                    into.samples.append(sample._replace(labels=labels))
+
+        add(self.worker.index, self.metrics.registry.collect())
+        up.add_metric([str(self.worker.index)], 1.0)
+        for i, answer in (await self._from_siblings("/metrics?local=1")).items():
+            if isinstance(answer, bytes):
+                try:
+                    add(i, text_string_to_metric_families(answer.decode()))
+                except ValueError:
+                    up.add_metric([str(i)], 0.0)
+                    continue
+            up.add_metric([str(i)], 1.0 if isinstance(answer, bytes) else 0.0)
+        merged[up.name] = up
+        return generate_latest(_Fixed(list(merged.values())))
+
+    async def _purge_siblings(self, query: str, purged: int) -> tuple[int, str, bytes]:
+        failed: list[str] = []
+        for answer in (await self._from_siblings(f"/purge?{query}&local=1")).values():
+            if isinstance(answer, str):
+                failed.append(answer)
+                continue
+            try:
+                purged += int(json.loads(answer)["purged"])
+            except (ValueError, KeyError, TypeError):
+                failed.append(f"unreadable purge answer {answer[:100]!r}")
+        doc: dict[str, Any] = {"purged": purged, "workers": len(self.siblings) + 1}
+        if failed:
+            doc["failed"] = failed
+        return (502 if failed else 200), "application/json", json.dumps(doc).encode()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -279,7 +389,7 @@ class AdminServer:
                 method = "GET"
             else:
                 method = line[0]
-                code, ctype, body = self.answer(method, line[1])
+                code, ctype, body = await self.answer(method, line[1])
             writer.write(
                 f"HTTP/1.1 {code} {REASONS.get(code, 'Error')}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()

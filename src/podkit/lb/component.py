@@ -172,7 +172,10 @@ def lb(
     admin_host: Annotated[str, typer.Option(help="Admin address.")] = "127.0.0.1",
     admin_port: Annotated[
         int | None,
-        typer.Option(help="Admin port (/metrics, /status, /purge); worker i uses PORT+i."),
+        typer.Option(
+            help="Admin port (/metrics, /status, /purge); worker i uses PORT+i, and each "
+            "answers /metrics and /purge for all workers."
+        ),
     ] = None,
     members_file: Annotated[
         str | None, typer.Option(help="Follow upstreams listed in this file.")

@@ -168,7 +168,12 @@ class Worker:
             filters.append(self.health)
         if f.admin_port is not None:
             port = f.admin_port + index if f.admin_port else 0
-            self.admin = AdminServer(self, f.admin_host, port)
+            siblings = (
+                {j: f.admin_port + j for j in range(config.workers) if j != index}
+                if f.admin_port
+                else {}
+            )
+            self.admin = AdminServer(self, f.admin_host, port, siblings)
             self.timing = Timing(self.admin.metrics.record)
             filters.append(self.timing)
         limits = (f.max_connections, f.max_pending, f.max_requests)
