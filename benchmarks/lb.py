@@ -14,8 +14,9 @@ One run starts, on free loopback ports:
   - a plain aiohttp reverse proxy under uvloop (one ClientSession with a keep-alive
     connector; N processes sharing the port with reuse_port), the usual Python choice;
 - wrk -t2 -c64 for `--duration` seconds against each (keep-alive), after a 2 s warm-up,
-  `--rounds` times (default 2) in alternating order; the best run of each is kept, and
-  every run is printed (other jobs on a shared machine come in bursts).
+  `--rounds` times (default 2) in alternating order; the best run of each is kept, every
+  run is printed (other jobs on a shared machine come in bursts), and the median over
+  rounds of podkit's rate over each other proxy's rate in the same round.
 
 Then the added latency: each of nginx and podkit, and one backend directly, is driven at
 half of podkit's max rate of that worker count. wrk has no rate option (wrk2 is not
@@ -298,6 +299,17 @@ def proxy(procs: Procs, kind: str, workers: int, backends: list[int]) -> Iterato
         procs.stop(pid)
 
 
+def paired(podkit_runs: list[float], other_runs: list[float]) -> str:
+    """The median of podkit/other over rounds (each round runs both back to back, so a
+    slow spell of the shared machine hits both), with the range."""
+    ratios = sorted(a / b for a, b in zip(podkit_runs, other_runs, strict=True) if b > 0)
+    if not ratios:
+        return "-"
+    mid = len(ratios) // 2
+    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    return f"{median:.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+
+
 def fmt_ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
@@ -366,14 +378,21 @@ def main() -> None:
     finally:
         procs.stop()
     print()
-    print("| workers | proxy | best req/s | p50 ms | p99 ms | podkit/this | every run |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| workers | proxy | best req/s | p50 ms | p99 ms | podkit/this, best | "
+        "podkit/this by round: median (range) | every run |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     by = {(w, k): r for w, k, r in rows}
     for w, k, r in rows:
         pk = by.get((w, "podkit"))
         ratio = fmt_ratio(pk.rps, r.rps) if pk and k != "podkit" else "-"
+        rounds = paired(all_runs[(w, "podkit")], all_runs[(w, k)]) if ratio != "-" else "-"
         every = ", ".join(f"{x:,.0f}" for x in all_runs[(w, k)])
-        print(f"| {w} | {k} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {ratio} | {every} |")
+        print(
+            f"| {w} | {k} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {ratio} | {rounds}"
+            f" | {every} |"
+        )
     if paced:
         print()
         print("| workers | paced at | target | achieved req/s | p50 ms | p99 ms | added p99 ms |")

@@ -36,6 +36,7 @@ from lb import (
     fmt_ratio,
     free_port,
     nginx,
+    paired,
     wait_port,
     wrk,
 )
@@ -120,14 +121,18 @@ def main() -> None:
     finally:
         procs.stop()
     print(
-        "\n| workers | TLS terminator | best req/s | p50 ms | p99 ms | podkit/nginx | every run |"
+        "\n| workers | TLS terminator | best req/s | p50 ms | p99 ms | podkit/nginx, best | "
+        "podkit/nginx by round: median (range) | every run |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     by = {(w, k): r for w, k, r, _ in rows}
+    every_run = {(w, k): every for w, k, _, every in rows}
     for w, k, r, every in rows:
         ratio = fmt_ratio(by[(w, "podkit")].rps, r.rps) if k == "nginx" else "-"
+        rounds = paired(every_run[(w, "podkit")], every) if k == "nginx" else "-"
         runs_text = ", ".join(f"{x:,.0f}" for x in every)
-        cells = [str(w), k, f"{r.rps:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", ratio, runs_text]
+        cells = [str(w), k, f"{r.rps:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", ratio, rounds,
+                 runs_text]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
     print(f"\nlogs in {tmp}")
 
