@@ -13,10 +13,12 @@ from podkit.net.http import (
     Event,
     HTTPError,
     RequestHead,
+    RequestParser,
     ResponseHead,
     ServerConnection,
     Tunnel,
     chunk,
+    last_chunk,
     simple_response,
 )
 
@@ -295,3 +297,53 @@ def test_near_valid_requests_raise_only_http_error(
             events(conn)
     except HTTPError as exc:
         assert 400 <= exc.status < 600
+
+
+class _Requests:
+    def __init__(self) -> None:
+        self.heads: list[RequestHead] = []
+        self.trailers_at_end: list[object] = []
+        self.parser: RequestParser | None = None
+
+    def on_request(self, head: RequestHead) -> None:
+        self.heads.append(head)
+
+    def on_body(self, data: bytes) -> None:
+        pass
+
+    def on_request_end(self) -> None:
+        assert self.parser is not None
+        self.trailers_at_end.append(list(self.parser.trailers))
+
+
+def test_trailer_fields_stay_apart_from_the_head() -> None:
+    """A trailer must never act as a header (it would reach the upstream's head)."""
+    h = _Requests()
+    p = h.parser = RequestParser(h)
+    p.feed(
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Sum: abc\r\nHost: evil\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+    )
+    assert h.heads[0].headers == [(b"Host", b"a"), (b"Transfer-Encoding", b"chunked")]
+    assert h.trailers_at_end == [
+        [(b"X-Sum", b"abc"), (b"Host", b"evil"), (b"X-Forwarded-For", b"6.6.6.6")]
+    ]
+    # what a proxy forwards: routing and framing fields are dropped
+    assert last_chunk(p.trailers) == b"0\r\nX-Sum: abc\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+    assert last_chunk(()) == b"0\r\n\r\n"
+    p.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert h.trailers_at_end[-1] == []  # the next message starts without them
+
+
+def test_trailer_fields_count_toward_the_header_limits() -> None:
+    h = _Requests()
+    p = h.parser = RequestParser(h, max_headers=4)
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n"
+    with pytest.raises(HTTPError) as info:
+        p.feed(head + b"A: 1\r\nB: 2\r\nC: 3\r\n\r\n")
+    assert info.value.status == 431 and "trailer" in info.value.detail
+    h = _Requests()
+    p = h.parser = RequestParser(h, max_head=100)
+    with pytest.raises(HTTPError) as info:
+        p.feed(head + b"A: " + b"x" * 200 + b"\r\n\r\n")
+    assert info.value.status == 431

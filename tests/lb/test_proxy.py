@@ -762,3 +762,45 @@ async def test_repeated_heads_are_remembered_and_still_correct() -> None:
             assert (await raw(lb.port, bad)).startswith(b"HTTP/1.1 400")
         assert bad not in lb.request_heads
         writer.close()
+
+
+async def test_trailer_fields_are_forwarded_as_trailers_never_as_headers() -> None:
+    """A client's trailers reach the upstream after the body, not in its head; an
+    upstream's trailers reach an HTTP/1.1 client in the last chunk."""
+    got: list[bytes] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = b""
+        while not data.endswith(b"\r\n\r\n") or data.count(b"\r\n\r\n") < 2:
+            piece = await reader.read(4096)
+            if not piece:
+                break
+            data += piece
+        got.append(data)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\nX-Checksum: 123\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    lb = LoadBalancer(ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0))
+    await lb.start()
+    try:
+        answer = await raw(
+            lb.port,
+            b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: abc\r\nHost: evil\r\n"
+            b"X-Forwarded-For: 6.6.6.6\r\n\r\n",
+        )
+    finally:
+        await lb.close(0.1)
+        server.close()
+    head, _, body = got[0].partition(b"\r\n\r\n")
+    assert b"X-Sum" not in head and b"evil" not in head and b"6.6.6.6" not in head
+    assert b"X-Forwarded-For: 127.0.0.1\r\n" in head
+    assert body == b"5\r\nhello\r\n0\r\nX-Sum: abc\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert answer.endswith(b"\r\n\r\n2\r\nok\r\n0\r\nX-Checksum: 123\r\n\r\n")

@@ -56,6 +56,7 @@ from podkit.net.http import (
     RequestParser,
     ResponseHead,
     ResponseParser,
+    last_chunk,
     simple_response,
 )
 from podkit.net.pool import ConnectionPool, PooledConnection
@@ -362,7 +363,7 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.request_done = True
         if ex.head.chunked and not ex.done:
-            self.on_body_raw(ex, LAST_CHUNK)
+            self.on_body_raw(ex, last_chunk(self.parser.trailers))
 
     def on_body_raw(self, ex: Exchange, data: bytes) -> None:
         conn = ex.conn
@@ -913,7 +914,7 @@ class UpstreamConnection(PooledConnection):
 
     def on_response_end(self) -> None:
         if self.rechunk:
-            self.out.append(LAST_CHUNK)
+            self.out.append(last_chunk(self.parser.trailers))
         self.ending = True
 
     # --- helpers ---

@@ -26,6 +26,7 @@ for tests and tools; the proxy uses the callbacks directly, which allocate less.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -181,6 +182,7 @@ class _Headers:
         "_pending",
         "_te",
         "in_head",
+        "trailers",
     )
 
     def __init__(self, max_head: int, max_headers: int) -> None:
@@ -188,11 +190,14 @@ class _Headers:
         self._max_headers = max_headers
         self._error: HTTPError | None = None
         self.in_head = False  # a head has started and is not complete (read-only)
+        # the trailer fields of the current chunked message, once read (read-only)
+        self.trailers: Sequence[tuple[bytes, bytes]] = ()
         self._pending = 0  # bytes fed while a head was incomplete (slow or huge heads)
         self._reset()
 
     def _reset(self) -> None:
         self._headers: list[tuple[bytes, bytes]] = []
+        self.trailers = ()
         self._head_size = 0
         self._content_length: int | None = None
         self._te: list[bytes] | None = None
@@ -202,7 +207,23 @@ class _Headers:
         self._error = HTTPError(status, detail)
         raise self._error
 
+    def _trailer(self, name: bytes, value: bytes) -> None:
+        """Keep a trailer field apart from the head (it must never act as a header), under
+        the same limits as the head's fields."""
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self._max_head:
+            self._fail(431, f"head and trailer fields larger than {self._max_head} bytes")
+        trailers = self.trailers
+        if not isinstance(trailers, list):
+            trailers = self.trailers = []
+        if len(self._headers) + len(trailers) >= self._max_headers:
+            self._fail(431, f"more than {self._max_headers} header and trailer fields")
+        trailers.append((name, value))
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:  # after the head: a trailer field of a chunked body
+            self._trailer(name, value)
+            return
         self._head_size += len(name) + len(value) + 4
         headers = self._headers
         if self._head_size > self._max_head:
@@ -303,6 +324,7 @@ class RequestParser(_Headers):
         self._pending = 0
         self._target = b""
         self._headers = []
+        self.trailers = ()
         self._head_size = 0
         self._content_length = None
         self._te = None
@@ -557,6 +579,20 @@ def chunk(data: bytes) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
+# Fields a proxy does not pass on in a trailer section: framing, routing, hop-by-hop.
+NOT_IN_TRAILERS = HOP_BY_HOP | {b"content-length", b"host"}
+
+
+def last_chunk(trailers: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """The last chunk of a chunked body, carrying the trailer fields a proxy may forward."""
+    if not trailers:
+        return LAST_CHUNK
+    parts = [b"0\r\n"]
+    for k, v in trailers:
+        if k.lower() not in NOT_IN_TRAILERS:
+            parts += (k, b": ", v, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def simple_response(
