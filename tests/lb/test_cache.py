@@ -418,6 +418,27 @@ async def test_waiters_fetch_themselves_when_the_leader_cannot_store() -> None:
     assert not first.leader and not second.leader
 
 
+async def test_an_uncacheable_url_passes_for_pass_ttl_then_is_tried_again() -> None:
+    cache = make()
+    fill = cache.lookup(b"GET", URL, [])
+    assert isinstance(fill, Fill) and fill.stores and fill.leader
+    assert not fill.response(200, [(b"Cache-Control", b"private")])
+    fill.finish()
+    for _ in range(3):  # a pass: fetched alone, not stored even if it turned cacheable
+        found = cache.lookup(b"GET", URL, [])
+        assert isinstance(found, Fill) and not found.stores and not found.leader
+        assert not found.response(200, [(b"Cache-Control", b"max-age=60")])
+        found.finish()
+    await clock_of(cache).advance(cache.pass_ttl + 1)
+    again = cache.lookup(b"GET", URL, [])
+    assert isinstance(again, Fill) and again.stores and again.leader
+    assert again.response(200, [(b"Cache-Control", b"max-age=60")])
+    again.feed(b"now cacheable")
+    again.finish()
+    hit = cache.lookup(b"GET", URL, [])
+    assert isinstance(hit, CachedResponse) and hit.body == b"now cacheable"
+
+
 async def test_waiters_are_released_when_the_leader_fails() -> None:
     cache, upstream = make(), Upstream(fail=True)
     results = await asyncio.gather(

@@ -91,6 +91,42 @@ async def test_vary_no_store_and_the_entry_cap() -> None:
         assert bs[0].hits["/big"] == 2
 
 
+async def test_an_uncacheable_url_passes_through_the_fast_path() -> None:
+    """Once a URL answered uncacheable, its answers skip the cache's response reading
+    (the proxy's fast path) and still say X-Cache: MISS."""
+    from unittest.mock import patch
+
+    import aiohttp
+
+    from podkit.lb.proxy import UpstreamConnection
+
+    feats = Features(cache_bytes=1 << 20)
+    full = 0
+    on_response = UpstreamConnection.on_response
+
+    def counting(self: UpstreamConnection, head: object) -> None:
+        nonlocal full
+        full += 1
+        on_response(self, head)  # type: ignore[arg-type]
+
+    async with backends(1) as bs, balancer(feats, [bs[0].url]) as (lb, _):
+        with patch.object(UpstreamConnection, "on_response", counting):
+            async with aiohttp.ClientSession() as s:  # keep-alive, as browsers
+                url = f"http://127.0.0.1:{lb.port}/nostore"
+                answers = []
+                for _ in range(6):
+                    async with s.get(url) as resp:
+                        answers.append((resp.status, resp.headers["X-Cache"], await resp.text()))
+                async with s.get(f"http://127.0.0.1:{lb.port}/cached") as resp:
+                    assert resp.headers["X-Cache"] == "MISS"
+                async with s.get(f"http://127.0.0.1:{lb.port}/cached") as resp:
+                    assert resp.headers["X-Cache"] == "HIT"
+    assert answers == [(200, "MISS", f"b0:{i}") for i in range(1, 7)]
+    assert bs[0].hits["/nostore"] == 6
+    # the first /nostore and the first /cached were read by the cache; the passes were not
+    assert full == 2
+
+
 async def test_twenty_concurrent_misses_make_one_upstream_request() -> None:
     async with backends(1) as bs, balancer(Features(cache_bytes=1 << 20), [bs[0].url]) as (lb, w):
         answers = await asyncio.gather(*[request(lb.port, "/cached?s=0.3") for _ in range(20)])

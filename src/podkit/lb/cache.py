@@ -22,6 +22,7 @@ API:
   same, waiting for a leader); `purge(url, prefix=False) -> int`; `stats() -> CacheStats`;
   `now() -> float`.
 - `Fill.response(status, headers) -> bool` (True: feed the body to store it),
+  `Fill.stores` (False for a pass: the answer will not be stored),
   `Fill.feed(chunk) -> bool` (False once the body is over the entry cap),
   `Fill.finish() -> CachedResponse | None`, `Fill.abandon()`; `Fill.leader`.
 - `CachedResponse.status`, `.body`, `.size`, `.age(now) -> int`, `.fresh(now) -> bool`,
@@ -46,7 +47,9 @@ Rules (a shared cache):
   `Wait`. Once the leader stores its response, or learns that it cannot (not cacheable,
   too large, upstream failure), each waiter looks again with its own request headers and
   gets a hit or a non-leading `Fill` to fetch itself. A URL whose response was not
-  cacheable is not coalesced for `pass_ttl` seconds, so uncacheable URLs do not queue.
+  cacheable passes for `pass_ttl` seconds: its misses are neither coalesced nor stored
+  (`Fill.stores` is False), so uncacheable URLs do not queue; the first miss after that
+  tries again.
 - Bounded by bytes (entry size = body + header names and values), least recently used out.
 - The clock gives seconds since the epoch, as Date and Expires are compared with it.
 """
@@ -373,6 +376,11 @@ class Fill:
         self._expected: int | None = None
         self._plan: _Plan | None = None
 
+    @property
+    def stores(self) -> bool:
+        """Whether the answer may still be stored (False: a pass, fetched for itself)."""
+        return self._state == _FILLING
+
     def response(self, status: int, headers: Headers) -> bool:
         """Offer the upstream's status and headers; True when the body should be fed."""
         if self._invalidate and status < 400:
@@ -504,10 +512,10 @@ class ResponseCache:
         if found is not None:
             self.hits += 1
             return found
-        store = method == b"GET" and not cc.no_store
+        store = method == b"GET" and not cc.no_store and not self._passing(url)
         key = (url, secondary)
         flight = self._inflight.get(key)
-        if not store or reload or self._passing(url):
+        if not store or reload:
             flight = None  # fetched on its own: nobody waits for it, it waits for nobody
         elif flight is not None:
             self.coalesced += 1  # counted as a hit or a miss once the wait is over

@@ -35,6 +35,8 @@ from podkit.lb.policy import Upstream
 from podkit.lb.ratelimit import RateLimiter
 from podkit.net.http import REASONS, ResponseHead, simple_response
 
+X_CACHE_MISS_LINE = b"%b: %b\r\n" % X_CACHE_MISS
+
 if TYPE_CHECKING:
     from podkit.lb.proxy import Exchange, LoadBalancer
 
@@ -133,6 +135,9 @@ class CacheFilter(BaseFilter):
             return _hit_bytes(ex, found, self.cache.now())
         if isinstance(found, Wait):
             return self._wait(ex, found)
+        if not found.stores and not found.leader:  # a pass: the answer is not kept
+            ex.waive_response(X_CACHE_MISS_LINE)
+            return None
         _user(ex)["fill"] = _Leader(found)
         return None
 
@@ -140,6 +145,9 @@ class CacheFilter(BaseFilter):
         found = await wait.result()
         if isinstance(found, CachedResponse):
             return _hit_bytes(ex, found, self.cache.now())
+        if not found.stores and not found.leader:
+            ex.waive_response(X_CACHE_MISS_LINE)
+            return None
         _user(ex)["fill"] = _Leader(found)
         return None
 

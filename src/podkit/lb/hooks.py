@@ -22,7 +22,10 @@ The proxy calls each `Filter` it was given, in order, at four points of an excha
 With no filters the proxy skips all of this: the hot path pays one truth test. A filter
 whose `on_response` is BaseFilter's (or that sets `observes_responses = False`) leaves
 whole answers of one read on the fast path, where they are passed through unparsed;
-`on_done` still runs for every try.
+`on_done` still runs for every try. A filter that reads answers may waive one exchange's
+in `on_request` with `ex.waive_response(lines)` (a cache's pass): when every such filter
+waived it, the answer may take the fast path too, with `lines` added to its head (on
+the full path they are added as well, and `on_response` is still called).
 """
 
 from __future__ import annotations

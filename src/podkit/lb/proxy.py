@@ -66,6 +66,8 @@ PENDING_LIMIT = 256 * 1024  # request bytes held for an upstream before reading 
 MEMO_HEAD_LIMIT = 2048  # request heads up to this size are remembered by their bytes
 MEMO_SIZE = 1024  # remembered request heads (and response head verdicts: 512) per worker
 _ERROR_HEAD = RequestHead(b"", b"", "1.1", [], keep_alive=False)
+WAIVERS = "podkit.waivers"  # Exchange.user keys of Exchange.waive_response
+EXTRA_HEAD = "podkit.extra_head"
 
 
 @dataclass
@@ -136,6 +138,16 @@ class Exchange:
     @property
     def client_address(self) -> str:
         return self.client.ip
+
+    def waive_response(self, head_lines: bytes = b"") -> None:
+        """For a filter that reads answers: it need not read this one. `head_lines` (whole
+        `Name: value\r\n` lines) go into the answer's head instead. When every such filter
+        waives, the answer may take the fast path."""
+        user = self.user
+        if user is None:
+            user = self.user = {}
+        user[WAIVERS] = user.get(WAIVERS, 0) + 1
+        user[EXTRA_HEAD] = user.get(EXTRA_HEAD, b"") + head_lines
 
 
 class ClientConnection(asyncio.Protocol):
@@ -881,6 +893,9 @@ class UpstreamConnection(PooledConnection):
             elif not client_11:
                 tail += b"Connection: keep-alive\r\n"
         self.rechunk = rechunk
+        user = ex.user
+        if user is not None and EXTRA_HEAD in user:
+            tail += user[EXTRA_HEAD]
         if self.lb.response_filters:  # before the head is written: a filter may add headers
             for f in self.lb.response_filters:
                 obs = f.on_response(ex, head)
@@ -937,8 +952,12 @@ class UpstreamConnection(PooledConnection):
         if end < 12 or not ex.head.plain or ex.client.eof:
             return False
         lb = self.lb
-        if not lb.fast_answers:
-            return False
+        extra = b""
+        if not lb.fast_answers:  # unless every filter that reads answers waived this one
+            user = ex.user
+            if user is None or lb.closing or user.get(WAIVERS) != len(lb.response_filters):
+                return False
+            extra = user[EXTRA_HEAD]
         head = data[:end]
         memo = lb.fast_heads
         verdict = memo.get(head)
@@ -956,6 +975,9 @@ class UpstreamConnection(PooledConnection):
         ex.responded = True
         t = ex.client.transport
         if t is not None:
+            if extra:  # the waivers' header lines, after the status line
+                i = data.find(b"\r\n") + 2
+                data = b"".join((data[:i], extra, data[i:]))
             t.write(data)
         if have == length:
             self._done(ex, status, True)
