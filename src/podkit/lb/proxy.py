@@ -388,11 +388,11 @@ class ClientConnection(asyncio.Protocol):
     def dispatch(self, ex: Exchange, first_filter: int = 0) -> None:
         """Answer locally, or choose an upstream and send the request to it."""
         lb = self.lb
-        if ex.local is not None:
-            self.answer_local(ex)
-            return
-        if lb.filters:
-            filters = lb.filters
+        filters = lb.filters
+        if filters or ex.local is not None:
+            if ex.local is not None:
+                self.answer_local(ex)
+                return
             for i in range(first_filter, len(filters)):
                 answer = filters[i].on_request(ex)
                 if answer is None:
@@ -404,7 +404,8 @@ class ClientConnection(asyncio.Protocol):
                     ex.upstream = None
                     lb.spawn(self._resume(ex, answer, i + 1))
                 return
-        if ex.tried is None and not lb.filters:
+            up = self.pick(ex)
+        elif ex.tried is None:
             up = lb.policy.pick(ex.head, self.ip)
         else:
             up = self.pick(ex)
