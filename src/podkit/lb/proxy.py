@@ -970,9 +970,14 @@ class UpstreamConnection(PooledConnection):
         status, length = verdict
         if not status:
             return False
-        have = len(data) - end - 4
-        if have > length:
-            return False  # more than announced: let the full parser judge
+        if length >= 0:
+            have = len(data) - end - 4
+            if have > length:
+                return False  # more than announced: let the full parser judge
+        elif _chunked_end(data, end + 4) == len(data):
+            have = length = 0  # a whole chunked answer in this read, in its plainest form
+        else:
+            return False
         ex.responded = True
         t = ex.client.transport
         if t is not None:
@@ -1072,16 +1077,56 @@ class UpstreamConnection(PooledConnection):
         self.pool = None  # a tunnel never goes back to the pool
 
 
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+
+
+def _chunked_end(data: bytes, pos: int) -> int:
+    """Where the chunked body that starts at `pos` ends, when all of it is in `data` in its
+    plainest form (sizes in hex digits only, no extensions, no trailer fields); else -1.
+    Anything else is left to the full parser."""
+    n = len(data)
+    while True:
+        j = data.find(b"\r\n", pos, pos + 18)  # at most 16 hex digits
+        if j <= pos:
+            return -1
+        size = data[pos:j]
+        if size.translate(None, _HEX_DIGITS):
+            return -1
+        k = int(size, 16)
+        pos = j + 2
+        if k == 0:
+            return pos + 2 if data[pos : pos + 2] == b"\r\n" else -1
+        pos += k
+        if pos + 2 > n or data[pos : pos + 2] != b"\r\n":
+            return -1
+        pos += 2
+
+
 def _judge_head(head: bytes) -> tuple[int, int]:
     """(status, Content-Length) when a response head (without its final CRLF CRLF) may be
-    forwarded as is on the fast path, else (0, 0)."""
+    forwarded as is on the fast path, (status, -1) when it may with a chunked body (see
+    `_chunked_end`), else (0, 0)."""
     no = (0, 0)
     if not head.startswith(b"HTTP/1.1 ") or head[12:13] != b" ":
         return no
     lh = head.lower()
+    chunked = False
+    i = lh.find(b"\r\ntransfer-encoding:")
+    if i >= 0:  # one Transfer-Encoding field saying exactly chunked, and no Content-Length
+        j = lh.find(b"\r\n", i + 2)
+        if j < 0:
+            j = len(lh)
+        if (
+            lh[i + 20 : j].strip(b" \t") != b"chunked"
+            or lh.count(b"transfer-encoding") != 1
+            or b"content-length" in lh
+        ):
+            return no
+        chunked = True
+    elif b"transfer-encoding" in lh:
+        return no
     if (
-        b"transfer-encoding" in lh
-        or b"upgrade" in lh
+        b"upgrade" in lh
         or b"trailer" in lh
         or b"keep-alive:" in lh
         or b"proxy-connection" in lh
@@ -1097,22 +1142,24 @@ def _judge_head(head: bytes) -> tuple[int, int]:
         j = lh.find(b"\r\n", i + 2)
         if j < 0:
             j = end
-        if lh[i + 14 : j].strip() != b"keep-alive" or lh.find(b"\r\nconnection:", j) >= 0:
+        if lh[i + 14 : j].strip(b" \t") != b"keep-alive" or lh.find(b"\r\nconnection:", j) >= 0:
             return no
+    code = head[9:12]
+    if not code.isdigit():
+        return no
+    status = int(code)
+    if status < 200 or status == 204 or status == 304:
+        return no
+    if chunked:
+        return status, -1
     i = lh.find(b"\r\ncontent-length:")
     if i < 0:
         return no
     j = lh.find(b"\r\n", i + 2)
     if j < 0:
         j = end
-    value = lh[i + 17 : j].strip()
+    value = lh[i + 17 : j].strip(b" \t")
     if not value.isdigit() or len(value) > 15 or lh.find(b"\r\ncontent-length:", j) >= 0:
-        return no
-    code = head[9:12]
-    if not code.isdigit():
-        return no
-    status = int(code)
-    if status < 200 or status == 204 or status == 304:
         return no
     return status, int(value)
 
