@@ -45,5 +45,18 @@ async def stop_task(task: asyncio.Task[Any]) -> None:
     while not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=0.1)
-    if not task.cancelled():
-        task.exception()  # retrieved, so a failure is not reported again at exit
+    retrieve(task)
+
+
+def retrieve(future: asyncio.Future[Any]) -> None:
+    """Take a finished future's outcome, so that its error is not reported as unseen."""
+    if not future.cancelled():
+        future.exception()
+
+
+def discard(future: asyncio.Future[Any]) -> None:
+    """Give up a future without waiting: cancel it when pending, else take its outcome."""
+    if future.done():
+        retrieve(future)
+    else:
+        future.cancel()

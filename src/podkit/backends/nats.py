@@ -74,7 +74,7 @@ from typing import Any
 import nats
 import nats.errors
 
-from podkit.aio import wait_for
+from podkit.aio import retrieve, wait_for
 from podkit.backends.base import (
     BackendError,
     BackendUnavailable,
@@ -986,8 +986,7 @@ class NatsKV:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a failed background sweep is retried later
+        retrieve(task)  # a failed background sweep is retried later
 
     # -------------------------------------------------------------- reads
 
@@ -1219,12 +1218,6 @@ def _stale(record: dict[str, Any] | None, dc: int) -> bool:
     return int(record["dc"]) > dc or (int(record["dc"]) == dc and bool(record.get("nacked")))
 
 
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Consume a background call's outcome, so that its error is not reported as unseen."""
-    if not task.cancelled():
-        task.exception()
-
-
 class NatsQueue:
     """The JetStream queue: a work-queue stream, one durable pull consumer, a ledger and a
     dead-letter stream."""
@@ -1314,7 +1307,7 @@ class NatsQueue:
         try:
             out = await self._take(max_items, visibility, wait)
         except BaseException:
-            acking.add_done_callback(_retrieve)
+            acking.add_done_callback(retrieve)
             raise
         await acking  # if it failed, the items just taken come back after their visibility
         return out

@@ -77,7 +77,7 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
-from podkit.aio import wait_for
+from podkit.aio import discard, wait_for
 from podkit.backends.base import (
     BackendError,
     Entry,
@@ -674,16 +674,6 @@ def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
 
 
-def _discard(future: asyncio.Future[Any]) -> None:
-    """Cancel a command in flight (redis-py then drops its connection), or take the
-    outcome of a finished one, so that no error goes unretrieved."""
-    if future.done():
-        if not future.cancelled():
-            future.exception()
-    else:
-        future.cancel()
-
-
 def _client(url: BackendURL, timeout: float, retries: int) -> Redis:
     db = url.path.strip("/") or "0"
     if not db.isdigit():
@@ -926,7 +916,7 @@ class RedisKV(_Backend):
                                 yield Event("delete", name, None, rev)
         finally:
             if read is not None:
-                _discard(read)
+                discard(read)  # a cancelled command: redis-py drops its connection
 
     async def close(self) -> None:
         await self._r.aclose()
