@@ -248,3 +248,29 @@ async def test_a_silent_worker_is_named_by_purge_and_metrics() -> None:
         assert m[("podkit_lb_admin_worker_up", (("worker", "0"),))] == 1
         assert m[("podkit_lb_admin_worker_up", (("worker", "1"),))] == 0
         assert m[("podkit_lb_cache_misses_total", (("worker", "0"),))] == 1
+
+
+async def test_a_worker_with_unreadable_metrics_adds_none_of_them() -> None:
+    """A sibling whose exposition breaks halfway counts as down, with none of its samples
+    (not the ones before the break)."""
+
+    async def sibling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nfoo_total 1\nbar{ 2\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(sibling, "127.0.0.1", 0)
+    feats = Features(admin_port=0)
+    try:
+        async with backends(1) as bs, balancer(feats, [bs[0].url]) as (_, w):
+            assert w.admin is not None
+            w.admin.siblings = {1: server.sockets[0].getsockname()[1]}
+            m = await scrape(w.admin.port)
+    finally:
+        server.close()
+    assert m[("podkit_lb_admin_worker_up", (("worker", "1"),))] == 0
+    assert not [
+        k for k in m if dict(k[1]).get("worker") == "1" and k[0] != "podkit_lb_admin_worker_up"
+    ]
+    assert m[("podkit_lb_admin_worker_up", (("worker", "0"),))] == 1

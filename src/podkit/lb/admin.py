@@ -355,13 +355,13 @@ class AdminServer:
         add(self.worker.index, self.metrics.registry.collect())
         up.add_metric([str(self.worker.index)], 1.0)
         for i, answer in (await self._from_siblings("/metrics?local=1")).items():
+            families: list[Metric] | None = None
             if isinstance(answer, bytes):
-                try:
-                    add(i, text_string_to_metric_families(answer.decode()))
-                except ValueError:
-                    up.add_metric([str(i)], 0.0)
-                    continue
-            up.add_metric([str(i)], 1.0 if isinstance(answer, bytes) else 0.0)
+                with contextlib.suppress(ValueError):  # parsed whole before any is added
+                    families = list(text_string_to_metric_families(answer.decode()))
+            if families is not None:
+                add(i, families)
+            up.add_metric([str(i)], 0.0 if families is None else 1.0)
         merged[up.name] = up
         return generate_latest(_Fixed(list(merged.values())))
 

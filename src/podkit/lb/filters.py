@@ -135,21 +135,24 @@ class CacheFilter(BaseFilter):
             return _hit_bytes(ex, found, self.cache.now())
         if isinstance(found, Wait):
             return self._wait(ex, found)
-        if not found.stores and not found.leader:  # a pass: the answer is not kept
-            ex.waive_response(X_CACHE_MISS_LINE)
-            return None
-        _user(ex)["fill"] = _Leader(found)
+        self._miss(ex, found)
         return None
 
     async def _wait(self, ex: Exchange, wait: Wait) -> bytes | None:
         found = await wait.result()
         if isinstance(found, CachedResponse):
             return _hit_bytes(ex, found, self.cache.now())
-        if not found.stores and not found.leader:
-            ex.waive_response(X_CACHE_MISS_LINE)
-            return None
-        _user(ex)["fill"] = _Leader(found)
+        self._miss(ex, found)
         return None
+
+    @staticmethod
+    def _miss(ex: Exchange, fill: Fill) -> None:
+        """A miss goes upstream: its answer is read to be stored, or, for a pass (nothing
+        to store, nobody waiting), waived and sent on with `X-Cache: MISS`."""
+        if fill.stores:
+            _user(ex)["fill"] = _Leader(fill)
+        else:
+            ex.waive_response(X_CACHE_MISS_LINE)
 
     def on_response(self, ex: Exchange, head: ResponseHead) -> BodyObserver | None:
         user = ex.user
