@@ -157,8 +157,6 @@ class ClientConnection(asyncio.Protocol):
         "active",
         "eof",
         "ex",
-        "fwd_bytes",
-        "fwd_head",
         "fwd_tail",
         "head_since",
         "ip",
@@ -183,9 +181,6 @@ class ClientConnection(asyncio.Protocol):
         self.parser = RequestParser(self, **lb.config.limits)
         self.ip = ""
         self.fwd_tail = b""
-        # the last request head sent upstream whole from a cached prefix, and its bytes
-        self.fwd_head: RequestHead | None = None
-        self.fwd_bytes = b""
         self.ex: Exchange | None = None  # the exchange being answered
         self.receiving: Exchange | None = None  # the exchange whose request is being read
         self.queue: deque[Exchange] | None = None  # pipelined requests waiting their turn
@@ -479,14 +474,7 @@ class ClientConnection(asyncio.Protocol):
         conn.active = True
         t = conn.transport
         assert t is not None
-        req = ex.head
-        if req is self.fwd_head:  # the same (memoised) request as the last one here
-            head = self.fwd_bytes
-        else:
-            head = self.request_head(ex)
-            if req.forward_prefix is not None:
-                self.fwd_head = req
-                self.fwd_bytes = head
+        head = self.request_head(ex)
         if ex.pending:
             t.write(b"".join([head, *ex.pending]))
             ex.pending.clear()
@@ -619,6 +607,8 @@ class ClientConnection(asyncio.Protocol):
         ex.done = True
         if self.ex is ex:
             self.ex = None
+        if not (self.queue or ex.close_after or self.eof or self.lb.closing):
+            return  # the common case: nothing waits, the connection stays open
         t = self.transport
         if t is None:
             return
@@ -953,10 +943,12 @@ class UpstreamConnection(PooledConnection):
         if end < 12 or not ex.head.plain or ex.client.eof:
             return False
         lb = self.lb
+        if lb.closing:
+            return False
         extra = b""
-        if not lb.fast_answers:  # unless every filter that reads answers waived this one
+        if lb.response_filters:  # unless every filter that reads answers waived this one
             user = ex.user
-            if user is None or lb.closing or user.get(WAIVERS) != len(lb.response_filters):
+            if user is None or user.get(WAIVERS) != len(lb.response_filters):
                 return False
             extra = user[EXTRA_HEAD]
         head = data[:end]
@@ -1035,18 +1027,7 @@ class UpstreamConnection(PooledConnection):
         else:
             self.close()
         ex.conn = None
-        client = ex.client
-        if (  # client.exchange_done, inlined for the common case: nothing else to do
-            client.ex is ex
-            and not client.queue
-            and not ex.close_after
-            and not client.eof
-            and not lb.closing
-        ):
-            ex.done = True
-            client.ex = None
-        else:
-            client.exchange_done(ex)
+        ex.client.exchange_done(ex)
 
     def _start_tunnel(self, ex: Exchange, rest: bytes) -> None:
         """After a 101: splice the client and this connection together."""
@@ -1184,7 +1165,6 @@ class LoadBalancer:
         self.filters: list[Filter] = list(filters)
         # the filters that must see a response head; with none, answers take the fast path
         self.response_filters: list[Filter] = [f for f in filters if observes_responses(f)]
-        self.fast_answers = not self.response_filters  # UpstreamConnection._fast may run
         self.scheme = config.scheme.encode()
         self.clients: set[ClientConnection] = set()
         self.fast_heads: dict[bytes, tuple[int, int]] = {}  # UpstreamConnection._fast's memo
@@ -1291,7 +1271,6 @@ class LoadBalancer:
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting; let exchanges in flight finish (up to `grace` s); close all."""
         self.closing = True
-        self.fast_answers = False
         if self._server is not None:
             self._server.close()
         for c in list(self.clients):
