@@ -323,12 +323,7 @@ class RequestParser(_Headers):
         self.in_head = True
         self._pending = 0
         self._target = b""
-        self._headers = []
-        self.trailers = ()
-        self._head_size = 0
-        self._content_length = None
-        self._te = None
-        self._connection = None
+        self._reset()
 
     def on_url(self, url: bytes) -> None:
         target = self._target + url if self._target else url
