@@ -10,7 +10,10 @@ One run starts, on free loopback ports:
   worker processes (1, then 2):
   - nginx (`proxy_pass` to an `upstream` block with `keepalive 64`, HTTP/1.1 upstream,
     `Connection ""`, access log off, config generated here),
-  - `podkit lb --policy round-robin --workers N`,
+  - `podkit lb --policy round-robin --workers N`, by default the compiled build
+    (`--build compiled`: `PODKIT_COMPILE=1`, see setup.py, built here into the run's
+    directory, about 20 s) as a deployment would install it; `--build pure` runs the
+    editable, interpreted checkout,
   - a plain aiohttp reverse proxy under uvloop (one ClientSession with a keep-alive
     connector; N processes sharing the port with reuse_port), the usual Python choice;
 - wrk -t2 -c64 for `--duration` seconds against each (keep-alive), after a 2 s warm-up,
@@ -179,6 +182,30 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
 
 
+def podkit_env(tmp: Path, build: str) -> dict[str, str]:
+    """The environment `podkit` runs in: with `build` "compiled", a `PODKIT_COMPILE=1`
+    build of this checkout goes into `tmp` and comes first on PYTHONPATH."""
+    env = dict(os.environ)
+    if build == "pure":
+        return env
+    src = tmp / "podkit-src"
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("*.egg-info", "*.so"))
+    dest = tmp / "podkit-compiled"
+    print(f"building the compiled podkit into {dest} ...", flush=True)
+    subprocess.run(
+        [PY, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--target", str(dest), str(src)],
+        env={**env, "PODKIT_COMPILE": "1"}, check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    compiled = sorted(p.name.split(".")[0] for p in (dest / "podkit").rglob("*.so"))
+    print(f"compiled modules: {', '.join(compiled)}", flush=True)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(dest), env.get("PYTHONPATH")]))
+    return env
+
+
 class Procs:
     """Processes started here, stopped by their own group id at the end."""
 
@@ -265,7 +292,9 @@ def wrk(
 
 
 @contextlib.contextmanager
-def proxy(procs: Procs, kind: str, workers: int, backends: list[int]) -> Iterator[int]:
+def proxy(
+    procs: Procs, kind: str, workers: int, backends: list[int], env: dict[str, str] | None = None
+) -> Iterator[int]:
     port = free_port()
     if kind == "nginx":
         servers = "\n".join(f"        server 127.0.0.1:{p};" for p in backends)
@@ -280,6 +309,7 @@ def proxy(procs: Procs, kind: str, workers: int, backends: list[int]) -> Iterato
             f"podkit-{workers}",
             [str(ROOT / ".venv/bin/podkit"), "lb", "--listen", f"127.0.0.1:{port}",
              "--workers", str(workers), "--policy", "round-robin", *ups],
+            env=env,
         )  # fmt: skip
     elif kind == "aiohttp":
         script = procs.tmp / "aiohttp_proxy.py"
@@ -321,6 +351,7 @@ def main() -> None:
     ap.add_argument("--proxies", default="nginx,podkit,aiohttp")
     ap.add_argument("--no-paced", action="store_true", help="skip the half-load latency runs")
     ap.add_argument("--rounds", type=int, default=2, help="runs per proxy; the best is kept")
+    ap.add_argument("--build", choices=("compiled", "pure"), default="compiled")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
@@ -329,6 +360,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="podkit-bench-lb-"))
     procs = Procs(tmp)
     (tmp / "pace.lua").write_text(PACE_LUA)
+    env = podkit_env(tmp, args.build) if "podkit" in kinds else None
     rows: list[tuple[int, str, Result]] = []
     paced: list[tuple[int, str, float, Result]] = []
     all_runs: dict[tuple[int, str], list[float]] = {}
@@ -344,7 +376,7 @@ def main() -> None:
             for rnd in range(args.rounds):
                 # alternate the order, so a burst of outside load does not hit one proxy
                 for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
-                    with proxy(procs, kind, workers, backends) as port:
+                    with proxy(procs, kind, workers, backends, env) as port:
                         wrk(port, 2)  # warm-up: pools filled, caches hot
                         r = wrk(port, args.duration)
                     runs[kind].append(r.rps)
@@ -365,7 +397,7 @@ def main() -> None:
             r = wrk(backends[0], args.duration, tmp / "pace.lua", pace_ms)
             paced.append((workers, "direct", rate, r))
             for kind in [k for k in ("podkit", "nginx") if k in kinds]:
-                with proxy(procs, kind, workers, backends) as port:
+                with proxy(procs, kind, workers, backends, env) as port:
                     wrk(port, 2)
                     r = wrk(port, args.duration, tmp / "pace.lua", pace_ms)
                 paced.append((workers, kind, rate, r))
@@ -404,7 +436,7 @@ def main() -> None:
                 f"| {w} | {rate:,.0f} | {k} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f}"
                 f" | {added} |"
             )
-    print(f"\nlogs in {tmp}")
+    print(f"\npodkit build: {args.build}; logs in {tmp}")
 
 
 if __name__ == "__main__":

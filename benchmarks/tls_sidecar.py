@@ -8,7 +8,9 @@ One run starts, on free loopback ports: one static backend (nginx, one worker, a
 front of the backend, with the same number of worker processes (1, then 2):
 - nginx terminating TLS (`listen ssl`, TLS 1.2/1.3, the same certificate, session cache,
   `proxy_pass` with upstream keep-alive);
-- `podkit sidecar tls --workers N` with the same certificate.
+- `podkit sidecar tls --workers N` with the same certificate, by default the compiled
+  build (`--build compiled`, see setup.py and benchmarks/lb.py; `--build pure` runs the
+  interpreted checkout).
 wrk -t2 -c64 over HTTPS (keep-alive: the handshakes happen once per connection, as for a
 browser or an API client) for `--duration` seconds after a 2 s warm-up, `--rounds` times
 in alternating order; the best of each is kept and every run printed.
@@ -37,6 +39,7 @@ from lb import (
     free_port,
     nginx,
     paired,
+    podkit_env,
     wait_port,
     wrk,
 )
@@ -75,12 +78,14 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2", help="worker counts to run (default 1,2)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     ap.add_argument("--rounds", type=int, default=2, help="runs per server; the best is kept")
+    ap.add_argument("--build", choices=("compiled", "pure"), default="compiled")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
     tmp = Path(tempfile.mkdtemp(prefix="podkit-bench-tls-"))
     procs = Procs(tmp)
     cert, key = self_signed(tmp / "tls", ["localhost", "127.0.0.1"])
+    env = podkit_env(tmp, args.build)
     rows: list[tuple[int, str, Result, list[float]]] = []
     try:
         backend = free_port()
@@ -103,6 +108,7 @@ def main() -> None:
                              "--listen", f"127.0.0.1:{port}",
                              "--upstream", f"127.0.0.1:{backend}", "--cert", str(cert),
                              "--key", str(key), "--workers", str(workers)],
+                            env=env,
                         )  # fmt: skip
                     try:
                         wait_port(port)
@@ -134,7 +140,7 @@ def main() -> None:
         cells = [str(w), k, f"{r.rps:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", ratio, rounds,
                  runs_text]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
-    print(f"\nlogs in {tmp}")
+    print(f"\npodkit build: {args.build}; logs in {tmp}")
 
 
 if __name__ == "__main__":

@@ -646,9 +646,9 @@ class ResponseCache:
         date_value = _join(headers, b"date")
         date = parse_http_date(date_value) if date_value is not None else None
         if cc.s_maxage is not None:
-            lifetime: float = cc.s_maxage
+            lifetime = float(cc.s_maxage)
         elif cc.max_age is not None:
-            lifetime = cc.max_age
+            lifetime = float(cc.max_age)
         else:
             expires_value = _join(headers, b"expires")
             if expires_value is None:

@@ -1,0 +1,91 @@
+"""The compiled build (`PODKIT_COMPILE=1`, setup.py) is the same proxy: it builds from a
+copy of this checkout, the modules setup.py names are C extensions, and the proxy's own
+tests pass against it (run in a subprocess with the build first on PYTHONPATH; the
+`podkit` commands those tests start inherit it)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from servers import require_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+# the tests of everything that runs on the compiled modules
+SUITES = [
+    "tests/lb",
+    "tests/test_tls.py",
+    "tests/test_tls_sidecar.py",
+    "tests/test_split.py",
+    "tests/test_lb_members.py",
+    "tests/ambassador",
+]
+
+
+def compiled_modules() -> list[str]:
+    """The module names setup.py's COMPILED list gives to mypyc."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "COMPILED":
+            paths = ast.literal_eval(node.value)
+            return [p.removeprefix("src/").removesuffix(".py").replace("/", ".") for p in paths]
+    raise AssertionError("setup.py has no COMPILED list")
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a PODKIT_COMPILE=1 build of this checkout."""
+    require_binary("gcc", "gcc")
+    tmp = tmp_path_factory.mktemp("compiled")
+    src = tmp / "src-copy"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("*.egg-info"))
+    dest = tmp / "site"
+    env = {**os.environ, "PODKIT_COMPILE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--target", str(dest), str(src)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(dest), env.get("PYTHONPATH")]))
+    return env
+
+
+def test_the_hot_modules_are_compiled(build: dict[str, str]) -> None:
+    names = compiled_modules()
+    assert "podkit.lb.proxy" in names and "podkit.net.http" in names
+    code = "import importlib,sys\nfor n in sys.argv[1:]: print(importlib.import_module(n).__file__)"
+    out = subprocess.run(
+        [sys.executable, "-c", code, *names, "podkit.lb.cache"],
+        env=build,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    *hot, cache = out
+    assert len(hot) == len(names)
+    for name, path in zip(names, hot, strict=True):
+        assert path.endswith(".so"), f"{name} is not compiled: {path}"
+        assert not path.startswith(str(ROOT)), f"{name} comes from the checkout: {path}"
+    assert cache.endswith(".py")  # the rest stays Python
+
+
+def test_the_proxy_tests_pass_against_the_compiled_build(build: dict[str, str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+         "--ignore", str(Path(__file__).relative_to(ROOT)), *SUITES],
+        cwd=ROOT, env=build, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    tail = done.stdout[-4000:] + done.stderr[-2000:]
+    assert done.returncode == 0, tail
+    assert " passed" in tail and "failed" not in tail
