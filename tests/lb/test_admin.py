@@ -82,7 +82,9 @@ async def test_metrics_move_as_requests_flow() -> None:
         )
         assert overflows >= 1
         assert ("podkit_lb_retries_total", ()) in m3
+        assert m3[("podkit_lb_retries_unbudgeted_total", ())] == 0
         status = await admin_json(port, "/status")
+        assert status["retries_unbudgeted"] == 0
         assert {u["name"] for u in status["upstreams"]} == set(names)
         assert status["cache"]["hits"] == 1 and status["rate_limited"] == 1
         assert status["config"]["features"]["max_requests"] == 1

@@ -15,6 +15,7 @@ from podkit.lb.breaker import (
     Refusal,
     RetryBudget,
     RetryPolicy,
+    RetryRate,
     Ticket,
     is_retryable,
 )
@@ -108,6 +109,61 @@ def test_retries_in_flight_stay_within_the_budget(ops: list[str]) -> None:
     for t in held:
         t.release()
     assert (breaker.requests, breaker.retries) == (0, 0)
+
+
+def test_retry_rate_is_a_share_of_recent_requests_plus_a_floor() -> None:
+    rate = RetryRate(percent=20, per_second=10, window=10)
+    rate.observe(0.0, 0)
+    # no request yet: the floor alone, 10 a second (the first second counts whole)
+    assert sum(rate.allow(0.5, 0) for _ in range(15)) == 10
+    assert (rate.allowed, rate.refused) == (10, 5)
+    # 1,000 first tries over 5 s earn 200 more; the floor has grown to 50
+    for t in range(1, 6):
+        rate.observe(float(t), 200 * t + 10)  # the 10 retries counted among the tries
+    granted = 0
+    for _ in range(400):  # each granted retry is one more try once it ends
+        granted += rate.allow(5.0, 1010 + granted)
+    assert granted == 200 + 50 - 10
+    assert not rate.allow(5.0, 1010 + granted)
+
+
+def test_retry_rate_earnings_expire_with_the_window() -> None:
+    rate = RetryRate(percent=20, per_second=0, window=10)
+    rate.observe(0.0, 0)
+    rate.observe(1.0, 1000)  # a busy second, then nothing for a long time
+    for t in range(2, 40):
+        rate.observe(float(t), 1000)
+    assert not rate.allow(39.5, 1000)  # the busy second left the window: nothing banked
+    rate.observe(40.0, 1100)
+    granted = 0
+    for _ in range(50):
+        granted += rate.allow(40.0, 1100 + granted)
+    assert granted == 20  # 20% of the recent 100
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(0, 3), st.integers(0, 200), st.integers(0, 100)),
+        max_size=40,
+    )
+)
+def test_retries_never_exceed_the_share_of_first_tries(
+    steps: list[tuple[float, int, int]],
+) -> None:
+    """Whatever the traffic, without the floor the retries granted are at most 20% of the
+    first tries: at most 20% extra load."""
+    rate = RetryRate(percent=20, per_second=0, window=10)
+    now, requests = 0.0, 0
+    rate.observe(now, requests)
+    for dt, firsts, wanted in steps:
+        now += dt
+        for _ in range(wanted):
+            if rate.allow(now, requests):
+                requests += 1  # a granted retry is one more try
+        requests += firsts
+        rate.observe(now, requests)
+        assert rate.allowed <= 0.2 * (requests - rate.allowed)
 
 
 def test_retryable_requests() -> None:

@@ -382,6 +382,41 @@ async def test_an_invalid_upstream_answer_gives_502() -> None:
         server.close()
 
 
+async def test_retries_of_requests_sent_stay_within_the_retry_budget() -> None:
+    """An upstream that reads every request and hangs up: each GET may be tried 3 times,
+    but retries of sent requests add at most 20% (plus the floor, 1 a second here)."""
+    heads = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal heads
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            heads += 1
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0, tries=3, retry_per_second=1)
+    lb = LoadBalancer(cfg)
+    await lb.start()
+    started = time.monotonic()
+    try:
+        async with aiohttp.ClientSession() as s:
+            answers = [await get(s, f"http://127.0.0.1:{lb.port}/") for _ in range(100)]
+        elapsed = time.monotonic() - started
+        assert all(code == 502 for code, _ in answers)
+        spent = [body for _, body in answers if "retry budget is spent" in body]
+        retries = heads - 100
+        assert 0 < retries <= 0.2 * 100 + 1 * (elapsed + 1), (heads, elapsed)
+        assert len(spent) > 50 and lb.retry_rate.refused == len(spent)
+        assert "closed the connection before answering" in spent[0]
+        # without the budget every GET would have been tried 3 times
+        assert heads < 3 * 100 * 0.5
+    finally:
+        await lb.close(0.1)
+        server.close()
+
+
 # --- streaming ----------------------------------------------------------------------
 
 

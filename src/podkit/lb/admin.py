@@ -144,6 +144,11 @@ class _Live(Collector):
             inflight.add_metric([u.name], float(u.inflight))
         yield avail
         yield inflight
+        yield CounterMetricFamily(
+            "podkit_lb_retries_unbudgeted",
+            "Retries not sent because the retry budget was spent.",
+            value=lb.retry_rate.refused,
+        )
         if w.health is not None:
             ej = CounterMetricFamily(
                 "podkit_lb_ejections", "Outlier ejections per upstream.", labels=["upstream"]
@@ -223,6 +228,7 @@ def status(worker: Worker) -> dict[str, Any]:
         )
     doc: dict[str, Any] = {"worker": worker.index, "upstreams": ups, "config": worker.describe()}
     doc["requests"] = lb.requests if lb is not None else 0
+    doc["retries_unbudgeted"] = lb.retry_rate.refused if lb is not None else 0
     if worker.cache is not None:
         st = worker.cache.cache.stats()
         doc["cache"] = {

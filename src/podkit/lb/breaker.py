@@ -36,14 +36,20 @@ API:
   `retry_delay(attempt, status, started, now, rng=None) -> float | None`.
   `RETRY_ON` is connect errors (status 0), 502, 503 and 504.
 
-A retry is admitted when, counting it, the retries in flight stay within `percent` of
-the requests in flight (retries included), or within `min_concurrency`; and when
-`max_requests` allows one more request.
+- `RetryRate(percent=20.0, per_second=10.0, window=10.0)`: `observe(now, requests)`,
+  `allow(now, requests) -> bool`; counters `allowed`, `refused`. The proxy keeps one per
+  worker, always on: retries add at most `percent` to the requests of the last window,
+  plus `per_second`.
+
+A retry is admitted by `Breaker.admit_retry` when, counting it, the retries in flight
+stay within `percent` of the requests in flight (retries included), or within
+`min_concurrency`; and when `max_requests` allows one more request.
 """
 
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -168,6 +174,50 @@ class Breaker:
     def _refuse(self, reason: Reason) -> Refusal:
         self.overflows[reason] += 1
         return REFUSED[reason]
+
+
+class RetryRate:
+    """Retries as a share of the requests of the last `window` seconds: every request sent
+    earns `percent` / 100 of a retry, every retry spends one, and `per_second` retries a
+    second are allowed besides, so that a quiet balancer can still retry. Earnings older
+    than the window expire, so a long healthy spell banks no storm of retries.
+
+    The owner reports its running count of requests with `observe(now, requests)` now and
+    then (each sweep); `allow(now, requests)` decides a retry and counts it."""
+
+    def __init__(
+        self, percent: float = 20.0, per_second: float = 10.0, window: float = 10.0
+    ) -> None:
+        if percent < 0 or per_second < 0 or window <= 0:
+            raise ValueError("retry budget: percent and per_second >= 0, window > 0")
+        self.ratio = percent / 100.0
+        self.per_second = per_second
+        self.window = window
+        self.allowed = 0  # retries allowed, in all
+        self.refused = 0  # retries refused, in all
+        self._marks: deque[tuple[float, int, int]] = deque()  # (time, requests, allowed)
+
+    def observe(self, now: float, requests: int) -> None:
+        marks = self._marks
+        marks.append((now, requests, self.allowed))
+        while len(marks) > 1 and marks[1][0] <= now - self.window:
+            marks.popleft()  # keep one mark at or before the window's start
+
+    def allow(self, now: float, requests: int) -> bool:
+        """Whether one more retry fits the budget; counted when it does."""
+        marks = self._marks
+        if marks:
+            since, base_requests, base_allowed = marks[0]
+            span = min(now - since, self.window)
+        else:
+            since, base_requests, base_allowed, span = now, requests, self.allowed, 0.0
+        retries = self.allowed - base_allowed
+        firsts = max(0, requests - base_requests - retries)  # tries that were not retries
+        if retries + 1 <= firsts * self.ratio + max(span, 1.0) * self.per_second:
+            self.allowed += 1
+            return True
+        self.refused += 1
+        return False
 
 
 def is_retryable(method: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bool:

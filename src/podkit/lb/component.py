@@ -162,7 +162,11 @@ def lb(
         int | None, typer.Option(help="Circuit breaker: requests in flight per upstream.")
     ] = None,
     retry_budget: Annotated[
-        float | None, typer.Option(help="Retries in flight, percent of requests (20).")
+        float | None,
+        typer.Option(
+            help="Retries at most this percent of the requests of the last 10 s, plus 10 a "
+            "second (20); with a breaker flag, also of the requests in flight."
+        ),
     ] = None,
     tls_cert: Annotated[str | None, typer.Option(help="TLS certificate chain (PEM).")] = None,
     tls_key: Annotated[str | None, typer.Option(help="TLS private key (PEM).")] = None,
@@ -238,6 +242,7 @@ def lb(
             header_timeout=header_timeout,
             tries=tries,
             reuse_port=reuse_port,
+            **({} if retry_budget is None else {"retry_percent": retry_budget}),
         )
     except ValueError as exc:
         print(f"podkit lb: {exc}", file=sys.stderr)

@@ -106,6 +106,8 @@ class Features:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.retry_budget is not None and not 0 <= self.retry_budget <= 100:
+            raise ValueError(f"--retry-budget {self.retry_budget}: a percent, 0 to 100")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.admin_port is not None and not 0 <= self.admin_port < 65536:

@@ -27,8 +27,9 @@ Failures: no available upstream 503; connect refused, reset before the answer, o
 response 502; no answer within `upstream_timeout` 504; each with a one-line body naming the
 upstream and what happened. A connect failure is retried on another upstream for any
 request (nothing was sent); a reset before any byte of the answer is retried for
-idempotent requests without a body. Bad requests get 400/414/431/501, then the connection
-closes; slow or idle clients get 408 or are closed.
+idempotent requests without a body, within a budget (20% of the requests of the last 10 s,
+plus 10 a second: `podkit.lb.breaker.RetryRate`). Bad requests get
+400/414/431/501, then the connection closes; slow or idle clients get 408 or are closed.
 
 The per-request pipeline (`podkit.lb.hooks.Filter`) is where caching, rate limits,
 circuit breakers and passive health plug in.
@@ -46,6 +47,7 @@ from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from podkit.lb.breaker import RetryRate
 from podkit.lb.hooks import BodyObserver, Filter, observes_responses
 from podkit.lb.policy import Policy, Upstream, make_policy, parse_upstream
 from podkit.net.http import (
@@ -91,6 +93,8 @@ class ProxyConfig:
     pool_idle_timeout: float = 30.0  # idle pooled upstream connections are closed after
     max_idle_per_upstream: int = 128
     tries: int = 3  # attempts per request (retries only when safe, see the module doc)
+    retry_percent: float = 20.0  # retry budget: retries per requests over 10 s, in percent,
+    retry_per_second: float = 10.0  # plus this many a second (`podkit.lb.breaker.RetryRate`)
     tick: float = 0.25  # how often the sweeper checks timeouts
     reuse_port: bool = True
     backlog: int = 1024
@@ -554,12 +558,17 @@ class ClientConnection(asyncio.Protocol):
             safe = nothing_sent or (
                 not ex.head.has_body and ex.head.method in IDEMPOTENT and ex.head.upgrade is None
             )
-            if safe and ex.tries < self.lb.config.tries and not self.lb.closing:
-                if ex.tried is None:
-                    ex.tried = set()
-                ex.tried.add(up)
-                self.dispatch(ex)
-                return
+            lb = self.lb
+            if safe and ex.tries < lb.config.tries and not lb.closing:
+                # a try that never reached the upstream cost it nothing: only a request that
+                # was sent is charged to the retry budget
+                if nothing_sent or lb.retry_rate.allow(lb.now, lb.requests):
+                    if ex.tried is None:
+                        ex.tried = set()
+                    ex.tried.add(up)
+                    self.dispatch(ex)
+                    return
+                reason += " (not retried: the retry budget is spent)"
             self.fail(ex, status, f"upstream {up.name} {reason}")
         else:
             if ex.observer is not None:
@@ -1174,7 +1183,8 @@ class LoadBalancer:
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
-        self.requests = 0
+        self.requests = 0  # tries ended
+        self.retry_rate = RetryRate(config.retry_percent, config.retry_per_second)
 
     def _pool(self, u: Upstream) -> ConnectionPool[UpstreamConnection]:
         return ConnectionPool(
@@ -1241,6 +1251,7 @@ class LoadBalancer:
         """Listen (on `sock` when given); with `ssl`, clients speak TLS."""
         loop = asyncio.get_running_loop()
         self.now = loop.time()
+        self.retry_rate.observe(self.now, self.requests)
         if sock is None:
             sock = listen_socket(
                 self.config.host, self.config.port, self.config.reuse_port, self.config.backlog
@@ -1257,6 +1268,7 @@ class LoadBalancer:
         while True:
             await asyncio.sleep(cfg.tick)
             now = self.now = loop.time()
+            self.retry_rate.observe(now, self.requests)
             for c in list(self.clients):
                 try:
                     c.check(now, cfg)
