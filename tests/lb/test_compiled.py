@@ -24,7 +24,6 @@ SUITES = [
     "tests/test_tls_sidecar.py",
     "tests/test_split.py",
     "tests/test_lb_members.py",
-    "tests/ambassador",
 ]
 
 

@@ -417,6 +417,107 @@ async def test_retries_of_requests_sent_stay_within_the_retry_budget() -> None:
         server.close()
 
 
+async def hang_up_once_backend() -> tuple[asyncio.Server, int, list[bytes]]:
+    """A keep-alive backend that reads a whole request (any body) and hangs up
+    the first time it sees each path; later it answers 200 with the body it got."""
+    seen: set[bytes] = set()
+    got: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1]
+                n = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        n = int(line.split(b":", 1)[1])
+                if b"transfer-encoding: chunked" in head.lower():
+                    body = b""
+                    while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+                        body += (await reader.readexactly(size + 2))[:-2]
+                    await reader.readuntil(b"\r\n")  # the end of the last chunk
+                    n = len(body)
+                else:
+                    body = await reader.readexactly(n)
+                got.append(path + b" " + body[:20])
+                if path not in seen:
+                    seen.add(path)
+                    break
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (n, body))
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], got
+
+
+async def test_a_request_with_a_body_is_retried_with_it_when_idempotent_or_marked() -> None:
+    server, port, got = await hang_up_once_backend()
+    lb = LoadBalancer(ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0))
+    await lb.start()
+    url = f"http://127.0.0.1:{lb.port}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            # PUT is idempotent: its body was kept, and goes again on the retry
+            assert await request_with(s, "PUT", f"{url}/put", b"hello") == (200, b"hello")
+            # a POST the client marks retryable, in chunks (the body streams through)
+            marked = {"x-podkit-retry": "1"}
+
+            async def pieces() -> AsyncIterator[bytes]:
+                for part in (b"abc", b"def"):
+                    yield part
+
+            async with s.post(f"{url}/marked", data=pieces(), headers=marked) as resp:
+                assert (resp.status, await resp.read()) == (200, b"abcdef")
+            # an unmarked POST is not sent twice
+            code, body = await request_with(s, "POST", f"{url}/post", b"once")
+            assert code == 502 and b"closed the connection before answering" in body
+            # a body over the replay limit is not kept: not retried either
+            big = b"x" * (64 * 1024 + 1)
+            assert (await request_with(s, "PUT", f"{url}/big", big))[0] == 502
+        assert got.count(b"/put hello") == 2 and got.count(b"/post once") == 1
+        assert got.count(b"/marked abcdef") == 2
+        assert got.count(b"/big " + b"x" * 20) == 1
+    finally:
+        await lb.close(0.1)
+        server.close()
+
+
+async def request_with(
+    s: aiohttp.ClientSession, method: str, url: str, body: bytes
+) -> tuple[int, bytes]:
+    async with s.request(method, url, data=body) as resp:
+        return resp.status, await resp.read()
+
+
+async def test_the_request_timeout_bounds_all_tries_together() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.read(65536)  # and never answer
+            await asyncio.sleep(30)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = ProxyConfig(
+        upstreams=[f"127.0.0.1:{port}"], port=0, tick=0.05, upstream_timeout=0.3,
+        request_timeout=0.8, tries=10,
+    )  # fmt: skip
+    lb = LoadBalancer(cfg)
+    await lb.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            started = time.monotonic()
+            code, body = await get(s, f"http://127.0.0.1:{lb.port}/")
+            elapsed = time.monotonic() - started
+        # per-try timeouts of 0.3 s were retried (GET), until the overall 0.8 s ran out
+        assert code == 504 and "no answer within 0.8 s (3 tries)" in body, body
+        assert 0.75 < elapsed < 1.5
+    finally:
+        await lb.close(0.1)
+        server.close()
+
+
 # --- streaming ----------------------------------------------------------------------
 
 

@@ -63,6 +63,9 @@ def build_config(
         ConsistentHash([], hash_on or "ip")  # validates hash_on
     if workers < 1:
         raise ValueError("--workers must be at least 1")
+    for name, value in options.items():
+        if name.endswith("_timeout") and value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be >= 0")
     return ProxyConfig(
         upstreams=list(upstreams),
         host=host,
@@ -100,8 +103,13 @@ def lb(
     ] = 1,
     connect_timeout: Annotated[float, typer.Option(help="Seconds to connect upstream.")] = 2.0,
     upstream_timeout: Annotated[
-        float, typer.Option(help="Seconds an upstream may stay silent while answering (504).")
+        float,
+        typer.Option(help="Seconds an upstream may stay silent while answering, per try (504)."),
     ] = 60.0,
+    request_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds from a request to its answer, tries included (504; 0: none)."),
+    ] = 0.0,
     idle_timeout: Annotated[
         float, typer.Option(help="Seconds a keep-alive client may idle between requests.")
     ] = 60.0,
@@ -238,6 +246,7 @@ def lb(
             scheme="https" if tls_cert or self_signed else "http",
             connect_timeout=connect_timeout,
             upstream_timeout=upstream_timeout,
+            request_timeout=request_timeout,
             idle_timeout=idle_timeout,
             header_timeout=header_timeout,
             tries=tries,

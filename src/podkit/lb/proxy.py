@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from podkit.lb.breaker import RetryRate
+from podkit.lb.breaker import RetryRate, is_retryable
 from podkit.lb.hooks import BodyObserver, Filter, observes_responses
 from podkit.lb.policy import Policy, Upstream, make_policy, parse_upstream
 from podkit.net.http import (
@@ -63,8 +63,8 @@ from podkit.net.http import (
 )
 from podkit.net.pool import ConnectionPool, PooledConnection
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 PENDING_LIMIT = 256 * 1024  # request bytes held for an upstream before reading pauses
+REPLAY_LIMIT = 64 * 1024  # request body bytes kept to send again on a retry
 MEMO_HEAD_LIMIT = 2048  # request heads up to this size are remembered by their bytes
 MEMO_SIZE = 1024  # remembered request heads (and response head verdicts: 512) per worker
 _ERROR_HEAD = RequestHead(b"", b"", "1.1", [], keep_alive=False)
@@ -88,7 +88,8 @@ class ProxyConfig:
     body_timeout: float = 30.0  # a pause while a request body is read
     send_timeout: float = 30.0  # a client that does not read its response
     connect_timeout: float = 2.0
-    upstream_timeout: float = 60.0  # a pause while an upstream answers
+    upstream_timeout: float = 60.0  # a pause while an upstream answers (per try)
+    request_timeout: float = 0.0  # from the request to its answer's head, tries included (0: none)
     tunnel_timeout: float = 3600.0  # an Upgrade tunnel with no traffic either way
     pool_idle_timeout: float = 30.0  # idle pooled upstream connections are closed after
     max_idle_per_upstream: int = 128
@@ -114,8 +115,11 @@ class Exchange:
         "observer",
         "pending",
         "pending_size",
+        "replay",
+        "replay_size",
         "request_done",
         "responded",
+        "started",
         "tried",
         "tries",
         "upstream",
@@ -129,6 +133,9 @@ class Exchange:
         self.conn: UpstreamConnection | None = None
         self.pending: list[bytes] = []  # bytes for the upstream not yet written
         self.pending_size = 0
+        self.replay: list[bytes] | None = None  # the body so far, while it may be retried
+        self.replay_size = 0
+        self.started = client.lb.now
         self.request_done = False
         self.responded = False  # a response head went to the client
         self.done = False
@@ -336,6 +343,8 @@ class ClientConnection(asyncio.Protocol):
         self.seen += 1
         self.last_head = head
         ex = Exchange(self, head)
+        if head.has_body and is_retryable(head.method, head.headers):
+            ex.replay = []  # kept up to REPLAY_LIMIT, so a failed try can be sent again
         self.receiving = ex
         if self.ex is None:
             self.ex = ex
@@ -356,6 +365,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if ex.head.chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
+        if ex.replay is not None:
+            self._keep(ex, data)
         conn = ex.conn
         if conn is not None and not ex.pending:
             t = conn.transport
@@ -376,7 +387,17 @@ class ClientConnection(asyncio.Protocol):
         if ex.head.chunked and not ex.done:
             self.on_body_raw(ex, last_chunk(self.parser.trailers))
 
+    def _keep(self, ex: Exchange, data: bytes) -> None:
+        replay = ex.replay
+        assert replay is not None
+        replay.append(data)
+        ex.replay_size += len(data)
+        if ex.replay_size > REPLAY_LIMIT:
+            ex.replay = None  # too long to keep: a try that sent it cannot be retried
+
     def on_body_raw(self, ex: Exchange, data: bytes) -> None:
+        if ex.replay is not None:
+            self._keep(ex, data)
         conn = ex.conn
         if conn is not None and not ex.pending and conn.transport is not None:
             conn.transport.write(data)
@@ -555,8 +576,14 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is None:
             return
         if not ex.responded:
-            safe = nothing_sent or (
-                not ex.head.has_body and ex.head.method in IDEMPOTENT and ex.head.upgrade is None
+            head = ex.head
+            safe = nothing_sent or (  # idempotent, or marked retryable by the client
+                head.upgrade is None
+                and (
+                    ex.replay is not None
+                    if head.has_body
+                    else is_retryable(head.method, head.headers)
+                )
             )
             lb = self.lb
             if safe and ex.tries < lb.config.tries and not lb.closing:
@@ -566,6 +593,9 @@ class ClientConnection(asyncio.Protocol):
                     if ex.tried is None:
                         ex.tried = set()
                     ex.tried.add(up)
+                    if ex.replay is not None:  # the body read so far goes again, in order
+                        ex.pending = list(ex.replay)
+                        ex.pending_size = ex.replay_size
                     self.dispatch(ex)
                     return
                 reason += " (not retried: the retry budget is spent)"
@@ -685,6 +715,10 @@ class ClientConnection(asyncio.Protocol):
                     )
             elif idle > cfg.idle_timeout and self.transport is not None:
                 self.transport.close()
+            return
+        if cfg.request_timeout and not ex.responded and now - ex.started > cfg.request_timeout:
+            tries = f"{ex.tries} tr{'y' if ex.tries == 1 else 'ies'}"
+            self.fail_timeout(ex, 504, f"no answer within {cfg.request_timeout} s ({tries})")
             return
         if not ex.request_done and idle > cfg.body_timeout:
             if ex.responded or self.transport is None:

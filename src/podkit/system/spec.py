@@ -253,6 +253,14 @@ class LBRateLimit(Model):
         return self
 
 
+class LBBreaker(Model):
+    """Circuit breaking per upstream: over a limit the request goes elsewhere, or gets 503."""
+
+    max_connections: Annotated[int, Field(ge=1)] | None = None
+    max_pending: Annotated[int, Field(ge=1)] | None = None
+    max_requests: Annotated[int, Field(ge=1)] | None = None
+
+
 class LBTLS(Model):
     """TLS at the edge: a certificate and key (reloaded when they change), or self-signed."""
 
@@ -276,6 +284,10 @@ class LBOptions(Model):
     hash_on: str | None = None  # header:NAME, cookie:NAME or ip, for consistent-hash
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     tries: Annotated[int, Field(ge=1, le=10)] = 3
+    retry_budget: Annotated[float, Field(ge=0, le=100)] | None = None  # percent
+    upstream_timeout: Annotated[float, Field(gt=0)] | None = None  # seconds, per try
+    request_timeout: Annotated[float, Field(gt=0)] | None = None  # seconds, tries included
+    breaker: LBBreaker | None = None
     health: LBHealth | None = None
     cache: LBCache | None = None
     rate_limit: LBRateLimit | None = None
@@ -288,6 +300,21 @@ class LBOptions(Model):
         argv = ["--policy", self.policy, "--workers", str(self.workers), "--tries", str(self.tries)]
         if self.hash_on:
             argv += ["--hash-on", self.hash_on]
+        numbers = {
+            "--retry-budget": self.retry_budget,
+            "--upstream-timeout": self.upstream_timeout,
+            "--request-timeout": self.request_timeout,
+            **(
+                {
+                    "--max-connections": self.breaker.max_connections,
+                    "--max-pending": self.breaker.max_pending,
+                    "--max-requests": self.breaker.max_requests,
+                }
+                if self.breaker
+                else {}
+            ),
+        }
+        argv += [x for flag, v in numbers.items() if v is not None for x in (flag, f"{v:g}")]
         if self.health:
             h = self.health
             argv += [
