@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -176,62 +178,69 @@ def _two_free_ports() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
+@asynccontextmanager
+async def two_workers(upstream: str, *flags: str) -> AsyncIterator[tuple[int, int]]:
+    """`podkit lb --workers 2 FLAGS` with admin ports P and P+1: (port, P) once both answer;
+    it must exit 0 on SIGTERM."""
+    port, admin = free_port(), _two_free_ports()
+    cmd = [
+        sys.executable, "-m", "podkit", "lb", "--listen", f"127.0.0.1:{port}",
+        "--upstream", upstream, "--workers", "2", "--admin-port", str(admin), *flags,
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                await admin_json(admin, "/status")
+                await admin_json(admin + 1, "/status")
+                break
+            except (OSError, AssertionError):
+                assert time.monotonic() < deadline, "podkit lb did not start"
+                await asyncio.sleep(0.1)
+        yield port, admin
+    finally:
+        proc.terminate()
+        _, err = await asyncio.to_thread(proc.communicate, timeout=10)
+    assert proc.returncode == 0, err.decode()
+
+
 async def test_any_workers_admin_port_answers_for_every_worker() -> None:
     """With 2 workers, /metrics on one admin port has both workers' samples (labelled),
     and /purge empties both workers' caches."""
-    async with backends(1) as bs:
-        port, admin = free_port(), _two_free_ports()
-        cmd = [
-            sys.executable, "-m", "podkit", "lb", "--listen", f"127.0.0.1:{port}",
-            "--upstream", bs[0].url, "--workers", "2", "--cache-bytes", "1000000",
-            "--admin-port", str(admin),
-        ]  # fmt: skip
-        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    await admin_json(admin, "/status")
-                    await admin_json(admin + 1, "/status")
-                    break
-                except (OSError, AssertionError):
-                    assert time.monotonic() < deadline, "podkit lb did not start"
-                    await asyncio.sleep(0.1)
-            sent = 0
-            while True:  # fresh connections until each worker has cached /cached
-                assert (await request(port, "/cached")).status == 200
-                sent += 1
-                entries = [
-                    (await admin_json(admin + i, "/status"))["cache"]["entries"] for i in (0, 1)
-                ]
-                if min(entries) >= 1:
-                    break
-                assert sent < 200, f"the kernel gave every connection to one worker: {entries}"
-            both = await scrape(admin + 1)
-            assert both[("podkit_lb_admin_worker_up", (("worker", "0"),))] == 1
-            assert both[("podkit_lb_admin_worker_up", (("worker", "1"),))] == 1
-            lookups = sum(
-                v
-                for (name, _), v in both.items()
-                if name in ("podkit_lb_cache_hits_total", "podkit_lb_cache_misses_total")
-            )
-            assert lookups == sent
-            assert {dict(labels).get("worker") for (_, labels) in both} == {"0", "1"}
-            alone = await scrape(admin, "/metrics?local=1")
-            assert all("worker" not in dict(labels) for (_, labels) in alone)
-            assert (
-                sum(v for (name, _), v in alone.items() if name == "podkit_lb_cache_misses_total")
-                == both[("podkit_lb_cache_misses_total", (("worker", "0"),))]
-            )
-            ans = await request(admin + 1, f"/purge?url=127.0.0.1:{port}/cached", method="POST")
-            assert ans.status == 200, ans
-            assert json.loads(ans.body) == {"purged": 2, "workers": 2}
-            for i in (0, 1):
-                assert (await admin_json(admin + i, "/status"))["cache"]["entries"] == 0
-        finally:
-            proc.terminate()
-            _, err = await asyncio.to_thread(proc.communicate, timeout=10)
-        assert proc.returncode == 0, err.decode()
+    async with (
+        backends(1) as bs,
+        two_workers(bs[0].url, "--cache-bytes", "1000000") as (port, admin),
+    ):
+        sent = 0
+        while True:  # fresh connections until each worker has cached /cached
+            assert (await request(port, "/cached")).status == 200
+            sent += 1
+            entries = [(await admin_json(admin + i, "/status"))["cache"]["entries"] for i in (0, 1)]
+            if min(entries) >= 1:
+                break
+            assert sent < 200, f"the kernel gave every connection to one worker: {entries}"
+        both = await scrape(admin + 1)
+        assert both[("podkit_lb_admin_worker_up", (("worker", "0"),))] == 1
+        assert both[("podkit_lb_admin_worker_up", (("worker", "1"),))] == 1
+        lookups = sum(
+            v
+            for (name, _), v in both.items()
+            if name in ("podkit_lb_cache_hits_total", "podkit_lb_cache_misses_total")
+        )
+        assert lookups == sent
+        assert {dict(labels).get("worker") for (_, labels) in both} == {"0", "1"}
+        alone = await scrape(admin, "/metrics?local=1")
+        assert all("worker" not in dict(labels) for (_, labels) in alone)
+        assert (
+            sum(v for (name, _), v in alone.items() if name == "podkit_lb_cache_misses_total")
+            == both[("podkit_lb_cache_misses_total", (("worker", "0"),))]
+        )
+        ans = await request(admin + 1, f"/purge?url=127.0.0.1:{port}/cached", method="POST")
+        assert ans.status == 200, ans
+        assert json.loads(ans.body) == {"purged": 2, "workers": 2}
+        for i in (0, 1):
+            assert (await admin_json(admin + i, "/status"))["cache"]["entries"] == 0
 
 
 async def test_a_silent_worker_is_named_by_purge_and_metrics() -> None:
@@ -276,3 +285,30 @@ async def test_a_worker_with_unreadable_metrics_adds_none_of_them() -> None:
         k for k in m if dict(k[1]).get("worker") == "1" and k[0] != "podkit_lb_admin_worker_up"
     ]
     assert m[("podkit_lb_admin_worker_up", (("worker", "0"),))] == 1
+
+
+async def test_a_rate_limit_holds_for_all_workers_together() -> None:
+    """`--workers 2 --rate-limit 20/s burst 20`: the client gets 20 (plus the refill) in
+    all, not 20 from each worker, though its connections reach both."""
+    async with (
+        backends(1) as bs,
+        two_workers(bs[0].url, "--rate-limit", "20/s burst 20") as (port, admin),
+    ):
+        started = time.monotonic()
+        codes = [(await request(port, "/x")).status for _ in range(80)]  # fresh connections
+        elapsed = time.monotonic() - started
+        admitted = codes.count(200)
+        assert codes.count(429) == 80 - admitted
+        assert 20 <= admitted <= 20 + 20 * elapsed + 1, (admitted, elapsed)
+        print(f"2 workers, 20/s burst 20: {admitted} of 80 admitted in {elapsed:.2f} s")
+        m = await scrape(admin)
+        seen = {
+            dict(labels)["worker"]: v
+            for (name, labels), v in m.items()
+            if name == "podkit_lb_rate_limited_total"
+        }
+        assert set(seen) == {"0", "1"} and sum(seen.values()) == 80 - admitted
+        per_worker = [(await admin_json(admin + i, "/status"))["requests"] for i in (0, 1)]
+        assert sum(per_worker) == admitted
+        # both workers answered: each limited some, or admitted some
+        assert all(seen[str(i)] + per_worker[i] > 0 for i in (0, 1)), (seen, per_worker)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import multiprocessing
+import os
+import signal
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from podkit.clock import ManualClock
-from podkit.lb.ratelimit import Rate, RateLimiter
+from podkit.lb.ratelimit import Rate, RateLimiter, SharedBuckets
 
 
 def test_rates_parse_from_text() -> None:
@@ -151,3 +156,50 @@ def test_retry_after_is_the_wait_rounded_up(
             assert limiter.check("k") == 0  # and enough
 
     asyncio.run(run())
+
+
+def _hammer(shared: SharedBuckets, key: str, n: int, out: multiprocessing.Queue[int]) -> None:
+    limiter = RateLimiter("10/s burst 10", global_rate="1000/s", shared=shared)
+    out.put(sum(limiter.check(key) == 0 for _ in range(n)))
+
+
+def test_shared_buckets_limit_forked_processes_together() -> None:
+    """Two forked processes, each with its own RateLimiter on the same SharedBuckets: a
+    key gets its burst once between them, not once each; other keys are not touched."""
+    ctx = multiprocessing.get_context("fork")
+    shared = SharedBuckets(slots=1024)
+    out: multiprocessing.Queue[int] = ctx.Queue()
+    started = time.monotonic()
+    procs = [ctx.Process(target=_hammer, args=(shared, "10.0.0.1", 200, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+    elapsed = time.monotonic() - started
+    admitted = out.get(timeout=5) + out.get(timeout=5)
+    assert 10 <= admitted <= 10 + 10 * elapsed + 1, (admitted, elapsed)
+    # another key has its own bucket; the parent shares it too
+    limiter = RateLimiter("10/s burst 10", shared=shared)
+    assert sum(limiter.check("10.0.0.2") == 0 for _ in range(10)) == 10
+    assert limiter.check("10.0.0.1") > 0 or elapsed > 1
+
+
+def test_a_process_killed_holding_a_slot_does_not_block_the_others() -> None:
+    shared = SharedBuckets(slots=1)  # every key on the one slot
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+
+    def hold() -> None:
+        fcntl.lockf(shared._fd, fcntl.LOCK_EX)  # the whole table, and never let go
+        ready.set()
+        time.sleep(60)
+
+    p = ctx.Process(target=hold)
+    p.start()
+    assert ready.wait(10)
+    os.kill(p.pid or 0, signal.SIGKILL)
+    p.join(10)
+    limiter = RateLimiter("10/s burst 10", global_rate="5/s", shared=shared)
+    assert limiter.check("k") == 0  # the kernel released the dead process's lock
+    assert sum(limiter.check("k") == 0 for _ in range(10)) == 4  # the global burst of 5

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Coroutine, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from ssl import SSLContext
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,7 @@ from podkit.lb.health import ActiveCheck, HostHealth, Outliers
 from podkit.lb.hooks import Filter
 from podkit.lb.members import DNSMembers, FileMembers, KVMembers
 from podkit.lb.policy import Upstream
-from podkit.lb.ratelimit import Rate, RateLimiter
+from podkit.lb.ratelimit import Rate, RateLimiter, SharedBuckets
 
 if TYPE_CHECKING:
     from podkit.lb.proxy import LoadBalancer, ProxyConfig
@@ -79,6 +79,17 @@ class Features:
     members_prefix: str | None = None
     members_dns: str | None = None
     members_interval: float = 0.25
+    # made by `prepare` before the workers fork: their rate limits are the balancer's
+    shared_rates: SharedBuckets | None = field(default=None, compare=False, repr=False)
+
+    def prepare(self, config: ProxyConfig) -> None:
+        """In the supervisor, before the workers fork: make the state they share."""
+        if config.workers > 1 and (self.rate_limit or self.global_rate_limit):
+            self.shared_rates = SharedBuckets()
+
+    def flags(self) -> dict[str, Any]:
+        """The flags as plain values."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "shared_rates"}
 
     def check(self) -> None:
         """ValueError naming the first bad flag."""
@@ -152,7 +163,9 @@ class Worker:
         self.admin: AdminServer | None = None
         filters: list[Filter] = []
         if f.rate_limit or f.global_rate_limit:
-            limiter = RateLimiter(f.rate_limit, f.global_rate_limit, by=f.rate_limit_by)
+            limiter = RateLimiter(
+                f.rate_limit, f.global_rate_limit, by=f.rate_limit_by, shared=f.shared_rates
+            )
             self.rate = RateLimitFilter(limiter)
             filters.append(self.rate)
         if f.cache_bytes:
@@ -195,7 +208,7 @@ class Worker:
 
     def describe(self) -> dict[str, Any]:
         """The configuration, for /status."""
-        return {"proxy": asdict(self.config), "features": asdict(self.features)}
+        return {"proxy": asdict(self.config), "features": self.features.flags()}
 
     def set_members(self, upstreams: list[Upstream]) -> None:
         """New members: the proxy drains the leavers, health follows the new list."""

@@ -13,10 +13,14 @@ API:
   ValueError naming it.
 - `TokenBucket(rate, now)`: `take(now, cost=1.0) -> float` (0.0 when taken, else the
   seconds until it could be), `give(cost)`.
-- `RateLimiter(rate=None, global_rate=None, by="ip", clock=None, max_keys=65536)`:
-  `check(key) -> int` (0: admitted; else Retry-After seconds, an integer >= 1, rounded
-  up), `key(client_ip, headers) -> str | bytes`, `len()`, and counters `admitted`,
-  `limited`, `evicted`.
+- `RateLimiter(rate=None, global_rate=None, by="ip", clock=None, max_keys=65536,
+  shared=None)`: `check(key) -> int` (0: admitted; else Retry-After seconds, an integer
+  >= 1, rounded up), `key(client_ip, headers) -> str | bytes`, `len()`, and counters
+  `admitted`, `limited`, `evicted`.
+- `SharedBuckets(slots)`: the buckets in memory that forked processes share, so that
+  `podkit lb --workers N` limits the balancer as a whole, not each worker. Made before the
+  fork and given to each worker's `RateLimiter(shared=...)`; the clock must then be the
+  system's monotonic clock (the default), which all processes share.
 
 A bucket holds at most `burst` tokens and refills at `per_second` by elapsed clock time,
 so over any span t a key is admitted at most `per_second * t + burst` times. A request
@@ -25,12 +29,22 @@ from either. `by` is "ip" or "header:<name>" (requests without that header are k
 their IP). The table of buckets is bounded: when it is full, buckets that have refilled
 completely are dropped (a new bucket is full too, so nothing changes), and if that frees
 too little the least recently used are dropped.
+
+Shared buckets live in a table of `slots` slots indexed by the key's hash, each a (key
+tag, tokens, stamp) record under its own lock (a byte-range lock of the table's memfd,
+which the kernel releases when a process dies, even by kill -9). A key whose slot holds
+another key that has not refilled takes the slot over with a full bucket (counted in
+`evicted`); with the table twice `max_keys` this is rare.
 """
 
 from __future__ import annotations
 
+import fcntl
 import math
+import mmap
+import os
 import re
+import struct
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -104,6 +118,66 @@ class TokenBucket:
         return self.tokens + (now - self.stamp) * self.per_second >= self.burst
 
 
+_SLOT = struct.Struct("=Qdd")  # key tag (0: empty), tokens, stamp
+_GLOBAL = 0  # slot 0 is the global bucket; keys hash into 1..slots
+
+
+class SharedBuckets:
+    """Token buckets in memory shared by forked processes, one lock per slot."""
+
+    def __init__(self, slots: int = 1 << 17) -> None:
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
+        self.slots = slots
+        self.evicted = 0  # by this process
+        size = (slots + 1) * _SLOT.size
+        self._fd = os.memfd_create("podkit-rate-buckets", os.MFD_CLOEXEC)
+        os.ftruncate(self._fd, size)
+        self._mem = mmap.mmap(self._fd, size)  # MAP_SHARED: a forked child sees the same
+
+    def take(self, key: Hashable | None, rate: Rate, now: float, cost: float = 1.0) -> float:
+        """`TokenBucket.take` on the key's shared bucket (None: the global one)."""
+        tag, offset = self._slot(key)
+        mem = self._mem
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, _SLOT.size, offset)
+        try:
+            held, tokens, stamp = _SLOT.unpack_from(mem, offset)
+            if held != tag:  # empty, or another key's
+                if held and tokens + (now - stamp) * rate.per_second < rate.burst:
+                    self.evicted += 1
+                tokens, stamp = rate.burst, now
+            elif now > stamp:
+                tokens = min(rate.burst, tokens + (now - stamp) * rate.per_second)
+                stamp = now
+            if tokens >= cost:
+                wait = 0.0
+                tokens -= cost
+            else:
+                wait = (cost - tokens) / rate.per_second
+            _SLOT.pack_into(mem, offset, tag, tokens, stamp)
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, _SLOT.size, offset)
+        return wait
+
+    def give(self, key: Hashable | None, rate: Rate, cost: float = 1.0) -> None:
+        """Return tokens taken for a request that was refused later on."""
+        tag, offset = self._slot(key)
+        mem = self._mem
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, _SLOT.size, offset)
+        try:
+            held, tokens, stamp = _SLOT.unpack_from(mem, offset)
+            if held == tag:
+                _SLOT.pack_into(mem, offset, tag, min(rate.burst, tokens + cost), stamp)
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, _SLOT.size, offset)
+
+    def _slot(self, key: Hashable | None) -> tuple[int, int]:
+        if key is None:
+            return 1, _GLOBAL
+        tag = (hash(key) & 0xFFFFFFFFFFFFFFFF) or 1  # the same in every forked process
+        return tag, (1 + tag % self.slots) * _SLOT.size
+
+
 def _seconds(wait: float) -> int:
     """Whole seconds for Retry-After, rounded up, at least 1 (float noise is not a second)."""
     return max(1, math.ceil(wait - 1e-9))
@@ -119,6 +193,7 @@ class RateLimiter:
         by: str = "ip",
         clock: Clock | None = None,
         max_keys: int = 65536,
+        shared: SharedBuckets | None = None,
     ) -> None:
         self.rate = Rate.parse(rate) if isinstance(rate, str) else rate
         self.global_rate = Rate.parse(global_rate) if isinstance(global_rate, str) else global_rate
@@ -132,6 +207,7 @@ class RateLimiter:
             raise ValueError("max_keys must be at least 1")
         self.clock: Clock = clock or SystemClock()
         self.max_keys = max_keys
+        self.shared = shared
         self._buckets: OrderedDict[Hashable, TokenBucket] = OrderedDict()
         self._global = TokenBucket(self.global_rate, self.clock.now()) if self.global_rate else None
         self.admitted = 0
@@ -150,6 +226,8 @@ class RateLimiter:
 
     def check(self, key: Hashable) -> int:
         """0 when the request is admitted, else the Retry-After seconds (>= 1)."""
+        if self.shared is not None:
+            return self._check_shared(self.shared, key)
         now = self.clock.now()
         bucket = None
         if self.rate is not None:
@@ -169,6 +247,21 @@ class RateLimiter:
                     bucket.give()
                 self.limited += 1
                 return _seconds(wait)
+        self.admitted += 1
+        return 0
+
+    def _check_shared(self, shared: SharedBuckets, key: Hashable) -> int:
+        now = self.clock.now()
+        rate, global_rate = self.rate, self.global_rate
+        wait = shared.take(key, rate, now) if rate is not None else 0.0
+        if not wait and global_rate is not None:
+            wait = shared.take(None, global_rate, now)
+            if wait and rate is not None:
+                shared.give(key, rate)
+        self.evicted = shared.evicted
+        if wait:
+            self.limited += 1
+            return _seconds(wait)
         self.admitted += 1
         return 0
 

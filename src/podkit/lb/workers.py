@@ -91,6 +91,9 @@ def serve(
     if config.workers <= 1:
         run_async(run_worker(config, filters, features=features))
         return 0
+    prepare = getattr(features, "prepare", None)
+    if prepare is not None:  # state the workers share is made before they fork
+        prepare(config)
     shared: socket.socket | None = None
     if config.reuse_port:
         probe = listen_socket(config.host, config.port, True, 1)  # fail early, in one place
