@@ -15,7 +15,7 @@ COPY src ./src
 # wheels for every dependency, then podkit's own with the proxy's hot path compiled by mypyc
 # (PODKIT_COMPILE=1, setup.py; mypyc type-checks against the installed dependencies, hence
 # no build isolation), so the final stage needs no compiler and no cache
-RUN pip install --no-cache-dir 'setuptools>=77' 'mypy>=1.10' types-PyYAML \
+RUN pip install --no-cache-dir 'setuptools>=77' 'mypy==2.4.1' types-PyYAML \
     && pip wheel --no-cache-dir --wheel-dir /wheels '.[all]' \
     && pip install --no-cache-dir --no-index --find-links /wheels 'podkit[all]' \
     && rm /wheels/podkit-*.whl \

@@ -166,7 +166,7 @@ services:
       retry_budget: 15
       upstream_timeout: 20
       request_timeout: 45.5
-      breaker: {max_connections: 300, max_pending: 40, max_requests: 250}
+      breaker: {max_connections: 1000000, max_pending: 40, max_requests: 250}
       health: {path: /ping, interval: 2.5, timeout: 0.7, healthy_threshold: 4,
                unhealthy_threshold: 6}
       cache: {max_bytes: 5000000, max_entry_bytes: 70000}
@@ -310,7 +310,7 @@ def test_every_spec_field_appears_in_the_output() -> None:
         "services[].lb.upstream_timeout": flag("--upstream-timeout") == "20",
         "services[].lb.request_timeout": flag("--request-timeout") == "45.5",
         "services[].lb.breaker": "--max-connections" in lb_args,
-        "services[].lb.breaker.max_connections": flag("--max-connections") == "300",
+        "services[].lb.breaker.max_connections": flag("--max-connections") == "1000000",
         "services[].lb.breaker.max_pending": flag("--max-pending") == "40",
         "services[].lb.breaker.max_requests": flag("--max-requests") == "250",
         "services[].lb.health": "--health-path" in lb_args,

@@ -159,6 +159,12 @@ def test_feature_flags_are_checked() -> None:
     assert out.returncode == 2 and "--tls-key" in out.stderr
     out = run("--listen", "127.0.0.1:1")
     assert out.returncode == 2 and "--members-" in out.stderr
+    out = run("--upstream", "x:1", "--connect-timeout", "0")
+    assert out.returncode == 2 and "--connect-timeout 0.0: must be > 0" in out.stderr
+    out = run("--upstream", "x:1", "--request-timeout", "-1")
+    assert out.returncode == 2 and "--request-timeout -1.0: must be >= 0" in out.stderr
+    out = run("--upstream", "x:1", "--retry-budget", "150")
+    assert out.returncode == 2 and "--retry-budget 150.0: a percent" in out.stderr
     out = run("--members-dns", "nameonly")
     assert out.returncode == 2 and "NAME:PORT" in out.stderr
 

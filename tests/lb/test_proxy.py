@@ -518,6 +518,29 @@ async def test_the_request_timeout_bounds_all_tries_together() -> None:
         server.close()
 
 
+async def test_the_request_timeout_starts_once_the_request_is_all_read() -> None:
+    """A slow upload is the body timeout's business: the overall deadline starts when the
+    request is complete, so a 1 s upload under a 0.5 s request timeout still succeeds."""
+    server, port, got = await hang_up_once_backend()
+    cfg = ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0, tick=0.05, request_timeout=0.5)
+    lb = LoadBalancer(cfg)
+    await lb.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+        for _ in range(2):  # the first time the backend hangs up: a retry, with the body
+            writer.write(b"PUT /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
+            await asyncio.sleep(1.0)
+            writer.write(b"cd")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            assert await reader.readexactly(4) == b"abcd"
+        writer.close()
+        assert got.count(b"/slow abcd") == 3
+    finally:
+        await lb.close(0.1)
+        server.close()
+
+
 # --- streaming ----------------------------------------------------------------------
 
 

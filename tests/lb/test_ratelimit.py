@@ -167,7 +167,7 @@ def test_shared_buckets_limit_forked_processes_together() -> None:
     """Two forked processes, each with its own RateLimiter on the same SharedBuckets: a
     key gets its burst once between them, not once each; other keys are not touched."""
     ctx = multiprocessing.get_context("fork")
-    shared = SharedBuckets(slots=1024)
+    shared = SharedBuckets(max_keys=1024)
     out: multiprocessing.Queue[int] = ctx.Queue()
     started = time.monotonic()
     procs = [ctx.Process(target=_hammer, args=(shared, "10.0.0.1", 200, out)) for _ in range(2)]
@@ -186,7 +186,7 @@ def test_shared_buckets_limit_forked_processes_together() -> None:
 
 
 def test_a_process_killed_holding_a_slot_does_not_block_the_others() -> None:
-    shared = SharedBuckets(slots=1)  # every key on the one slot
+    shared = SharedBuckets(max_keys=1)  # one group of slots for every key
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
 
@@ -203,3 +203,14 @@ def test_a_process_killed_holding_a_slot_does_not_block_the_others() -> None:
     limiter = RateLimiter("10/s burst 10", global_rate="5/s", shared=shared)
     assert limiter.check("k") == 0  # the kernel released the dead process's lock
     assert sum(limiter.check("k") == 0 for _ in range(10)) == 4  # the global burst of 5
+
+
+def test_keys_crowding_one_group_of_slots_are_limited_more_never_less() -> None:
+    """20 keys on one group of 8 slots, each allowed 1 a minute: no key gets a fresh
+    bucket while its slot is taken by another active key."""
+    shared = SharedBuckets(max_keys=1)
+    limiter = RateLimiter("1/m burst 1", shared=shared)
+    admitted = {k: sum(limiter.check(f"10.0.0.{k}") == 0 for _ in range(5)) for k in range(20)}
+    assert all(n <= 1 for n in admitted.values()), admitted
+    assert sum(admitted.values()) == 8  # the group's 8 slots, one key each
+    assert limiter.evicted == 12 * 5  # the other 12 keys shared a spent bucket each time

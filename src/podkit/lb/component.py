@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import tempfile
@@ -64,8 +65,11 @@ def build_config(
     if workers < 1:
         raise ValueError("--workers must be at least 1")
     for name, value in options.items():
-        if name.endswith("_timeout") and value < 0:
-            raise ValueError(f"--{name.replace('_', '-')} {value}: must be >= 0")
+        if name.endswith("_timeout"):
+            off_allowed = name == "request_timeout"  # 0: no overall timeout
+            if not (value >= 0 if off_allowed else value > 0) or math.isinf(value):
+                need = ">= 0 (0: none)" if off_allowed else "> 0"
+                raise ValueError(f"--{name.replace('_', '-')} {value}: must be {need}, in seconds")
     return ProxyConfig(
         upstreams=list(upstreams),
         host=host,
@@ -172,8 +176,9 @@ def lb(
     retry_budget: Annotated[
         float | None,
         typer.Option(
-            help="Retries at most this percent of the requests of the last 10 s, plus 10 a "
-            "second (20); with a breaker flag, also of the requests in flight."
+            help="Retries of sent requests: at most this percent of the requests of the last "
+            "10 s, plus 10 a second (20). Also turns on the breaker's cap on retries in "
+            "flight, the same percent of the requests in flight."
         ),
     ] = None,
     tls_cert: Annotated[str | None, typer.Option(help="TLS certificate chain (PEM).")] = None,

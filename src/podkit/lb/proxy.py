@@ -135,7 +135,7 @@ class Exchange:
         self.pending_size = 0
         self.replay: list[bytes] | None = None  # the body so far, while it may be retried
         self.replay_size = 0
-        self.started = client.lb.now
+        self.started = 0.0  # the request complete and sent to a first upstream, the later
         self.request_done = False
         self.responded = False  # a response head went to the client
         self.done = False
@@ -384,6 +384,8 @@ class ClientConnection(asyncio.Protocol):
         if ex is None:
             return
         ex.request_done = True
+        if ex.tries:  # sent before its body was all read: the deadline starts now
+            ex.started = self.lb.now
         if ex.head.chunked and not ex.done:
             self.on_body_raw(ex, last_chunk(self.parser.trailers))
 
@@ -436,6 +438,8 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.upstream = up
         up.inflight += 1
+        if not ex.tries:
+            ex.started = lb.now
         ex.tries += 1
         pool = up.pool
         assert pool is not None
@@ -589,7 +593,9 @@ class ClientConnection(asyncio.Protocol):
             if safe and ex.tries < lb.config.tries and not lb.closing:
                 # a try that never reached the upstream cost it nothing: only a request that
                 # was sent is charged to the retry budget
-                if nothing_sent or lb.retry_rate.allow(lb.now, lb.requests):
+                if nothing_sent or lb.retry_rate.allow(lb.now, lb.requests - lb.free_retries):
+                    if nothing_sent:
+                        lb.free_retries += 1  # not a first try: keep it out of the budget
                     if ex.tried is None:
                         ex.tried = set()
                     ex.tried.add(up)
@@ -716,7 +722,13 @@ class ClientConnection(asyncio.Protocol):
             elif idle > cfg.idle_timeout and self.transport is not None:
                 self.transport.close()
             return
-        if cfg.request_timeout and not ex.responded and now - ex.started > cfg.request_timeout:
+        if (
+            cfg.request_timeout
+            and ex.request_done
+            and ex.tries
+            and not ex.responded
+            and now - ex.started > cfg.request_timeout
+        ):
             tries = f"{ex.tries} tr{'y' if ex.tries == 1 else 'ies'}"
             self.fail_timeout(ex, 504, f"no answer within {cfg.request_timeout} s ({tries})")
             return
@@ -1218,6 +1230,7 @@ class LoadBalancer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.requests = 0  # tries ended
+        self.free_retries = 0  # retries of tries that never reached an upstream
         self.retry_rate = RetryRate(config.retry_percent, config.retry_per_second)
 
     def _pool(self, u: Upstream) -> ConnectionPool[UpstreamConnection]:
@@ -1285,7 +1298,7 @@ class LoadBalancer:
         """Listen (on `sock` when given); with `ssl`, clients speak TLS."""
         loop = asyncio.get_running_loop()
         self.now = loop.time()
-        self.retry_rate.observe(self.now, self.requests)
+        self.retry_rate.observe(self.now, self.requests - self.free_retries)
         if sock is None:
             sock = listen_socket(
                 self.config.host, self.config.port, self.config.reuse_port, self.config.backlog
@@ -1302,7 +1315,7 @@ class LoadBalancer:
         while True:
             await asyncio.sleep(cfg.tick)
             now = self.now = loop.time()
-            self.retry_rate.observe(now, self.requests)
+            self.retry_rate.observe(now, self.requests - self.free_retries)
             for c in list(self.clients):
                 try:
                     c.check(now, cfg)

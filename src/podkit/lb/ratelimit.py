@@ -17,7 +17,7 @@ API:
   shared=None)`: `check(key) -> int` (0: admitted; else Retry-After seconds, an integer
   >= 1, rounded up), `key(client_ip, headers) -> str | bytes`, `len()`, and counters
   `admitted`, `limited`, `evicted`.
-- `SharedBuckets(slots)`: the buckets in memory that forked processes share, so that
+- `SharedBuckets(max_keys=65536)`: the buckets in memory that forked processes share, so that
   `podkit lb --workers N` limits the balancer as a whole, not each worker. Made before the
   fork and given to each worker's `RateLimiter(shared=...)`; the clock must then be the
   system's monotonic clock (the default), which all processes share.
@@ -30,11 +30,13 @@ their IP). The table of buckets is bounded: when it is full, buckets that have r
 completely are dropped (a new bucket is full too, so nothing changes), and if that frees
 too little the least recently used are dropped.
 
-Shared buckets live in a table of `slots` slots indexed by the key's hash, each a (key
-tag, tokens, stamp) record under its own lock (a byte-range lock of the table's memfd,
-which the kernel releases when a process dies, even by kill -9). A key whose slot holds
-another key that has not refilled takes the slot over with a full bucket (counted in
-`evicted`); with the table twice `max_keys` this is rare.
+Shared buckets live in a table of groups of 8 slots, a key's group chosen by its hash;
+each slot is a (key tag, tokens, stamp) record, and each group has its own lock (a
+byte-range lock of the table's memfd, which the kernel releases when a process dies, even
+by kill -9). A key takes its own slot in the group, else an empty one or one whose bucket
+has refilled (the same as a new bucket). With no such slot, 8 keys of the group being
+active, it shares the fullest bucket with that slot's key (counted in `evicted`): a crowded
+group limits more, never less. The table has room for four times `max_keys`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import mmap
 import os
 import re
 import struct
+import tempfile
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -119,33 +122,37 @@ class TokenBucket:
 
 
 _SLOT = struct.Struct("=Qdd")  # key tag (0: empty), tokens, stamp
-_GLOBAL = 0  # slot 0 is the global bucket; keys hash into 1..slots
+GROUP = 8  # slots a key may use, under one lock
 
 
 class SharedBuckets:
-    """Token buckets in memory shared by forked processes, one lock per slot."""
+    """Token buckets in memory shared by forked processes, one lock per group of slots."""
 
-    def __init__(self, slots: int = 1 << 17) -> None:
-        if slots < 1:
-            raise ValueError("slots must be at least 1")
-        self.slots = slots
-        self.evicted = 0  # by this process
-        size = (slots + 1) * _SLOT.size
-        self._fd = os.memfd_create("podkit-rate-buckets", os.MFD_CLOEXEC)
+    def __init__(self, max_keys: int = 65536) -> None:
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
+        self.groups = max(1, max_keys * 4 // GROUP)  # a quarter full with max_keys active
+        self.shared = 0  # keys that found no slot of their own and shared one (this process)
+        self._group_size = GROUP * _SLOT.size
+        size = (self.groups + 1) * self._group_size  # group 0: the global bucket
+        if hasattr(os, "memfd_create"):
+            self._fd = os.memfd_create("podkit-rate-buckets", os.MFD_CLOEXEC)
+        else:  # pragma: no cover - not Linux
+            self._file = tempfile.TemporaryFile()  # noqa: SIM115 - open as long as the table
+            self._fd = self._file.fileno()
         os.ftruncate(self._fd, size)
         self._mem = mmap.mmap(self._fd, size)  # MAP_SHARED: a forked child sees the same
 
     def take(self, key: Hashable | None, rate: Rate, now: float, cost: float = 1.0) -> float:
         """`TokenBucket.take` on the key's shared bucket (None: the global one)."""
-        tag, offset = self._slot(key)
-        mem = self._mem
-        fcntl.lockf(self._fd, fcntl.LOCK_EX, _SLOT.size, offset)
+        tag, base = self._group(key)
+        mem, fd, size = self._mem, self._fd, self._group_size
+        fcntl.lockf(fd, fcntl.LOCK_EX, size, base)
         try:
+            offset = self._find(tag, base, rate, now)
             held, tokens, stamp = _SLOT.unpack_from(mem, offset)
-            if held != tag:  # empty, or another key's
-                if held and tokens + (now - stamp) * rate.per_second < rate.burst:
-                    self.evicted += 1
-                tokens, stamp = rate.burst, now
+            if held != tag and (held == 0 or self._full(tokens, stamp, rate, now)):
+                held, tokens, stamp = tag, rate.burst, now  # a free slot: a new, full bucket
             elif now > stamp:
                 tokens = min(rate.burst, tokens + (now - stamp) * rate.per_second)
                 stamp = now
@@ -154,28 +161,57 @@ class SharedBuckets:
                 tokens -= cost
             else:
                 wait = (cost - tokens) / rate.per_second
-            _SLOT.pack_into(mem, offset, tag, tokens, stamp)
+            _SLOT.pack_into(mem, offset, held, tokens, stamp)
         finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, _SLOT.size, offset)
+            fcntl.lockf(fd, fcntl.LOCK_UN, size, base)
         return wait
 
     def give(self, key: Hashable | None, rate: Rate, cost: float = 1.0) -> None:
         """Return tokens taken for a request that was refused later on."""
-        tag, offset = self._slot(key)
-        mem = self._mem
-        fcntl.lockf(self._fd, fcntl.LOCK_EX, _SLOT.size, offset)
+        tag, base = self._group(key)
+        mem, fd, size = self._mem, self._fd, self._group_size
+        fcntl.lockf(fd, fcntl.LOCK_EX, size, base)
         try:
+            for i in range(GROUP):
+                offset = base + i * _SLOT.size
+                held, tokens, stamp = _SLOT.unpack_from(mem, offset)
+                if held == tag:
+                    _SLOT.pack_into(mem, offset, held, min(rate.burst, tokens + cost), stamp)
+                    return
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, size, base)
+
+    def _group(self, key: Hashable | None) -> tuple[int, int]:
+        if key is None:
+            return 1, 0
+        tag = (hash(key) & 0xFFFFFFFFFFFFFFFF) or 1  # the same in every forked process
+        return tag, (1 + tag % self.groups) * self._group_size
+
+    def _find(self, tag: int, base: int, rate: Rate, now: float) -> int:
+        """The key's slot in its group; else an empty one; else one whose bucket has
+        refilled (the same as a new bucket); else the fullest, shared with its key, so
+        that a crowded group limits more, never less."""
+        mem = self._mem
+        free = -1
+        fullest, most = base, -1.0
+        for i in range(GROUP):
+            offset = base + i * _SLOT.size
             held, tokens, stamp = _SLOT.unpack_from(mem, offset)
             if held == tag:
-                _SLOT.pack_into(mem, offset, tag, min(rate.burst, tokens + cost), stamp)
-        finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, _SLOT.size, offset)
+                return offset
+            if free < 0:
+                if held == 0 or self._full(tokens, stamp, rate, now):
+                    free = offset
+                elif tokens + (now - stamp) * rate.per_second > most:
+                    fullest, most = offset, tokens + (now - stamp) * rate.per_second
+        if free >= 0:
+            return free
+        self.shared += 1
+        return fullest
 
-    def _slot(self, key: Hashable | None) -> tuple[int, int]:
-        if key is None:
-            return 1, _GLOBAL
-        tag = (hash(key) & 0xFFFFFFFFFFFFFFFF) or 1  # the same in every forked process
-        return tag, (1 + tag % self.slots) * _SLOT.size
+    @staticmethod
+    def _full(tokens: float, stamp: float, rate: Rate, now: float) -> bool:
+        return tokens + (now - stamp) * rate.per_second >= rate.burst
 
 
 def _seconds(wait: float) -> int:
@@ -258,7 +294,7 @@ class RateLimiter:
             wait = shared.take(None, global_rate, now)
             if wait and rate is not None:
                 shared.give(key, rate)
-        self.evicted = shared.evicted
+        self.evicted = shared.shared
         if wait:
             self.limited += 1
             return _seconds(wait)

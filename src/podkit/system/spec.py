@@ -253,6 +253,11 @@ class LBRateLimit(Model):
         return self
 
 
+def _number(v: float) -> str:
+    """A flag's value as typed: 20 for 20.0, 0.25 as is, never 1e+06."""
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
 class LBBreaker(Model):
     """Circuit breaking per upstream: over a limit the request goes elsewhere, or gets 503."""
 
@@ -314,7 +319,7 @@ class LBOptions(Model):
                 else {}
             ),
         }
-        argv += [x for flag, v in numbers.items() if v is not None for x in (flag, f"{v:g}")]
+        argv += [x for flag, v in numbers.items() if v is not None for x in (flag, _number(v))]
         if self.health:
             h = self.health
             argv += [
