@@ -112,7 +112,7 @@ def lb(
     ] = 60.0,
     request_timeout: Annotated[
         float,
-        typer.Option(help="Seconds from a request to its answer, tries included (504; 0: none)."),
+        typer.Option(help="Seconds from a whole request to its answer, all tries (504; 0: none)."),
     ] = 0.0,
     idle_timeout: Annotated[
         float, typer.Option(help="Seconds a keep-alive client may idle between requests.")

@@ -89,7 +89,7 @@ class ProxyConfig:
     send_timeout: float = 30.0  # a client that does not read its response
     connect_timeout: float = 2.0
     upstream_timeout: float = 60.0  # a pause while an upstream answers (per try)
-    request_timeout: float = 0.0  # from the request to its answer's head, tries included (0: none)
+    request_timeout: float = 0.0  # complete request to answer head, all tries (0: none)
     tunnel_timeout: float = 3600.0  # an Upgrade tunnel with no traffic either way
     pool_idle_timeout: float = 30.0  # idle pooled upstream connections are closed after
     max_idle_per_upstream: int = 128
