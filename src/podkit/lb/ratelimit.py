@@ -11,12 +11,17 @@ API:
   second, minute, hour, day); "100/s burst 200", "600/m". The burst (bucket size)
   defaults to one second's worth of tokens, at least 1. A malformed text raises
   ValueError naming it.
+- `Rate.take(tokens, stamp, now, cost=1.0) -> (tokens, stamp, wait)`: the bucket
+  arithmetic, for any storage of a bucket's two numbers.
 - `TokenBucket(rate, now)`: `take(now, cost=1.0) -> float` (0.0 when taken, else the
   seconds until it could be), `give(cost)`.
+- `LocalBuckets(max_keys)` and `SharedBuckets(max_keys)`: where a limiter keeps its
+  buckets, with the same `take(key, rate, now)` and `give(key, rate)` (key None: the
+  global bucket) and `evicted`.
 - `RateLimiter(rate=None, global_rate=None, by="ip", clock=None, max_keys=65536,
   shared=None)`: `check(key) -> int` (0: admitted; else Retry-After seconds, an integer
   >= 1, rounded up), `key(client_ip, headers) -> str | bytes`, `len()`, and counters
-  `admitted`, `limited`, `evicted`.
+  `admitted`, `limited`, `evicted`. Its buckets are `LocalBuckets`, or `shared`.
 - `SharedBuckets(max_keys=65536)`: the buckets in memory that forked processes share, so that
   `podkit lb --workers N` limits the balancer as a whole, not each worker. Made before the
   fork and given to each worker's `RateLimiter(shared=...)`; the clock must then be the
@@ -87,38 +92,94 @@ class Rate:
             raise ValueError(f"rate {text!r}: the count must be positive")
         return cls(per_second, float(burst) if burst else max(1.0, per_second))
 
+    def take(
+        self, tokens: float, stamp: float, now: float, cost: float = 1.0
+    ) -> tuple[float, float, float]:
+        """A bucket last seen with `tokens` at `stamp`, refilled to `now`, takes `cost`:
+        (tokens, stamp, wait), wait 0.0 when taken, else the seconds until it could be."""
+        if now > stamp:
+            tokens = min(self.burst, tokens + (now - stamp) * self.per_second)
+            stamp = now
+        if tokens >= cost:
+            return tokens - cost, stamp, 0.0
+        return tokens, stamp, (cost - tokens) / self.per_second
+
+    def level(self, tokens: float, stamp: float, now: float) -> float:
+        """The tokens of a bucket last seen with `tokens` at `stamp`, by `now` (uncapped)."""
+        return tokens + (now - stamp) * self.per_second
+
 
 class TokenBucket:
     """`burst` tokens at most, refilled at `per_second`."""
 
-    __slots__ = ("burst", "per_second", "stamp", "tokens")
+    __slots__ = ("rate", "stamp", "tokens")
 
     def __init__(self, rate: Rate, now: float) -> None:
-        self.per_second = rate.per_second
-        self.burst = rate.burst
+        self.rate = rate
         self.tokens = rate.burst
         self.stamp = now
 
-    def _refill(self, now: float) -> None:
-        if now > self.stamp:
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.per_second)
-            self.stamp = now
-
     def take(self, now: float, cost: float = 1.0) -> float:
         """Take `cost` tokens: 0.0 when taken, else the seconds until they would be there."""
-        self._refill(now)
-        if self.tokens >= cost:
-            self.tokens -= cost
-            return 0.0
-        return (cost - self.tokens) / self.per_second
+        self.tokens, self.stamp, wait = self.rate.take(self.tokens, self.stamp, now, cost)
+        return wait
 
     def give(self, cost: float = 1.0) -> None:
         """Return tokens taken for a request that was refused later on."""
-        self.tokens = min(self.burst, self.tokens + cost)
+        self.tokens = min(self.rate.burst, self.tokens + cost)
 
     def full(self, now: float) -> bool:
         """Whether the bucket has refilled completely by `now`."""
-        return self.tokens + (now - self.stamp) * self.per_second >= self.burst
+        return self.rate.level(self.tokens, self.stamp, now) >= self.rate.burst
+
+
+class LocalBuckets:
+    """Token buckets in this process, by key (None: the global one), at most `max_keys`."""
+
+    def __init__(self, max_keys: int = 65536) -> None:
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
+        self.max_keys = max_keys
+        self.evicted = 0  # buckets dropped before they had refilled (table full of active keys)
+        self._buckets: OrderedDict[Hashable, TokenBucket] = OrderedDict()
+        self._global: TokenBucket | None = None
+
+    def take(self, key: Hashable | None, rate: Rate, now: float, cost: float = 1.0) -> float:
+        """`TokenBucket.take` on the key's bucket (a new one is full)."""
+        if key is None:
+            bucket = self._global
+            if bucket is None:
+                bucket = self._global = TokenBucket(rate, now)
+        else:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._new(key, rate, now)
+            else:
+                self._buckets.move_to_end(key)
+        return bucket.take(now, cost)
+
+    def give(self, key: Hashable | None, rate: Rate, cost: float = 1.0) -> None:
+        """Return tokens taken for a request that was refused later on."""
+        bucket = self._global if key is None else self._buckets.get(key)
+        if bucket is not None:
+            bucket.give(cost)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _new(self, key: Hashable, rate: Rate, now: float) -> TokenBucket:
+        buckets = self._buckets
+        if len(buckets) >= self.max_keys:
+            # Full buckets behave as new ones: dropping them changes nothing. Free at least
+            # an eighth of the table each time, so sweeps stay rare (amortised O(1)).
+            for k in [k for k, b in buckets.items() if b.full(now)]:
+                del buckets[k]
+            target = self.max_keys - max(1, self.max_keys // 8)
+            while len(buckets) > target:
+                buckets.popitem(last=False)
+                self.evicted += 1
+        bucket = buckets[key] = TokenBucket(rate, now)
+        return bucket
 
 
 _SLOT = struct.Struct("=Qdd")  # key tag (0: empty), tokens, stamp
@@ -132,7 +193,7 @@ class SharedBuckets:
         if max_keys < 1:
             raise ValueError("max_keys must be at least 1")
         self.groups = max(1, max_keys * 4 // GROUP)  # a quarter full with max_keys active
-        self.shared = 0  # keys that found no slot of their own and shared one (this process)
+        self.evicted = 0  # keys that found no slot of their own and shared one (this process)
         self._group_size = GROUP * _SLOT.size
         size = (self.groups + 1) * self._group_size  # group 0: the global bucket
         if hasattr(os, "memfd_create"):
@@ -151,16 +212,9 @@ class SharedBuckets:
         try:
             offset = self._find(tag, base, rate, now)
             held, tokens, stamp = _SLOT.unpack_from(mem, offset)
-            if held != tag and (held == 0 or self._full(tokens, stamp, rate, now)):
+            if held != tag and (held == 0 or rate.level(tokens, stamp, now) >= rate.burst):
                 held, tokens, stamp = tag, rate.burst, now  # a free slot: a new, full bucket
-            elif now > stamp:
-                tokens = min(rate.burst, tokens + (now - stamp) * rate.per_second)
-                stamp = now
-            if tokens >= cost:
-                wait = 0.0
-                tokens -= cost
-            else:
-                wait = (cost - tokens) / rate.per_second
+            tokens, stamp, wait = rate.take(tokens, stamp, now, cost)
             _SLOT.pack_into(mem, offset, held, tokens, stamp)
         finally:
             fcntl.lockf(fd, fcntl.LOCK_UN, size, base)
@@ -200,18 +254,19 @@ class SharedBuckets:
             if held == tag:
                 return offset
             if free < 0:
-                if held == 0 or self._full(tokens, stamp, rate, now):
+                level = rate.level(tokens, stamp, now)
+                if held == 0 or level >= rate.burst:
                     free = offset
-                elif tokens + (now - stamp) * rate.per_second > most:
-                    fullest, most = offset, tokens + (now - stamp) * rate.per_second
+                elif level > most:
+                    fullest, most = offset, level
         if free >= 0:
             return free
-        self.shared += 1
+        self.evicted += 1
         return fullest
 
-    @staticmethod
-    def _full(tokens: float, stamp: float, rate: Rate, now: float) -> bool:
-        return tokens + (now - stamp) * rate.per_second >= rate.burst
+    def __len__(self) -> int:
+        """Keys holding a slot (a scan of the whole table)."""
+        return sum(1 for held, _, _ in _SLOT.iter_unpack(self._mem[self._group_size :]) if held)
 
 
 def _seconds(wait: float) -> int:
@@ -239,16 +294,12 @@ class RateLimiter:
             self._header = by[7:].strip().lower().encode("latin-1")
         else:
             raise ValueError(f"rate limit key {by!r}: expected 'ip' or 'header:<name>'")
-        if max_keys < 1:
-            raise ValueError("max_keys must be at least 1")
         self.clock: Clock = clock or SystemClock()
-        self.max_keys = max_keys
-        self.shared = shared
-        self._buckets: OrderedDict[Hashable, TokenBucket] = OrderedDict()
-        self._global = TokenBucket(self.global_rate, self.clock.now()) if self.global_rate else None
+        self.buckets: LocalBuckets | SharedBuckets = (
+            shared if shared is not None else LocalBuckets(max_keys)
+        )
         self.admitted = 0
         self.limited = 0
-        self.evicted = 0  # buckets dropped before they had refilled (table full of active keys)
 
     def key(self, client_ip: str, headers: Sequence[tuple[bytes, bytes]]) -> str | bytes:
         """The key a request is limited by: its header value when keyed by a header, else IP."""
@@ -262,58 +313,23 @@ class RateLimiter:
 
     def check(self, key: Hashable) -> int:
         """0 when the request is admitted, else the Retry-After seconds (>= 1)."""
-        if self.shared is not None:
-            return self._check_shared(self.shared, key)
         now = self.clock.now()
-        bucket = None
-        if self.rate is not None:
-            bucket = self._buckets.get(key)
-            if bucket is None:
-                bucket = self._new_bucket(key, self.rate, now)
-            else:
-                self._buckets.move_to_end(key)
-            wait = bucket.take(now)
-            if wait:
-                self.limited += 1
-                return _seconds(wait)
-        if self._global is not None:
-            wait = self._global.take(now)
-            if wait:
-                if bucket is not None:
-                    bucket.give()
-                self.limited += 1
-                return _seconds(wait)
-        self.admitted += 1
-        return 0
-
-    def _check_shared(self, shared: SharedBuckets, key: Hashable) -> int:
-        now = self.clock.now()
-        rate, global_rate = self.rate, self.global_rate
-        wait = shared.take(key, rate, now) if rate is not None else 0.0
+        buckets, rate, global_rate = self.buckets, self.rate, self.global_rate
+        wait = buckets.take(key, rate, now) if rate is not None else 0.0
         if not wait and global_rate is not None:
-            wait = shared.take(None, global_rate, now)
+            wait = buckets.take(None, global_rate, now)
             if wait and rate is not None:
-                shared.give(key, rate)
-        self.evicted = shared.shared
+                buckets.give(key, rate)  # refused after all: the key's token goes back
         if wait:
             self.limited += 1
             return _seconds(wait)
         self.admitted += 1
         return 0
 
-    def __len__(self) -> int:
-        return len(self._buckets)
+    @property
+    def evicted(self) -> int:
+        """Keys whose bucket was lost or shared while active (the table was full)."""
+        return self.buckets.evicted
 
-    def _new_bucket(self, key: Hashable, rate: Rate, now: float) -> TokenBucket:
-        buckets = self._buckets
-        if len(buckets) >= self.max_keys:
-            # Full buckets behave as new ones: dropping them changes nothing. Free at least
-            # an eighth of the table each time, so sweeps stay rare (amortised O(1)).
-            for k in [k for k, b in buckets.items() if b.full(now)]:
-                del buckets[k]
-            target = self.max_keys - max(1, self.max_keys // 8)
-            while len(buckets) > target:
-                buckets.popitem(last=False)
-                self.evicted += 1
-        bucket = buckets[key] = TokenBucket(rate, now)
-        return bucket
+    def __len__(self) -> int:
+        return len(self.buckets)
