@@ -141,6 +141,18 @@ def test_retry_rate_earnings_expire_with_the_window() -> None:
     assert granted == 20  # 20% of the recent 100
 
 
+def test_exempt_retries_earn_no_budget() -> None:
+    """100 tries, 50 of them retries of failed connects (exempt): 50 first tries earn 10."""
+    rate = RetryRate(percent=20, per_second=0, window=10)
+    rate.observe(0.0, 0)
+    for _ in range(50):
+        rate.exempt()
+    granted = 0
+    for _ in range(40):
+        granted += rate.allow(1.0, 100 + granted)
+    assert granted == 10
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(

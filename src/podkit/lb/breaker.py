@@ -36,10 +36,10 @@ API:
   `retry_delay(attempt, status, started, now, rng=None) -> float | None`.
   `RETRY_ON` is connect errors (status 0), 502, 503 and 504.
 
-- `RetryRate(percent=20.0, per_second=10.0, window=10.0)`: `observe(now, requests)`,
-  `allow(now, requests) -> bool`; counters `allowed`, `refused`. The proxy keeps one per
-  worker, always on: retries add at most `percent` to the requests of the last window,
-  plus `per_second`.
+- `RetryRate(percent=20.0, per_second=10.0, window=10.0)`: `observe(now, tries)`,
+  `allow(now, tries) -> bool`, `exempt()`; counters `allowed`, `refused`, `exempted`.
+  The proxy keeps one per worker, always on: retries add at most `percent` to the
+  requests of the last window, plus `per_second`.
 
 A retry is admitted by `Breaker.admit_retry` when, counting it, the retries in flight
 stay within `percent` of the requests in flight (retries included), or within
@@ -182,8 +182,10 @@ class RetryRate:
     second are allowed besides, so that a quiet balancer can still retry. Earnings older
     than the window expire, so a long healthy spell banks no storm of retries.
 
-    The owner reports its running count of requests with `observe(now, requests)` now and
-    then (each sweep); `allow(now, requests)` decides a retry and counts it."""
+    The owner reports its running count of tries with `observe(now, tries)` now and then
+    (each sweep); `allow(now, tries)` decides a retry and counts it; `exempt()` counts a
+    retry outside the budget (of a try that reached no upstream), so that it is not taken
+    for a first try."""
 
     def __init__(
         self, percent: float = 20.0, per_second: float = 10.0, window: float = 10.0
@@ -195,16 +197,21 @@ class RetryRate:
         self.window = window
         self.allowed = 0  # retries allowed, in all
         self.refused = 0  # retries refused, in all
+        self.exempted = 0  # retries outside the budget, in all
         self._marks: deque[tuple[float, int, int]] = deque()  # (time, requests, allowed)
 
-    def observe(self, now: float, requests: int) -> None:
+    def exempt(self) -> None:
+        self.exempted += 1
+
+    def observe(self, now: float, tries: int) -> None:
         marks = self._marks
-        marks.append((now, requests, self.allowed))
+        marks.append((now, tries - self.exempted, self.allowed))
         while len(marks) > 1 and marks[1][0] <= now - self.window:
             marks.popleft()  # keep one mark at or before the window's start
 
-    def allow(self, now: float, requests: int) -> bool:
+    def allow(self, now: float, tries: int) -> bool:
         """Whether one more retry fits the budget; counted when it does."""
+        requests = tries - self.exempted
         marks = self._marks
         if marks:
             since, base_requests, base_allowed = marks[0]

@@ -593,9 +593,9 @@ class ClientConnection(asyncio.Protocol):
             if safe and ex.tries < lb.config.tries and not lb.closing:
                 # a try that never reached the upstream cost it nothing: only a request that
                 # was sent is charged to the retry budget
-                if nothing_sent or lb.retry_rate.allow(lb.now, lb.requests - lb.free_retries):
+                if nothing_sent or lb.retry_rate.allow(lb.now, lb.requests):
                     if nothing_sent:
-                        lb.free_retries += 1  # not a first try: keep it out of the budget
+                        lb.retry_rate.exempt()
                     if ex.tried is None:
                         ex.tried = set()
                     ex.tried.add(up)
@@ -1230,7 +1230,6 @@ class LoadBalancer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.requests = 0  # tries ended
-        self.free_retries = 0  # retries of tries that never reached an upstream
         self.retry_rate = RetryRate(config.retry_percent, config.retry_per_second)
 
     def _pool(self, u: Upstream) -> ConnectionPool[UpstreamConnection]:
@@ -1298,7 +1297,7 @@ class LoadBalancer:
         """Listen (on `sock` when given); with `ssl`, clients speak TLS."""
         loop = asyncio.get_running_loop()
         self.now = loop.time()
-        self.retry_rate.observe(self.now, self.requests - self.free_retries)
+        self.retry_rate.observe(self.now, self.requests)
         if sock is None:
             sock = listen_socket(
                 self.config.host, self.config.port, self.config.reuse_port, self.config.backlog
@@ -1315,7 +1314,7 @@ class LoadBalancer:
         while True:
             await asyncio.sleep(cfg.tick)
             now = self.now = loop.time()
-            self.retry_rate.observe(now, self.requests - self.free_retries)
+            self.retry_rate.observe(now, self.requests)
             for c in list(self.clients):
                 try:
                     c.check(now, cfg)
