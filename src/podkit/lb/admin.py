@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -37,6 +38,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from yarl import URL
 
 from podkit.aio import wait_for
 from podkit.lb.policy import Upstream
@@ -311,26 +313,23 @@ class AdminServer:
         n = cache.cache.purge(url.encode("latin-1"), prefix=prefix)
         return 200, "application/json", json.dumps({"purged": n}).encode()
 
-    async def _ask(self, port: int, target: str) -> bytes:
-        """GET `target` from another worker's admin port; its body (raises on failure)."""
-        reader, writer = await wait_for(asyncio.open_connection(self.host, port), SIBLING_TIMEOUT)
-        try:
-            writer.write(f"GET {target} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
-            data = await wait_for(reader.read(-1), SIBLING_TIMEOUT)
-        finally:
-            writer.close()
-        head, _, body = data.partition(b"\r\n\r\n")
-        first = head.split(b"\r\n", 1)[0]
-        if first.split(b" ")[1:2] != [b"200"]:
-            raise OSError(f"answered {first.decode('latin-1')!r}")
-        return body
-
     async def _from_siblings(self, target: str) -> dict[int, bytes | str]:
-        """Each sibling's answer body to `target`, or why there is none."""
+        """Each sibling's answer body to GET `target`, or why there is none."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        timeout = aiohttp.ClientTimeout(total=SIBLING_TIMEOUT)
+
+        async def ask(s: aiohttp.ClientSession, port: int) -> bytes:
+            url = URL(f"http://{host}:{port}{target}", encoded=True)  # the query as given
+            async with s.get(url) as resp:
+                if resp.status != 200:
+                    raise OSError(f"answered {resp.status} {resp.reason}")
+                return await resp.read()
+
         indices = sorted(self.siblings)
-        answers = await asyncio.gather(
-            *(self._ask(self.siblings[i], target) for i in indices), return_exceptions=True
-        )
+        async with aiohttp.ClientSession(timeout=timeout) as s:
+            answers = await asyncio.gather(
+                *(ask(s, self.siblings[i]) for i in indices), return_exceptions=True
+            )
         out: dict[int, bytes | str] = {}
         for i, a in zip(indices, answers, strict=True):
             if isinstance(a, BaseException):
