@@ -45,6 +45,7 @@ from podkit.system.spec import (
     Spec,
     TCPProbe,
     _model_in,
+    flag_value,
 )
 
 Loc = tuple[str | int, ...]
@@ -622,7 +623,7 @@ class _Renderer:
         name = f"{pod.name}-scaler"
         argv = [
             "--queue", f"$(PODKIT_BACKEND_{_env_name(a.backend)})", "--name", a.queue,
-            "--min", str(a.min), "--max", str(a.max), "--target-drain", f"{a.target_drain:g}",
+            "--min", str(a.min), "--max", str(a.max), "--target-drain", flag_value(a.target_drain),
             "--host", "0.0.0.0", "--port", str(SCALER_PORT),
         ]  # fmt: skip
         probe = {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 5}

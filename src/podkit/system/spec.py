@@ -253,7 +253,7 @@ class LBRateLimit(Model):
         return self
 
 
-def _number(v: float) -> str:
+def flag_value(v: float) -> str:
     """A flag's value as typed: 20 for 20.0, 0.25 as is, never 1e+06."""
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
@@ -305,26 +305,21 @@ class LBOptions(Model):
         argv = ["--policy", self.policy, "--workers", str(self.workers), "--tries", str(self.tries)]
         if self.hash_on:
             argv += ["--hash-on", self.hash_on]
+        b = self.breaker or LBBreaker()
         numbers = {
             "--retry-budget": self.retry_budget,
             "--upstream-timeout": self.upstream_timeout,
             "--request-timeout": self.request_timeout,
-            **(
-                {
-                    "--max-connections": self.breaker.max_connections,
-                    "--max-pending": self.breaker.max_pending,
-                    "--max-requests": self.breaker.max_requests,
-                }
-                if self.breaker
-                else {}
-            ),
+            "--max-connections": b.max_connections,
+            "--max-pending": b.max_pending,
+            "--max-requests": b.max_requests,
         }
-        argv += [x for flag, v in numbers.items() if v is not None for x in (flag, _number(v))]
+        argv += [x for flag, v in numbers.items() if v is not None for x in (flag, flag_value(v))]
         if self.health:
             h = self.health
             argv += [
-                "--health-path", h.path, "--health-interval", f"{h.interval:g}",
-                "--health-timeout", f"{h.timeout:g}",
+                "--health-path", h.path, "--health-interval", flag_value(h.interval),
+                "--health-timeout", flag_value(h.timeout),
                 "--healthy-threshold", str(h.healthy_threshold),
                 "--unhealthy-threshold", str(h.unhealthy_threshold),
             ]  # fmt: skip
