@@ -182,26 +182,35 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
 
 
+def build_compiled(dest: Path) -> list[str]:
+    """Build this checkout with `PODKIT_COMPILE=1` (setup.py) into `dest` (pip --target),
+    from a copy beside it, so that the checkout gets no build files; the names of the
+    compiled modules. RuntimeError with pip's output when the build fails."""
+    src = dest.parent / f"{dest.name}-src"
+    src.mkdir(parents=True)
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("*.egg-info", "*.so"))
+    done = subprocess.run(
+        [PY, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--target", str(dest), str(src)],
+        env={**os.environ, "PODKIT_COMPILE": "1"}, capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        output = done.stdout[-3000:] + done.stderr[-3000:]
+        raise RuntimeError(f"the compiled build failed:\n{output}")
+    return sorted(p.name.split(".")[0] for p in (dest / "podkit").rglob("*.so"))
+
+
 def podkit_env(tmp: Path, build: str) -> dict[str, str]:
     """The environment `podkit` runs in: with `build` "compiled", a `PODKIT_COMPILE=1`
     build of this checkout goes into `tmp` and comes first on PYTHONPATH."""
     env = dict(os.environ)
     if build == "pure":
         return env
-    src = tmp / "podkit-src"
-    for name in ("pyproject.toml", "setup.py", "README.md"):
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("*.egg-info", "*.so"))
     dest = tmp / "podkit-compiled"
     print(f"building the compiled podkit into {dest} ...", flush=True)
-    subprocess.run(
-        [PY, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--target", str(dest), str(src)],
-        env={**env, "PODKIT_COMPILE": "1"}, check=True, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    compiled = sorted(p.name.split(".")[0] for p in (dest / "podkit").rglob("*.so"))
-    print(f"compiled modules: {', '.join(compiled)}", flush=True)
+    print(f"compiled modules: {', '.join(build_compiled(dest))}", flush=True)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(dest), env.get("PYTHONPATH")]))
     return env
 

@@ -6,8 +6,8 @@ tests pass against it (run in a subprocess with the build first on PYTHONPATH; t
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,22 +39,15 @@ def compiled_modules() -> list[str]:
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The environment of a PODKIT_COMPILE=1 build of this checkout."""
+    """The environment of a PODKIT_COMPILE=1 build of this checkout (the benchmarks'
+    builder)."""
     require_binary("gcc", "gcc")
-    tmp = tmp_path_factory.mktemp("compiled")
-    src = tmp / "src-copy"
-    src.mkdir()
-    for name in ("pyproject.toml", "setup.py", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("*.egg-info"))
-    dest = tmp / "site"
-    env = {**os.environ, "PODKIT_COMPILE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--target", str(dest), str(src)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("bench_lb", ROOT / "benchmarks" / "lb.py")
+    assert spec is not None and spec.loader is not None
+    bench = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # for dataclasses
+    spec.loader.exec_module(bench)
+    dest = tmp_path_factory.mktemp("compiled") / "site"
+    bench.build_compiled(dest)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(dest), env.get("PYTHONPATH")]))
     return env
