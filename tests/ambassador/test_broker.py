@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -309,6 +309,37 @@ async def test_registry_registration_gets_traffic_within_1s_and_revoke_removes_i
     print(f"registry {kind}: registration -> traffic in "
           + ", ".join(f"{x * 1000:.0f}" for x in latencies) + " ms")  # fmt: skip
     assert max(latencies) < 1.0
+
+
+class SlowToWatch(KVRegistry):
+    """A registry whose watch comes up 0.3 s after the first resolve, as on a busy host."""
+
+    async def watch(self, changed: Callable[[], None]) -> None:
+        await asyncio.sleep(0.3)
+        await super().watch(changed)
+
+
+async def test_a_registration_made_before_the_watch_is_up_is_not_missed(
+    registry_url: str,
+) -> None:
+    kv = await open_kv(registry_url)
+    prefix = f"services/early-{time.monotonic_ns()}/"
+    async with backends(2) as bs:
+        try:
+            first = await Registration(kv, prefix, bs[0].endpoint, ttl=5).start()
+            registry = SlowToWatch(registry_url, prefix, log=quiet)
+            async with broker_for([registry], refresh=30) as broker:
+                assert broker.endpoints.endpoints == [bs[0].endpoint]
+                start = time.monotonic()
+                second = await Registration(kv, prefix, bs[1].endpoint, ttl=5).start()
+                while len(broker.endpoints.endpoints) != 2:
+                    assert time.monotonic() - start < 1.0, "the registration was missed"
+                    await asyncio.sleep(0.01)
+                assert {await ask(broker.port) for _ in range(4)} == {"b0", "b1"}
+                await second.close()
+                await first.close()
+        finally:
+            await kv.close()
 
 
 async def test_registry_lease_expiry_removes_an_instance_that_died() -> None:

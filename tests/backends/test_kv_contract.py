@@ -174,6 +174,18 @@ async def test_watch_prefix_from_a_past_revision(kv: KV) -> None:
     assert revisions == sorted(revisions) and len(set(revisions)) == 3
 
 
+async def test_revision_then_range_then_watch_misses_nothing(kv: KV) -> None:
+    r1 = await kv.put("svc/a", b"1")
+    assert await kv.revision() >= r1
+    start = await kv.revision()
+    await kv.put("svc/b", b"2")  # after the revision was read, before the range
+    assert [e.key for e in await kv.range("svc/")] == ["svc/a", "svc/b"]
+    await kv.delete("svc/a")  # after the range, before the watch starts
+    assert await kv.revision() > start
+    events = await _collect(kv.watch("svc/", prefix=True, start_revision=start + 1), 2)
+    assert [(e.kind, e.key) for e in events] == [("put", "svc/b"), ("delete", "svc/a")]
+
+
 async def test_watch_sees_lease_expiry(kv: KV) -> None:
     lease = await kv.grant(1.0)
     rev = await kv.put("member/a", b"up", lease=lease)

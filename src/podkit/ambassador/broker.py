@@ -197,7 +197,8 @@ class DNSResolver:
 
 class KVRegistry:
     """Endpoints registered under `prefix` of a KV backend (one key each, value
-    `host:port`); the prefix is watched. `kv` is a KV or a backend URL."""
+    `host:port`); the prefix is watched from the store's revision at the last resolve,
+    so a change made before the watch is up is not missed. `kv` is a KV or a URL."""
 
     def __init__(self, kv: KV | str, prefix: str, log: Callable[[str], None] | None = None) -> None:
         self._kv = kv if not isinstance(kv, str) else None
@@ -206,6 +207,7 @@ class KVRegistry:
         self.prefix = prefix
         self.log = log
         self.description = f"registry {self.url} prefix {prefix!r}"
+        self._revision: int | None = None  # the store's revision at the last resolve
 
     async def _open(self) -> KV:
         if self._kv is None:
@@ -214,7 +216,10 @@ class KVRegistry:
 
     async def resolve(self) -> list[Endpoint]:
         try:
-            entries = await (await self._open()).range(self.prefix)
+            kv = await self._open()
+            revision = await kv.revision()
+            entries = await kv.range(self.prefix)
+            self._revision = revision  # a watch started later begins after it
         except (BackendError, OSError) as exc:
             raise ResolveError(f"{self.description}: {exc}") from None
         out: list[Endpoint] = []
@@ -227,8 +232,10 @@ class KVRegistry:
         return out
 
     async def watch(self, changed: Callable[[], None]) -> None:
+        start = None if self._revision is None else self._revision + 1
         try:
-            async for _ in (await self._open()).watch(self.prefix, prefix=True):
+            kv = await self._open()
+            async for _ in kv.watch(self.prefix, prefix=True, start_revision=start):
                 changed()
         except (BackendError, OSError) as exc:
             raise ResolveError(f"{self.description}: watch failed: {exc}") from None

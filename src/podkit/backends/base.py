@@ -71,6 +71,11 @@ class KV(Protocol):
         """Every live entry whose key starts with `prefix`, sorted by key."""
         ...
 
+    async def revision(self) -> int:
+        """The store's revision now (0 before the first change). Read it before a
+        `range`, then watch from it + 1: no change is missed between the two."""
+        ...
+
     async def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
         """Write unconditionally; return the new revision. A dead `lease` raises
         `LeaseExpired` (as in create and update)."""

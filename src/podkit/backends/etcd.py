@@ -258,6 +258,12 @@ class EtcdKV:
         answer = await self._call("/v3/kv/range", body, repeatable=True)
         return [self._entry(kv) for kv in answer.get("kvs", ())]
 
+    async def revision(self) -> int:
+        """The store's revision now (from a count-only read's header)."""
+        body = {"key": _b64(b"\x00"), "count_only": True}
+        answer = await self._call("/v3/kv/range", body, repeatable=True)
+        return int(answer["header"]["revision"])
+
     # ------------------------------------------------------------------ writes
 
     async def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:

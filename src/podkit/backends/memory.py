@@ -122,6 +122,10 @@ class MemoryKV:
         self._expire()
         return [e for k, e in sorted(self._s.data.items()) if k.startswith(prefix)]
 
+    async def revision(self) -> int:
+        self._expire()
+        return self._s.revision
+
     async def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
         self._expire()
         return self._write(key, value, lease)

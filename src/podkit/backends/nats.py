@@ -998,6 +998,10 @@ class NatsKV:
         mine = [r for r in raws if self._key(r.subject).startswith(prefix)]
         return sorted(await self._entries(mine), key=lambda e: e.key)
 
+    async def revision(self) -> int:
+        info = await self._c.api(f"STREAM.INFO.{self._stream}")
+        return int(info["state"]["last_seq"])
+
     # -------------------------------------------------------------- writes
 
     async def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
@@ -1167,8 +1171,7 @@ class NatsKV:
         self, key: str, *, prefix: bool = False, start_revision: int | None = None
     ) -> AsyncIterator[Event]:
         if start_revision is None:
-            info = await self._c.api(f"STREAM.INFO.{self._stream}")
-            start_revision = int(info["state"]["last_seq"]) + 1
+            start_revision = await self.revision() + 1
         nxt = max(1, start_revision)
         filter_subject = self._filter(key, prefix)
         self._watchers += 1

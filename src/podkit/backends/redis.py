@@ -811,6 +811,10 @@ class RedisKV(_Backend):
         return [self._entry(flat[i].decode(), flat[i + 1 : i + 5]) for i in range(0, len(flat), 5)]
 
     @_guarded
+    async def revision(self) -> int:
+        return int((await self._run(self._sweep_s))[0])
+
+    @_guarded
     async def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
         rev = await self._write("put", key, value, lease, None)
         if rev is None:  # pragma: no cover - put has no condition

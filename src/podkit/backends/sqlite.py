@@ -529,6 +529,9 @@ class SQLiteKV:
     async def range(self, prefix: str) -> list[Entry]:
         return await self._db.run(self._range, prefix)
 
+    async def revision(self) -> int:
+        return (await self._db.run(self._changes, "", False, None))[1] - 1
+
     async def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
         return await self._db.write(self._put, key, bytes(value), lease)
 

@@ -396,11 +396,9 @@ class LeaderElection:
 
     async def changes(self) -> AsyncIterator[Leader | None]:
         """Yield the leader now and after every change of leadership."""
-        entries = await self.kv.range(self.prefix)
-        current = _leader(entries)
+        start = await self.kv.revision() + 1  # a change after the read is not missed
+        current = _leader(await self.kv.range(self.prefix))
         yield current
-        # every later change has a revision above the newest entry's
-        start = max(e.revision for e in entries) + 1 if entries else None
         async for _event in self.kv.watch(self.prefix, prefix=True, start_revision=start):
             now = await self.current_leader()
             if now != current:

@@ -189,16 +189,18 @@ class KVMembers:
         kv = await self._open()
         while True:
             try:
+                start = await kv.revision() + 1  # changes from here on are replayed
                 entries = await kv.range(self.prefix)
                 self.members = {e.key: e.value.decode("utf-8", "replace") for e in entries}
                 self._apply()
-                start = max((e.revision for e in entries), default=0) + 1
                 async for ev in kv.watch(self.prefix, prefix=True, start_revision=start):
+                    before = dict(self.members)
                     if ev.kind == "put" and ev.value is not None:
                         self.members[ev.key] = ev.value.decode("utf-8", "replace")
                     else:
                         self.members.pop(ev.key, None)
-                    self._apply()
+                    if self.members != before:
+                        self._apply()
             except (BackendError, OSError) as exc:
                 self.log(f"members: {self.prefix} unreadable, keeping the last list: {exc}")
                 await asyncio.sleep(1.0)
