@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import os
 import random
 import subprocess
@@ -23,7 +24,14 @@ from aiohttp import web
 
 from podkit.lb.hooks import BaseFilter, observes_responses
 from podkit.lb.policy import Upstream, parse_upstream
-from podkit.lb.proxy import Exchange, LoadBalancer, ProxyConfig
+from podkit.lb.proxy import (
+    BACKOFF_BASE,
+    BACKOFF_MAX,
+    Exchange,
+    LoadBalancer,
+    ProxyConfig,
+    retry_backoff,
+)
 from support import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -478,6 +486,42 @@ async def test_a_request_with_a_body_is_retried_with_it_when_idempotent_or_marke
         assert got.count(b"/put hello") == 2 and got.count(b"/post once") == 1
         assert got.count(b"/marked abcdef") == 2
         assert got.count(b"/big " + b"x" * 20) == 1
+    finally:
+        await lb.close(0.1)
+        server.close()
+
+
+def test_retry_backoff_doubles_is_capped_and_jittered_within_half() -> None:
+    for tries in range(1, 12):
+        ceiling = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (tries - 1))
+        for draw in (0.0, 0.3, 0.999):
+            assert ceiling / 2 <= retry_backoff(tries, draw) <= ceiling
+    assert retry_backoff(1, 0.0) == BACKOFF_BASE / 2 and retry_backoff(20, 0.999) < BACKOFF_MAX
+
+
+async def test_a_retry_to_an_upstream_already_tried_backs_off() -> None:
+    arrivals: list[float] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                arrivals.append(time.monotonic())
+                if len(arrivals) < 3:
+                    break  # the first two tries: hang up without an answer
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    lb = LoadBalancer(ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0, tries=3))
+    await lb.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            assert await get(s, f"http://127.0.0.1:{lb.port}/") == (200, "ok")
+        # the only upstream was tried each time: 12.5-25 ms, then 25-50 ms between tries
+        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+        assert len(arrivals) == 3 and gaps[0] >= BACKOFF_BASE / 2 and gaps[1] >= BACKOFF_BASE
     finally:
         await lb.close(0.1)
         server.close()

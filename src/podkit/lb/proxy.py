@@ -27,8 +27,10 @@ Failures: no available upstream 503; connect refused, reset before the answer, o
 response 502; no answer within `upstream_timeout` 504; each with a one-line body naming the
 upstream and what happened. A connect failure is retried on another upstream for any
 request (nothing was sent); a reset before any byte of the answer is retried for
-idempotent requests without a body, within a budget (20% of the requests of the last 10 s,
-plus 10 a second: `podkit.lb.breaker.RetryRate`). Bad requests get
+idempotent requests and ones marked `x-podkit-retry: 1` (a body up to `REPLAY_LIMIT` is
+kept to send again), within a budget (20% of the requests of the last 10 s, plus 10 a
+second: `podkit.lb.breaker.RetryRate`). A retry goes to an upstream not tried yet at once;
+when each was tried, it waits a jittered back-off (`retry_backoff`). Bad requests get
 400/414/431/501, then the connection closes; slow or idle clients get 408 or are closed.
 
 The per-request pipeline (`podkit.lb.hooks.Filter`) is where caching, rate limits,
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import ssl as ssl_module
 import sys
@@ -65,6 +68,16 @@ from podkit.net.pool import ConnectionPool, PooledConnection
 
 PENDING_LIMIT = 256 * 1024  # request bytes held for an upstream before reading pauses
 REPLAY_LIMIT = 64 * 1024  # request body bytes kept to send again on a retry
+BACKOFF_BASE = 0.025  # a retry to an upstream already tried waits about this, doubling
+BACKOFF_MAX = 0.25
+
+
+def retry_backoff(tries: int, draw: float) -> float:
+    """Seconds to wait after `tries` tries before a retry to an upstream already tried:
+    `BACKOFF_BASE * 2**(tries - 1)`, capped at `BACKOFF_MAX`, then between half and all
+    of it (`draw` in [0, 1) picks where)."""
+    ceiling = min(BACKOFF_MAX, BACKOFF_BASE * 2.0 ** max(0, tries - 1))
+    return ceiling * (0.5 + 0.5 * draw)
 MEMO_HEAD_LIMIT = 2048  # request heads up to this size are remembered by their bytes
 MEMO_SIZE = 1024  # remembered request heads (and response head verdicts: 512) per worker
 _ERROR_HEAD = RequestHead(b"", b"", "1.1", [], keep_alive=False)
@@ -602,7 +615,12 @@ class ClientConnection(asyncio.Protocol):
                     if ex.replay is not None:  # the body read so far goes again, in order
                         ex.pending = list(ex.replay)
                         ex.pending_size = ex.replay_size
-                    self.dispatch(ex)
+                    tried = ex.tried
+                    if any(u.available and u not in tried for u in lb.upstreams):
+                        self.dispatch(ex)  # another upstream is there: at once
+                    else:  # each was tried: wait, so a restarting one has time to come back
+                        delay = retry_backoff(ex.tries, random.random())
+                        asyncio.get_running_loop().call_later(delay, self._retry, ex)
                     return
                 reason += " (not retried: the retry budget is spent)"
             self.fail(ex, status, f"upstream {up.name} {reason}")
@@ -611,6 +629,10 @@ class ClientConnection(asyncio.Protocol):
                 ex.observer.abort()
             ex.done = True
             self.abort()  # the answer is cut short: the client must see it
+
+    def _retry(self, ex: Exchange) -> None:
+        if not ex.done and self.transport is not None and self.ex is ex:
+            self.dispatch(ex)
 
     def fail(self, ex: Exchange, status: int, detail: str) -> None:
         """Answer `status` with a one-line body naming what went wrong."""
