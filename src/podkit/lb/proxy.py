@@ -78,6 +78,8 @@ def retry_backoff(tries: int, draw: float) -> float:
     of it (`draw` in [0, 1) picks where)."""
     ceiling = min(BACKOFF_MAX, BACKOFF_BASE * 2.0 ** max(0, tries - 1))
     return ceiling * (0.5 + 0.5 * draw)
+
+
 MEMO_HEAD_LIMIT = 2048  # request heads up to this size are remembered by their bytes
 MEMO_SIZE = 1024  # remembered request heads (and response head verdicts: 512) per worker
 _ERROR_HEAD = RequestHead(b"", b"", "1.1", [], keep_alive=False)
