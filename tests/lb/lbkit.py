@@ -41,6 +41,7 @@ def _app(b: Backend) -> web.Application:
     async def any_path(request: web.Request) -> web.StreamResponse:
         path = request.path
         if path == "/healthz":
+            b.hits[path] += 1
             return web.Response(status=200 if b.healthy else 503, text="ok")
         b.hits[path] += 1
         if request.method == "POST":

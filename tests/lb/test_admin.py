@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aiohttp
 import pytest
 from lbkit import admin_json, backends, balancer, request
 from prometheus_client.parser import text_string_to_metric_families
@@ -209,6 +210,52 @@ async def two_workers(upstream: str, *flags: str) -> AsyncIterator[tuple[int, in
         proc.terminate()
         _, err = await asyncio.to_thread(proc.communicate, timeout=10)
     assert proc.returncode == 0, err.decode()
+
+
+async def upstream_states(admin: int, worker: int) -> dict[str, str]:
+    status = await admin_json(admin + worker, "/status")
+    return {u["name"]: u["state"] for u in status["upstreams"]}
+
+
+async def test_workers_share_host_health() -> None:
+    """With 2 workers, each upstream is checked by one of them, and what one worker
+    learns (a failed check, an ejection) holds in the other within a tick."""
+    async with backends(2) as bs:
+        b0, b1 = (b.url.removeprefix("http://") for b in bs)
+        flags = ["--upstream", bs[1].url, "--health-path", "/healthz", "--health-interval",
+                 "0.2", "--unhealthy-threshold", "2", "--consecutive-5xx", "3"]  # fmt: skip
+        async with two_workers(bs[0].url, *flags) as (port, admin):
+            before = [b.hits["/healthz"] for b in bs]
+            await asyncio.sleep(2.0)
+            checks = [b.hits["/healthz"] - n for b, n in zip(bs, before, strict=True)]
+            # one checker each: about 10 checks in 2 s, where two would make about 20
+            assert all(5 <= c <= 14 for c in checks), checks
+            # a failed check by the one worker that checks b0 takes it out in both
+            bs[0].healthy = False
+            await until_states(admin, {b0: "unhealthy", b1: "healthy"}, within=2.0)
+            bs[0].healthy = True
+            await until_states(admin, {b0: "healthy", b1: "healthy"}, within=2.0)
+            # passive: 5xx seen by one worker (one keep-alive connection) ejects b1 in both
+            bs[1].failing = True
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
+                for _ in range(20):
+                    async with s.get(f"http://127.0.0.1:{port}/x") as resp:
+                        await resp.read()
+                    states = [await upstream_states(admin, w) for w in (0, 1)]
+                    if any(st[b1] == "ejected" for st in states):
+                        break
+            await until_states(admin, {b0: "healthy", b1: "ejected"}, within=1.0)
+
+
+async def until_states(admin: int, want: dict[str, str], within: float) -> None:
+    """Wait until both workers' /status show the upstreams in these states."""
+    deadline = time.monotonic() + within
+    while True:
+        seen = [await upstream_states(admin, w) for w in (0, 1)]
+        if all(s == want for s in seen):
+            return
+        assert time.monotonic() < deadline, f"workers saw {seen}, not {want}"
+        await asyncio.sleep(0.05)
 
 
 async def test_any_workers_admin_port_answers_for_every_worker() -> None:

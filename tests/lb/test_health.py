@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from podkit.clock import ManualClock
-from podkit.lb.health import CONNECT_ERROR, ActiveCheck, HealthEvent, HostHealth, Outliers
+from podkit.lb.health import (
+    CONNECT_ERROR,
+    UNHEALTHY,
+    ActiveCheck,
+    HealthEvent,
+    HostHealth,
+    Outliers,
+    SharedHealth,
+    owner_of,
+)
 
 A, B, C = "10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"
 
@@ -211,3 +222,94 @@ def test_ejections_never_exceed_the_cap_and_not_ready_hosts_stay_out(
                 assert hosts[j % n] not in eligible
 
     asyncio.run(run())
+
+
+# ---------------------------------------------------------------------------- shared
+
+
+def two_workers_health(
+    active: ActiveCheck | None = None, max_hosts: int = 64
+) -> tuple[HostHealth, HostHealth, ManualClock]:
+    """Two workers' health over one shared table; host "a:1" is checked by worker 0,
+    every other host by worker 1."""
+    clock = ManualClock()
+    shared = SharedHealth(max_hosts)
+    out = []
+    for index in (0, 1):
+
+        def here(host: str, index: int = index) -> bool:
+            return (host == "a:1") == (index == 0)
+
+        h = HostHealth(active, Outliers(consecutive_connect_failures=3), clock, None, shared, here)
+        h.set_hosts(["a:1", "b:1", "c:1"])
+        out.append(h)
+    return out[0], out[1], clock
+
+
+async def test_an_ejection_by_one_worker_holds_in_the_others() -> None:
+    w0, w1, clock = two_workers_health()
+    for _ in range(3):
+        w0.begin("b:1")
+        w0.record_result("b:1", CONNECT_ERROR)
+    assert "b:1" not in w0.eligible() and "b:1" in w1.eligible()
+    assert w1.sync_shared() and w1.eligible() == ("a:1", "c:1")
+    assert not w1.sync_shared()  # nothing new
+    await clock.advance(30.0)  # the ejection ends in both at the same time
+    assert w0.eligible() == w1.eligible() == ("a:1", "b:1", "c:1")
+    assert not w1.sync_shared()  # an ejection that is over is not adopted again
+
+
+async def test_each_host_is_checked_by_one_worker_and_its_verdict_holds_in_all() -> None:
+    w0, w1, clock = two_workers_health(ActiveCheck(interval=1.0, unhealthy_threshold=2))
+    assert w0.due_checks() == ["a:1"] and sorted(w1.due_checks()) == ["b:1", "c:1"]
+    assert w0.next_check_in() == 1.0  # the others' hosts, due too, are not waited on
+    for host, worker in (("a:1", w0), ("b:1", w1), ("c:1", w1)):
+        worker.record_check(host, True)
+    for w in (w0, w1):
+        w.sync_shared()
+        assert w.eligible() == ("a:1", "b:1", "c:1")
+    for _ in range(2):
+        await clock.advance(1.0)
+        assert w0.due_checks() == ["a:1"]
+        w0.record_check("a:1", False)
+    assert w0.eligible() == ("b:1", "c:1")
+    assert w1.sync_shared() and w1.eligible() == ("b:1", "c:1")  # w1 never checked a:1
+    await clock.advance(1.0)
+    w0.due_checks()
+    w0.record_check("a:1", True)  # healthy again after one pass (threshold 2: two)
+    await clock.advance(1.0)
+    w0.due_checks()
+    w0.record_check("a:1", True)
+    assert w1.sync_shared() and w1.eligible() == ("a:1", "b:1", "c:1")
+
+
+def test_a_host_without_a_slot_is_judged_by_each_worker_alone() -> None:
+    w0, w1, _ = two_workers_health(max_hosts=1)
+    for host in ("b:1", "c:1"):
+        for _ in range(3):
+            w0.record_result(host, CONNECT_ERROR)
+    w0.outliers = Outliers(consecutive_connect_failures=3, max_ejection_percent=100.0)
+    for _ in range(3):
+        w0.record_result("c:1", CONNECT_ERROR)
+    assert "b:1" not in w0.eligible() and "c:1" not in w0.eligible()
+    w1.sync_shared()
+    # one slot: the first ejected host is shared, the other stays w0's alone
+    assert w1.eligible() == ("a:1", "c:1")
+
+
+def test_the_table_is_shared_with_a_forked_process() -> None:
+    shared = SharedHealth()
+    pid = os.fork()
+    if pid == 0:  # the child publishes, as a worker would
+        shared.publish("x:1", 123.0, UNHEALTHY)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert shared.read(["x:1", "y:1"]) == {"x:1": (123.0, UNHEALTHY)}
+
+
+def test_owner_of_spreads_hosts_over_processes() -> None:
+    hosts = [f"10.0.0.{i}:80" for i in range(200)]
+    owners = Counter(owner_of(h, 2) for h in hosts)
+    assert set(owners) == {0, 1} and min(owners.values()) > 60
+    assert all(owner_of(h, 1) == 0 for h in hosts)

@@ -10,12 +10,13 @@
   (`127.0.0.1:8080/products`); a `http://` or `https://` in front is ignored. Answers
   `{"purged": N}`.
 
-Each worker process has its own proxy, cache and health state, and serves its own admin
-port: worker i listens on `admin_port + i`. With several workers, any of these ports
-answers for all of them: /metrics gathers every worker's samples (each with a `worker`
-label, and `podkit_lb_admin_worker_up` saying which workers answered) and /purge purges
-every worker's cache (502 naming the workers that did not answer). `?local=1` asks one
-worker alone. /status is always the one worker's.
+Each worker process has its own proxy and cache (host health and rate limits are
+shared), and serves its own admin port: worker i listens on `admin_port + i`. With
+several workers, any of these ports answers for all of them: /metrics gathers every
+worker's samples (each with a `worker` label, and `podkit_lb_admin_worker_up` saying
+which workers answered) and /purge purges every worker's cache (502 naming the workers
+that did not answer). `?local=1` asks one worker alone. /status is always the one
+worker's.
 """
 
 from __future__ import annotations

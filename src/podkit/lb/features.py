@@ -23,7 +23,7 @@ from podkit.lb.admin import AdminServer
 from podkit.lb.breaker import Limits, RetryBudget
 from podkit.lb.cache import ResponseCache
 from podkit.lb.filters import BreakerFilter, CacheFilter, HealthFilter, RateLimitFilter, Timing
-from podkit.lb.health import ActiveCheck, HostHealth, Outliers
+from podkit.lb.health import ActiveCheck, HostHealth, Outliers, SharedHealth, owner_of
 from podkit.lb.hooks import Filter
 from podkit.lb.members import DNSMembers, FileMembers, KVMembers
 from podkit.lb.policy import Upstream
@@ -79,17 +79,22 @@ class Features:
     members_prefix: str | None = None
     members_dns: str | None = None
     members_interval: float = 0.25
-    # made by `prepare` before the workers fork: their rate limits are the balancer's
+    # made by `prepare` before the workers fork: their rate limits and host health are
+    # the balancer's, not each worker's
     shared_rates: SharedBuckets | None = field(default=None, compare=False, repr=False)
+    shared_health: SharedHealth | None = field(default=None, compare=False, repr=False)
 
     def prepare(self, config: ProxyConfig) -> None:
         """In the supervisor, before the workers fork: make the state they share."""
         if config.workers > 1 and (self.rate_limit or self.global_rate_limit):
             self.shared_rates = SharedBuckets()
+        if config.workers > 1 and (self.health_path is not None or self.passive_health):
+            self.shared_health = SharedHealth()
 
     def flags(self) -> dict[str, Any]:
         """The flags as plain values."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "shared_rates"}
+        shared = ("shared_rates", "shared_health")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in shared}
 
     def check(self) -> None:
         """ValueError naming the first bad flag."""
@@ -179,7 +184,19 @@ class Worker:
                 max_ejection_time=max(f.ejection_time, 300.0),
                 max_ejection_percent=f.max_ejection_percent,
             )
-            self.health = HealthFilter(HostHealth(f.active_check(), outliers), log=log)
+            n = config.workers
+
+            def checks_here(host: str) -> bool:
+                return owner_of(host, n) == index
+
+            shared = f.shared_health
+            health = HostHealth(
+                f.active_check(),
+                outliers,
+                shared=shared,
+                checks_here=checks_here if shared is not None else None,
+            )
+            self.health = HealthFilter(health, log=log)
             filters.append(self.health)
         if f.admin_port is not None:
             port = f.admin_port + index if f.admin_port else 0

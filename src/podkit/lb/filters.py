@@ -259,6 +259,7 @@ class HealthFilter(BaseFilter):
                 task = asyncio.create_task(one(name))
                 running.add(task)
                 task.add_done_callback(running.discard)
+            health.sync_shared()  # the other workers' ejections and verdicts
             self.sync()  # ejections end by the clock
             await asyncio.sleep(min(tick, health.next_check_in()))
 

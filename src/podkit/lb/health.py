@@ -22,6 +22,10 @@ API:
   `due_checks() -> list[str]`, `record_check(host, passed)`, `next_check_in() -> float`,
   `state(host) -> HostState | None`, `hosts() -> list[str]`, counters `ejections`,
   `ejections_skipped`.
+- `SharedHealth(max_hosts=4096)`: ejections and active-check verdicts in memory shared by
+  forked processes. Each `HostHealth` given it publishes its own ejections and verdicts,
+  adopts the others' on `sync_shared()`, and checks only the hosts `checks_here` accepts
+  (`owner_of(host, n)` spreads them over n processes).
 - `HealthEvent(kind, host, at, until)` is passed to `on_event` for each change: "ejected",
   "ejection_skipped" (over the ejection cap), "returned", "healthy", "unhealthy", "ready",
   "not_ready", "draining", "removed".
@@ -40,11 +44,16 @@ gets no new requests and is forgotten once its last request in flight has ended.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import struct
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
 from podkit.clock import Clock, SystemClock
+from podkit.lb.shm import SharedMemory
 
 CONNECT_ERROR: Final = 0  # the status to record when no response came (refused, reset)
 EventKind = Literal[
@@ -141,6 +150,82 @@ class HostState:
         return self.ejected_until is not None
 
 
+_HOST = struct.Struct("=Qdb")  # host tag (0: empty), ejected until, verdict
+UNKNOWN, HEALTHY, UNHEALTHY = 0, 1, 2
+_PROBES = 16  # slots a host may take, from its tag's
+
+
+def owner_of(host: str, processes: int) -> int:
+    """The process (0 to processes - 1) that runs the active checks of `host`."""
+    return zlib.crc32(host.encode()) % max(1, processes)
+
+
+class SharedHealth:
+    """Per-host ejections and active-check verdicts in memory that forked processes share
+    (a memfd mapping, one fcntl lock); made before the fork. A host that finds no slot
+    (more than `max_hosts`) is not shared: each process judges it alone."""
+
+    def __init__(self, max_hosts: int = 4096) -> None:
+        if max_hosts < 1:
+            raise ValueError("max_hosts must be at least 1")
+        self.slots = max_hosts
+        self._shm = SharedMemory("podkit-host-health", max_hosts * _HOST.size)
+        self._fd, self._mem = self._shm.fd, self._shm.mem
+
+    def publish(self, host: str, ejected_until: float | None, verdict: int | None) -> None:
+        """Record an ejection (kept if later than the one there) and/or a verdict."""
+        tag = _tag(host)
+        mem, fd = self._mem, self._fd
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            offset = self._slot(tag, claim=True)
+            if offset < 0:
+                return
+            _, until, held = _HOST.unpack_from(mem, offset)
+            if ejected_until is not None:
+                until = max(until, ejected_until)
+            if verdict is not None:
+                held = verdict
+            _HOST.pack_into(mem, offset, tag, until, held)
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+
+    def read(self, hosts: Iterable[str]) -> dict[str, tuple[float, int]]:
+        """(ejected until, verdict) of each of `hosts` that has a slot."""
+        out: dict[str, tuple[float, int]] = {}
+        mem, fd = self._mem, self._fd
+        fcntl.lockf(fd, fcntl.LOCK_SH)
+        try:
+            for host in hosts:
+                offset = self._slot(_tag(host), claim=False)
+                if offset >= 0:
+                    _, until, verdict = _HOST.unpack_from(mem, offset)
+                    out[host] = (until, verdict)
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+        return out
+
+    def _slot(self, tag: int, claim: bool) -> int:
+        """The offset of `tag`'s slot (claiming an empty one if `claim`), or -1."""
+        mem = self._mem
+        for i in range(min(_PROBES, self.slots)):
+            offset = ((tag + i) % self.slots) * _HOST.size
+            held = _HOST.unpack_from(mem, offset)[0]
+            if held == tag:
+                return offset
+            if held == 0:
+                if claim:
+                    _HOST.pack_into(mem, offset, tag, 0.0, UNKNOWN)
+                    return offset
+                return -1
+        return -1
+
+
+def _tag(host: str) -> int:
+    digest = hashlib.blake2b(host.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") or 1
+
+
 class HostHealth:
     """Eligibility of a set of hosts from readiness, checks, outliers and draining."""
 
@@ -150,11 +235,15 @@ class HostHealth:
         outliers: Outliers | None = Outliers(),
         clock: Clock | None = None,
         on_event: Callable[[HealthEvent], None] | None = None,
+        shared: SharedHealth | None = None,
+        checks_here: Callable[[str], bool] | None = None,
     ) -> None:
         self.active = active
         self.outliers = outliers
         self.clock: Clock = clock or SystemClock()
         self.on_event = on_event
+        self.shared = shared
+        self.checks_here = checks_here  # None: every host
         self._hosts: dict[str, HostState] = {}
         self._eligible: tuple[str, ...] = ()
         self._stale = False  # _eligible must be recomputed
@@ -269,10 +358,14 @@ class HostHealth:
         if self.active is None:
             return []
         now = self.clock.now()
+        here = self.checks_here
         due = [
             h
             for h, s in self._hosts.items()
-            if not s.draining and not s.checking and s.next_check <= now
+            if not s.draining
+            and not s.checking
+            and s.next_check <= now
+            and (here is None or here(h))
         ]
         for h in due:
             self._hosts[h].checking = True
@@ -283,7 +376,12 @@ class HostHealth:
         if self.active is None:
             return float("inf")
         now = self.clock.now()
-        times = [s.next_check for s in self._hosts.values() if not s.draining and not s.checking]
+        here = self.checks_here
+        times = [
+            s.next_check
+            for h, s in self._hosts.items()
+            if not s.draining and not s.checking and (here is None or here(h))
+        ]
         return max(0.0, min(times) - now) if times else self.active.interval
 
     def record_check(self, host: str, passed: bool) -> None:
@@ -309,6 +407,36 @@ class HostHealth:
                 self._stale = True
                 self._emit("unhealthy", host)
         state.unchecked = False
+        if self.shared is not None:
+            self.shared.publish(host, None, HEALTHY if state.healthy else UNHEALTHY)
+
+    def sync_shared(self) -> bool:
+        """Adopt the other processes' ejections, and their verdicts on the hosts this one
+        does not check; True if eligibility may have changed."""
+        shared = self.shared
+        if shared is None:
+            return False
+        now = self.clock.now()
+        here = self.checks_here
+        changed = False
+        for host, (until, verdict) in shared.read(self._hosts).items():
+            state = self._hosts[host]
+            if state.draining:
+                continue
+            if until > now and (state.ejected_until is None or until > state.ejected_until):
+                state.ejected_until = until
+                state.consecutive_5xx = state.consecutive_connect = 0
+                self._next_return = min(self._next_return, until)
+                changed = True
+            if self.active is not None and verdict != UNKNOWN and here is not None:
+                healthy = verdict == HEALTHY
+                if not here(host) and (state.healthy != healthy or state.unchecked):
+                    state.healthy = healthy
+                    state.unchecked = False
+                    changed = True
+        if changed:
+            self._stale = True
+        return changed
 
     # -- internals --
 
@@ -331,6 +459,8 @@ class HostHealth:
         self._next_return = min(self._next_return, until)
         self._stale = True
         self.ejections += 1
+        if self.shared is not None:
+            self.shared.publish(host, until, None)
         self._emit("ejected", host, until)
 
     def _return_ejected(self) -> None:

@@ -48,16 +48,14 @@ from __future__ import annotations
 
 import fcntl
 import math
-import mmap
-import os
 import re
 import struct
-import tempfile
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from podkit.clock import Clock, SystemClock
+from podkit.lb.shm import SharedMemory
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _RATE = re.compile(
@@ -196,13 +194,8 @@ class SharedBuckets:
         self.evicted = 0  # keys that found no slot of their own and shared one (this process)
         self._group_size = GROUP * _SLOT.size
         size = (self.groups + 1) * self._group_size  # group 0: the global bucket
-        if hasattr(os, "memfd_create"):
-            self._fd = os.memfd_create("podkit-rate-buckets", os.MFD_CLOEXEC)
-        else:  # pragma: no cover - not Linux
-            self._file = tempfile.TemporaryFile()  # noqa: SIM115 - open as long as the table
-            self._fd = self._file.fileno()
-        os.ftruncate(self._fd, size)
-        self._mem = mmap.mmap(self._fd, size)  # MAP_SHARED: a forked child sees the same
+        self._shm = SharedMemory("podkit-rate-buckets", size)
+        self._fd, self._mem = self._shm.fd, self._shm.mem
 
     def take(self, key: Hashable | None, rate: Rate, now: float, cost: float = 1.0) -> float:
         """`TokenBucket.take` on the key's shared bucket (None: the global one)."""
