@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -174,6 +175,33 @@ def kv_url(request: pytest.FixtureRequest) -> str:
         return f"memory://sidecar-{id(request)}"
     server: RedisServer = request.getfixturevalue("redis_server")
     return server.url
+
+
+async def test_kv_source_follows_a_key_written_before_an_etcd_compaction(
+    tmp_path: Path, etcd_server: EtcdServer
+) -> None:
+    """etcd drops old revisions (compaction): the watch must not start from the key's
+    own, long-gone revision, but from the store's at the read."""
+    dest, key = tmp_path / "app.conf", f"config/{tmp_path.name}"
+    kv = await open_kv(etcd_server.url)
+    try:
+        await kv.put(key, b"old=1\n")
+        for i in range(5):
+            await kv.put(f"other/{tmp_path.name}/{i}", b"x")
+        now = await kv.revision()
+        async with aiohttp.ClientSession() as s:
+            body = {"revision": str(now), "physical": True}
+            async with s.post(f"{etcd_server.http_url}/v3/kv/compaction", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+        sync = ConfigSync(KVSource(etcd_server.url, key, POLL), dest, log=quiet)
+        async with running(sync):
+            await wait_for(reads(dest, b"old=1\n"), timeout=2)
+            await asyncio.sleep(0.3)  # the watch is up, and has not failed
+            assert sync.status.last_error is None and sync.status.source_up
+            await change_reaches_file(lambda: kv.put(key, b"new=2\n"), dest, b"new=2\n")
+            assert sync.status.last_error is None
+    finally:
+        await kv.close()
 
 
 async def test_kv_source_watch_latency(tmp_path: Path, kv_url: str) -> None:

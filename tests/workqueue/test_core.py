@@ -8,10 +8,13 @@ import random
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from podkit.backends import KV, Event, open_kv
 from podkit.workqueue import RetryPolicy, WorkQueue
+from podkit.workqueue.core import encode
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -248,3 +251,30 @@ async def test_apply_once_makes_a_redelivered_effect_happen_once() -> None:
     assert [e.key for e in await kv.range(EFFECTS)] == [f"{EFFECTS}order-7"]
     await wq.close()
     await kv.close()
+
+
+class LateWatch:
+    """A KV whose watches come up 0.3 s late, as on a busy host."""
+
+    def __init__(self, inner: KV) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def watch(self, key: str, **kw: Any) -> AsyncIterator[Event]:
+        await asyncio.sleep(0.3)
+        async for event in self.inner.watch(key, **kw):
+            yield event
+
+
+async def test_a_result_stored_before_the_watch_is_up_is_not_missed() -> None:
+    results = await open_kv(f"memory://results-{uuid.uuid4().hex}")
+    wq = await WorkQueue.open(f"memory://wq-{uuid.uuid4().hex}", "late")
+    wq.results = LateWatch(results)  # type: ignore[assignment]
+    item = await wq.enqueue({"n": 1})
+    waiting = asyncio.create_task(wq.result(item, timeout=2))
+    await asyncio.sleep(0.1)  # result() has read (nothing yet) and is starting its watch
+    await results.put(wq._result_key(item), encode(42))
+    assert await waiting == 42
+    await wq.close()

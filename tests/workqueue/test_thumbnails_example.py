@@ -16,6 +16,10 @@ EXAMPLES = Path(__file__).parent.parent.parent / "examples"
 
 def test_every_picture_gets_a_thumbnail_and_the_pool_scales(tmp_path: Path) -> None:
     shutil.copytree(EXAMPLES / "thumbnails", tmp_path / "thumbnails")
+    # each item takes at least 0.15 s (as a bigger picture would), so a backlog builds
+    # whatever the speed of the machine, and the scaler has something to react to
+    resize = tmp_path / "thumbnails" / "resize.py"
+    resize.write_text(resize.read_text() + "\nimport time\n\ntime.sleep(0.15)\n")
     spec = tmp_path / "thumbnails.yaml"
     spec.write_text((EXAMPLES / "thumbnails.yaml").read_text().replace('"300"', '"120"'))
     log = tmp_path / "up.log"

@@ -184,6 +184,7 @@ class _Queue:
         while True:
             if not self.session.valid:
                 raise LeadershipLost(f"session lease {self.session.lease} ended")
+            seen = await self.kv.revision()  # a deletion after the read is not missed
             entries = await self.kv.range(self.prefix)
             mine = [e for e in entries if e.key == self.key]
             if not mine:
@@ -192,7 +193,7 @@ class _Queue:
             if not before:
                 return
             pred = max(before, key=lambda e: e.created)
-            await _wait_deleted(self.kv, pred.key, pred.revision, self.session)
+            await _wait_deleted(self.kv, pred.key, seen, self.session)
 
     async def leave(self) -> None:
         with contextlib.suppress(BackendError, OSError):

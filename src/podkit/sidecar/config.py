@@ -9,7 +9,8 @@ Sources (each yields a `Snapshot` whenever its content may have changed):
 - `FileSource`: a file, polled by mtime, size and inode, compared by hash;
 - `HTTPSource`: a URL, polled with a conditional GET (`If-None-Match` with the last
   ETag; 304 means unchanged);
-- `KVSource`: a key in any KV backend, read once, then watched from the next revision.
+- `KVSource`: a key in any KV backend, read once, then watched from the store's revision
+  at the read (so no change is missed, and the start is never one compaction dropped).
 
 Guarantees of `ConfigSync`:
 - the file is replaced atomically (temp file in the same directory, fsync, rename), so a
@@ -183,7 +184,7 @@ class _Latest:
 
 
 class KVSource:
-    """A key of a KV backend: read, then watched from the next revision (the backend's
+    """A key of a KV backend: read, then watched from the store's revision (the backend's
     watch resumes after reconnects; a failed watch makes the caller read again).
 
     The watch is drained in its own task, so a slow validation never holds it up, and
@@ -215,15 +216,21 @@ class KVSource:
                 self._kv = await open_kv(self.url)
             kv = self._kv
             while True:
+                start = await kv.revision() + 1  # recent: never compacted away
                 entry = await kv.get(self.key)
                 if entry is None:
                     await self.clock.sleep(self.interval)
                     continue
                 yield Snapshot(entry.value, f"revision {entry.revision}")
                 latest = _Latest()
-                drain = asyncio.create_task(self._drain(kv, entry.revision + 1, latest))
+                drain = asyncio.create_task(self._drain(kv, start, latest))
                 try:
-                    while (event := await latest.take()).kind == "put":
+                    while True:
+                        event = await latest.take()
+                        if event.revision <= entry.revision:
+                            continue  # a change the read already saw
+                        if event.kind != "put":
+                            break  # deleted: read again
                         assert event.value is not None
                         yield Snapshot(event.value, f"revision {event.revision}")
                 finally:

@@ -169,11 +169,13 @@ class WorkQueue:
         key = self._result_key(item_id)
 
         async def wait() -> Any:
-            entry = await self.results.get(key)  # type: ignore[union-attr]
+            results = self.results
+            assert results is not None
+            start = await results.revision() + 1  # a result stored after the read is seen
+            entry = await results.get(key)
             if entry is not None:
                 return decode(entry.value)
-            start = None if entry is None else entry.revision
-            async for ev in self.results.watch(key, start_revision=start):  # type: ignore[union-attr]
+            async for ev in results.watch(key, start_revision=start):
                 if ev.kind == "put" and ev.value is not None:
                     return decode(ev.value)
             raise RuntimeError("watch ended")
