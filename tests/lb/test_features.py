@@ -17,6 +17,7 @@ from podkit.backends import open_kv
 from podkit.lb.features import Features
 from podkit.lb.members import write_members
 from podkit.net.tls import self_signed
+from support import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,6 +54,17 @@ async def test_rate_limit_by_header_and_global_bucket() -> None:
         one = [(await request(lb.port)).status for _ in range(2)]
         two = [(await request(lb.port, local="127.0.0.2")).status for _ in range(3)]
         assert one + two == [200, 200, 200, 200, 429]  # all clients share the global bucket
+
+
+async def test_a_retried_request_is_charged_to_the_rate_limit_once() -> None:
+    """With a dead upstream beside a live one, half the first tries fail to connect and
+    are retried on the live one: each request still costs one token, not two."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    feats = Features(rate_limit="5/s burst 5", rate_limit_by="header:X-Key")
+    async with backends(1) as bs, balancer(feats, [bs[0].url, dead]) as (lb, _):
+        codes = [(await request(lb.port, headers={"X-Key": "k"})).status for _ in range(7)]
+        assert codes == [200] * 5 + [429] * 2
+        assert bs[0].hits["/"] == 5
 
 
 # --- cache ----------------------------------------------------------------------------

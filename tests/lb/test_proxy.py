@@ -491,6 +491,40 @@ async def test_a_request_with_a_body_is_retried_with_it_when_idempotent_or_marke
         server.close()
 
 
+async def test_a_malformed_body_ends_the_request_with_400_and_frees_the_upstream() -> None:
+    upstream_saw_eof = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):  # the head, then waits for the body
+                pass
+            upstream_saw_eof.set()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    lb = LoadBalancer(ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0))
+    await lb.start()
+    try:
+        for sent_apart in (False, True):
+            upstream_saw_eof.clear()
+            reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+            head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            if sent_apart:  # the head has reached the upstream before the bad chunk
+                writer.write(head)
+                await asyncio.sleep(0.2)
+                head = b""
+            writer.write(head + b"zz\r\nabc\r\n0\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 2.0)  # to the close
+            assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1") == 1
+            writer.close()
+            if sent_apart:
+                await asyncio.wait_for(upstream_saw_eof.wait(), 2.0)
+    finally:
+        await lb.close(0.1)
+        server.close()
+
+
 def test_retry_backoff_doubles_is_capped_and_jittered_within_half() -> None:
     for tries in range(1, 12):
         ceiling = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (tries - 1))

@@ -213,8 +213,8 @@ class HealthFilter(BaseFilter):
     def on_done(
         self, ex: Exchange, upstream: Upstream, status: int | None, error: str | None
     ) -> None:
-        if status is None and ex.client.transport is None:
-            return  # the client went away: nothing learned about the upstream
+        if status is None and (ex.client.transport is None or ex.local is not None):
+            return  # the client went away, or sent a bad body: nothing learned
         before = self.health.ejections
         self.health.record_result(upstream.name, CONNECT_ERROR if status is None else status)
         if self.health.ejections != before:

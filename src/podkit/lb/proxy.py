@@ -619,7 +619,7 @@ class ClientConnection(asyncio.Protocol):
                         ex.pending_size = ex.replay_size
                     tried = ex.tried
                     if any(u.available and u not in tried for u in lb.upstreams):
-                        self.dispatch(ex)  # another upstream is there: at once
+                        self.redispatch(ex)  # another upstream is there: at once
                     else:  # each was tried: wait, so a restarting one has time to come back
                         delay = retry_backoff(ex.tries, random.random())
                         asyncio.get_running_loop().call_later(delay, self._retry, ex)
@@ -634,7 +634,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _retry(self, ex: Exchange) -> None:
         if not ex.done and self.transport is not None and self.ex is ex:
-            self.dispatch(ex)
+            self.redispatch(ex)
+
+    def redispatch(self, ex: Exchange) -> None:
+        """Send a retry: the filters' `on_request` ran for the first try (a rate limit
+        charged it, the cache looked it up) and are not asked again."""
+        self.dispatch(ex, len(self.lb.filters))
 
     def fail(self, ex: Exchange, status: int, detail: str) -> None:
         """Answer `status` with a one-line body naming what went wrong."""
@@ -654,16 +659,23 @@ class ClientConnection(asyncio.Protocol):
         self.exchange_done(ex)
 
     def bad_request(self, exc: HTTPError) -> None:
-        """A request we cannot parse: answer its status after the earlier ones, then close."""
+        """A request we cannot parse: answer its status after the earlier ones, then close.
+        An error inside a request's body ends that request: its try is cut off (the
+        upstream must not wait for the rest) and it is answered with the error."""
         t = self.transport
         if t is None:
             return
         t.pause_reading()
+        answer = simple_response(exc.status, f"podkit lb: {exc.detail}\n".encode(), close=True)
+        cut = self.receiving
+        self.receiving = None
+        if cut is not None and not cut.done:
+            self.cut_off(cut, answer)
+            return
         ex = Exchange(self, _ERROR_HEAD)
-        ex.local = simple_response(exc.status, f"podkit lb: {exc.detail}\n".encode(), close=True)
+        ex.local = answer
         ex.request_done = True
         ex.close_after = True
-        self.receiving = None
         if self.ex is None:
             self.ex = ex
             self.answer_local(ex)
@@ -671,6 +683,32 @@ class ClientConnection(asyncio.Protocol):
             if self.queue is None:
                 self.queue = deque()
             self.queue.append(ex)
+
+    def cut_off(self, ex: Exchange, answer: bytes) -> None:
+        """End `ex`, whose request body was malformed: close its upstream connection
+        (the try teaches nothing about the upstream), answer `answer` in its turn, or
+        cut the client connection if an answer is already under way."""
+        ex.replay = None
+        ex.pending = []
+        ex.local = answer  # set first: the filters see a try ended by a local answer
+        conn = ex.conn
+        if conn is not None:
+            conn.ex = None
+            conn.close()
+            ex.conn = None
+        if ex.upstream is not None:
+            self.lb.end_try(ex, None, "the request body was malformed")
+        if ex.responded:
+            if ex.observer is not None:
+                ex.observer.abort()
+            ex.done = True
+            self.abort()
+            return
+        ex.request_done = True
+        ex.close_after = True
+        if self.ex is ex:
+            self.answer_local(ex)
+        # else it waits behind an earlier exchange, which dispatches it (answered locally)
 
     def exchange_done(self, ex: Exchange) -> None:
         ex.done = True
