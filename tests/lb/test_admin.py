@@ -168,6 +168,41 @@ def test_feature_flags_are_checked() -> None:
     assert out.returncode == 2 and "--retry-budget 150.0: a percent" in out.stderr
     out = run("--members-dns", "nameonly")
     assert out.returncode == 2 and "NAME:PORT" in out.stderr
+    out = run("--upstream", "x:1", "--tls-cert", "/nope/c.pem", "--tls-key", "/nope/k.pem")
+    assert out.returncode == 2
+    assert "--tls-cert /nope/c.pem / --tls-key /nope/k.pem: No such file" in out.stderr
+
+
+def test_a_port_in_use_is_refused_not_shared() -> None:
+    """A second balancer on a port the first holds must fail, though both would allow
+    SO_REUSEPORT; so must an admin port in use. Neither says it is listening."""
+    port = free_port()
+    first = subprocess.Popen(
+        [sys.executable, "-m", "podkit", "lb", "--listen", f"127.0.0.1:{port}",
+         "--upstream", "127.0.0.1:9"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert first.stderr is not None
+        assert "listening on" in first.stderr.readline()
+        for cmd in (
+            ["lb", "--listen", f"127.0.0.1:{port}", "--upstream", "127.0.0.1:10"],
+            ["lb", "--listen", f"127.0.0.1:{port}", "--upstream", "127.0.0.1:10", "--workers", "2"],
+            ["sidecar", "tls", "--listen", f"127.0.0.1:{port}", "--upstream", "127.0.0.1:10",
+             "--self-signed"],
+            ["lb", "--listen", f"127.0.0.1:{free_port()}", "--upstream", "127.0.0.1:10",
+             "--admin-port", str(port)],
+        ):  # fmt: skip
+            out = subprocess.run(
+                [sys.executable, "-m", "podkit", *cmd], capture_output=True, text=True, timeout=30
+            )
+            assert out.returncode == 1, (cmd, out.stderr)
+            assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in out.stderr
+            assert "listening on" not in out.stderr and "Traceback" not in out.stderr
+            assert ("--admin-port" in out.stderr) == ("--admin-port" in cmd)
+    finally:
+        first.terminate()
+        first.wait(timeout=10)
 
 
 def _two_free_ports() -> int:

@@ -10,7 +10,7 @@ import signal
 import time
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from podkit.clock import ManualClock
@@ -139,6 +139,7 @@ def test_never_admits_more_than_rate_times_t_plus_burst(
     st.integers(1, 20),
     st.floats(0, 5, allow_nan=False),
 )
+@example(4, "h", 1, 1.0)  # refills of 1 s, 898 s and 1 s summed to just under a token
 def test_retry_after_is_the_wait_rounded_up(
     count: int, unit: str, burst: int, pause: float
 ) -> None:

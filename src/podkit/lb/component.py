@@ -18,7 +18,7 @@ import typer
 from podkit.lb.features import Features
 from podkit.lb.policy import POLICIES, parse_upstream
 from podkit.lb.proxy import ProxyConfig
-from podkit.lb.workers import serve
+from podkit.lb.workers import ListenError, serve
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -270,16 +270,19 @@ def lb(
         cert, key = make_self_signed(tls_dir, list(dict.fromkeys(hosts)))
         features.tls_cert, features.tls_key = str(cert), str(key)
     names = ", ".join(parse_upstream(u).name for u in upstream) or "members"
-    print(
-        f"lb: listening on {config.host}:{config.port} ({config.workers} worker"
-        f"{'s' if config.workers != 1 else ''}, {config.policy}) -> {names}",
-        file=sys.stderr,
-        flush=True,
-    )
+
+    def ready() -> None:
+        print(
+            f"lb: listening on {config.host}:{config.port} ({config.workers} worker"
+            f"{'s' if config.workers != 1 else ''}, {config.policy}) -> {names}",
+            file=sys.stderr,
+            flush=True,
+        )
+
     try:
-        code = serve(config, features=features if features != Features() else None)
-    except OSError as exc:
-        print(f"podkit lb: cannot listen on {listen}: {exc.strerror or exc}", file=sys.stderr)
+        code = serve(config, features=features if features != Features() else None, ready=ready)
+    except ListenError as exc:
+        print(f"podkit lb: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None
     finally:
         if tls_dir is not None:

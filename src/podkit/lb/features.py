@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -28,6 +29,7 @@ from podkit.lb.hooks import Filter
 from podkit.lb.members import DNSMembers, FileMembers, KVMembers
 from podkit.lb.policy import Upstream
 from podkit.lb.ratelimit import Rate, RateLimiter, SharedBuckets
+from podkit.lb.workers import probe_port
 
 if TYPE_CHECKING:
     from podkit.lb.proxy import LoadBalancer, ProxyConfig
@@ -85,7 +87,11 @@ class Features:
     shared_health: SharedHealth | None = field(default=None, compare=False, repr=False)
 
     def prepare(self, config: ProxyConfig) -> None:
-        """In the supervisor, before the workers fork: make the state they share."""
+        """In the supervisor, before the workers fork: check the admin ports are free
+        (ListenError names the one that is not), make the state the workers share."""
+        if self.admin_port:
+            for i in range(config.workers):
+                probe_port(self.admin_host, self.admin_port + i, "--admin-port: ")
         if config.workers > 1 and (self.rate_limit or self.global_rate_limit):
             self.shared_rates = SharedBuckets()
         if config.workers > 1 and (self.health_path is not None or self.passive_health):
@@ -126,6 +132,16 @@ class Features:
             raise ValueError(f"--retry-budget {self.retry_budget}: a percent, 0 to 100")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_cert and self.tls_key:
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    self.tls_cert, self.tls_key
+                )
+            except (OSError, ssl.SSLError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                raise ValueError(
+                    f"--tls-cert {self.tls_cert} / --tls-key {self.tls_key}: {reason}"
+                ) from None
         if self.admin_port is not None and not 0 <= self.admin_port < 65536:
             raise ValueError(f"--admin-port {self.admin_port}: not a port")
         if (self.members_kv is None) != (self.members_prefix is None):

@@ -98,8 +98,8 @@ class Rate:
         if now > stamp:
             tokens = min(self.burst, tokens + (now - stamp) * self.per_second)
             stamp = now
-        if tokens >= cost:
-            return tokens - cost, stamp, 0.0
+        if tokens >= cost - 1e-9:  # refills summed piece by piece lose the last bits
+            return max(0.0, tokens - cost), stamp, 0.0
         return tokens, stamp, (cost - tokens) / self.per_second
 
     def level(self, tokens: float, stamp: float, now: float) -> float:

@@ -1,10 +1,12 @@
 """Worker processes: N copies of the proxy sharing one port through SO_REUSEPORT.
 
-With `workers == 1` the proxy runs in this process. With more, this process becomes a
-small supervisor: it checks that the port can be bound (so a mistake is reported once,
-clearly), forks the workers (each binds its own SO_REUSEPORT socket, so the kernel spreads
-new connections across them), restarts a worker that dies, and on SIGTERM or SIGINT
-passes the signal on and waits for the workers to drain.
+First the ports are checked (`ListenError` names the one that cannot be bound), the
+proxy's without SO_REUSEPORT, so a port another process holds is refused rather than
+silently shared with it. With `workers == 1` the proxy runs in this process. With more,
+this process becomes a small supervisor: it forks the workers (each binds its own
+SO_REUSEPORT socket, so the kernel spreads new connections across them), restarts a
+worker that dies, and on SIGTERM or SIGINT passes the signal on and waits for the
+workers to drain.
 """
 
 from __future__ import annotations
@@ -81,25 +83,45 @@ def _worker_main(
         run_async(run_worker(config, filters, sock=sock, features=features, index=index))
 
 
+class ListenError(OSError):
+    """A port that cannot be bound: `str()` says which, and why."""
+
+
+def probe_port(host: str, port: int, what: str = "") -> None:
+    """Raise ListenError unless `host:port` can be bound by this process alone."""
+    try:
+        listen_socket(host, port, False, 1).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ListenError(f"{what}cannot listen on {host}:{port}: {reason}") from None
+
+
 def serve(
     config: ProxyConfig,
     filters: FilterFactory | None = None,
     features: FeaturesFactory | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> int:
     """Run `config.workers` proxies on the port until signalled; return an exit code.
-    `features(config, i)` is called in worker i (0-based) to add its filters and tasks."""
-    if config.workers <= 1:
-        run_async(run_worker(config, filters, features=features))
-        return 0
-    prepare = getattr(features, "prepare", None)
-    if prepare is not None:  # state the workers share is made before they fork
-        prepare(config)
+    `features(config, i)` is called in worker i (0-based) to add its filters and tasks;
+    `ready()` once the ports are known to be free. A port in use raises ListenError."""
     shared: socket.socket | None = None
     if config.reuse_port:
-        probe = listen_socket(config.host, config.port, True, 1)  # fail early, in one place
-        probe.close()
-    else:  # one socket made here, inherited by every worker (one accept queue)
-        shared = listen_socket(config.host, config.port, False, config.backlog)
+        probe_port(config.host, config.port)
+    prepare = getattr(features, "prepare", None)
+    if prepare is not None:  # checks its own ports; state the workers share is made here
+        prepare(config)
+    if not config.reuse_port:  # one socket made here (one accept queue)
+        try:
+            shared = listen_socket(config.host, config.port, False, config.backlog)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ListenError(f"cannot listen on {config.host}:{config.port}: {reason}") from None
+    if ready is not None:
+        ready()
+    if config.workers <= 1:
+        run_async(run_worker(config, filters, sock=shared, features=features))
+        return 0
     ctx = multiprocessing.get_context("fork")
     procs: list[multiprocessing.process.BaseProcess] = []
     stopping = False

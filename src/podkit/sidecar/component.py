@@ -180,7 +180,7 @@ def tls(
 
     from podkit.lb.component import build_config
     from podkit.lb.features import Features
-    from podkit.lb.workers import serve
+    from podkit.lb.workers import ListenError, serve
     from podkit.net.tls import self_signed as make_self_signed
 
     target = upstream if not upstream.isdigit() else f"127.0.0.1:{upstream}"
@@ -209,11 +209,14 @@ def tls(
     except ValueError as exc:
         _log(str(exc))
         raise typer.Exit(2) from None
-    _log(f"https://{config.host}:{config.port} -> http://{target}")
     try:
-        code = serve(config, features=features)
-    except OSError as exc:
-        _log(f"cannot listen on {listen}: {exc.strerror or exc}")
+        code = serve(
+            config,
+            features=features,
+            ready=lambda: _log(f"https://{config.host}:{config.port} -> http://{target}"),
+        )
+    except ListenError as exc:
+        _log(str(exc))
         raise typer.Exit(1) from None
     finally:
         if tmp is not None:
