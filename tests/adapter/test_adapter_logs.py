@@ -198,3 +198,38 @@ def test_file_mode_follows_rotation_and_truncation(tmp_path: Path) -> None:
         proc.stderr.close()
     assert [r["message"] if r["format"] == "python" else r["fields"] for r in got] == [
         {"one": "1", "two": "2"}, {"after": "rotation"}, "after truncation"]  # fmt: skip
+
+
+APP_LOG = """\
+127.0.0.1 - - [25/Nov/2026:01:02:03 +0000] "GET / HTTP/1.1" 200 12
+ERROR:svc:lookup failed
+Traceback (most recent call last):
+  File "app.py", line 5, in <module>
+KeyError: 'k'
+free text
+"""
+
+
+def test_stdin_from_a_file_gives_what_a_pipe_gives(tmp_path: Path) -> None:
+    # more lines than the adapter queues at once, a traceback and a last line without \n
+    text = APP_LOG + "".join(f"n={i} level=info\n" for i in range(12_000)) + "tail=1 end=no-nl"
+    log = tmp_path / "app.log"
+    log.write_text(text)
+    piped = subprocess.run([*PODKIT, "adapter", "logs"], input=text, capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    with log.open() as stdin:
+        from_file = subprocess.run([*PODKIT, "adapter", "logs"], stdin=stdin,
+                                   capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert (from_file.returncode, from_file.stderr) == (0, "")
+    assert from_file.stdout == piped.stdout
+    records = [json.loads(line) for line in from_file.stdout.splitlines()]
+    assert len(records) == 3 + 12_000 + 1
+    assert "KeyError" in records[1]["fields"]["exc_info"]
+    assert records[-1]["fields"] == {"tail": "1", "end": "no-nl"}
+
+
+def test_stdin_from_dev_null_is_empty_input() -> None:
+    with open(os.devnull) as stdin:
+        run = subprocess.run([*PODKIT, "adapter", "logs"], stdin=stdin, capture_output=True,
+                             text=True, timeout=30)  # fmt: skip
+    assert (run.returncode, run.stdout, run.stderr) == (0, "", "")

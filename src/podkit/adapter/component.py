@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Annotated, Any, TextIO
@@ -31,6 +32,7 @@ def log(message: str) -> None:
 # -- logs ------------------------------------------------------------------------------------
 
 IDLE_FLUSH = 0.2  # seconds: a Python record waiting for a traceback goes out after this
+LINE_LIMIT = 1 << 20  # bytes: a longer line is passed on in pieces
 
 
 class _Writer:
@@ -76,6 +78,27 @@ async def _read_stream(stream: asyncio.StreamReader, lines: asyncio.Queue[str | 
         except asyncio.LimitOverrunError as exc:  # a huge line: pass it on in pieces
             raw = await stream.readexactly(exc.consumed)
         await lines.put(raw.decode("utf-8", "replace"))
+
+
+def _is_stream(fd: int) -> bool:
+    """A pipe, socket or terminal: the event loop can watch it (a regular file it cannot)."""
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd)
+
+
+async def _read_file(fd: int, lines: asyncio.Queue[str | None]) -> None:
+    """Read lines from a descriptor that is no stream (a regular file, /dev/null) to its
+    end, each read in a thread; a line longer than LINE_LIMIT goes on in pieces."""
+    buf = b""
+    while chunk := await asyncio.to_thread(os.read, fd, 65536):
+        *complete, buf = (buf + chunk).split(b"\n")
+        for piece in complete:
+            await lines.put(piece.decode("utf-8", "replace"))
+        while len(buf) >= LINE_LIMIT:
+            await lines.put(buf[:LINE_LIMIT].decode("utf-8", "replace"))
+            buf = buf[LINE_LIMIT:]
+    if buf:
+        await lines.put(buf.decode("utf-8", "replace"))
 
 
 async def _follow(path: Path, lines: asyncio.Queue[str | None], stop: asyncio.Event,
@@ -171,12 +194,17 @@ def logs(
         else:
             writer = _Writer(out, "stdin")
             pump = asyncio.create_task(_pump(lines, writer))
-            loop = asyncio.get_running_loop()
-            stream = asyncio.StreamReader(limit=1 << 20)
-            await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(stream), os.fdopen(sys.stdin.fileno(), "rb")
-            )
-            reader = asyncio.create_task(_read_stream(stream, lines))
+            fd = sys.stdin.fileno()
+            if _is_stream(fd):
+                loop = asyncio.get_running_loop()
+                stream = asyncio.StreamReader(limit=LINE_LIMIT)
+                await loop.connect_read_pipe(
+                    lambda: asyncio.StreamReaderProtocol(stream), os.fdopen(fd, "rb")
+                )
+                source = _read_stream(stream, lines)
+            else:
+                source = _read_file(fd, lines)
+            reader = asyncio.create_task(source)
             waiter = asyncio.create_task(stop.wait())
             await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
             reader.cancel()
