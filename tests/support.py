@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import itertools
 import os
@@ -12,7 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 APPS = Path(__file__).parent / "apps"
@@ -23,6 +24,24 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def port_in_use(host: str = "127.0.0.1") -> Iterator[int]:
+    """A loopback port some other socket listens on, for as long as the block runs."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
+def podkit_error(argv: list[str]) -> tuple[int, str]:
+    """Run podkit with `argv` until it stops; its exit code and last line of stderr (and
+    check that stderr holds no traceback)."""
+    run = subprocess.run([sys.executable, "-m", "podkit", *argv], capture_output=True,
+                         text=True, timeout=30)  # fmt: skip
+    assert "Traceback" not in run.stderr, run.stderr
+    return run.returncode, run.stderr.splitlines()[-1]
 
 
 def unique_subnet() -> str:

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from podkit.ambassador.split import Splitter, UserKey
-from support import TinyHTTP, free_port
+from support import TinyHTTP, free_port, podkit_error, port_in_use
 
 
 def users(n: int, seed: int) -> list[str]:
@@ -173,3 +173,13 @@ def test_the_split_command_keeps_users_sticky_and_takes_new_weights() -> None:
         proc.wait(10)
         stable.close()
         canary.close()
+
+
+def test_a_port_in_use_is_a_one_line_error() -> None:
+    split = ["ambassador", "split", "--arm", "a=127.0.0.1:1"]
+    with port_in_use() as port:
+        error = f"ambassador: cannot listen on 127.0.0.1:{port}"
+        assert podkit_error([*split, "--listen", f"127.0.0.1:{port}"]) == (
+            1, f"{error} (--listen): Address already in use")  # fmt: skip
+        assert podkit_error([*split, "--listen", "127.0.0.1:0", "--admin-port", str(port)]) == (
+            1, f"{error} (--admin-port): Address already in use")  # fmt: skip

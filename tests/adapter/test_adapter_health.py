@@ -20,7 +20,7 @@ import pytest
 
 from podkit.adapter.health import CheckConfig, HealthMonitor
 from servers import PostgresServer, RedisServer
-from support import TinyHTTP, free_port
+from support import TinyHTTP, free_port, podkit_error, port_in_use
 
 PODKIT = [sys.executable, "-m", "podkit"]
 MARIADB = "mysql://root@127.0.0.1:3306/test"
@@ -201,3 +201,10 @@ def test_a_bad_config_is_refused_with_where(tmp_path: Path) -> None:
     assert run.returncode == 2
     assert "checks.0" in run.stderr and "not a postgresql:// or mysql:// URL" in run.stderr
     assert "checks.1.bogus" in run.stderr
+
+
+def test_a_port_in_use_is_a_one_line_error() -> None:
+    argv = ["adapter", "health", "--http", "http://127.0.0.1:1/"]
+    with port_in_use() as port:
+        error = f"adapter: cannot listen on 127.0.0.1:{port} (--port): Address already in use"
+        assert podkit_error([*argv, "--port", str(port)]) == (1, error)

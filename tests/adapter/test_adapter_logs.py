@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from podkit.adapter.logs import LogParser, parse_line
+from support import podkit_error
 
 PODKIT = [sys.executable, "-m", "podkit"]
 KEYS = {"time", "level", "message", "format", "parsed", "fields"}
@@ -233,3 +234,10 @@ def test_stdin_from_dev_null_is_empty_input() -> None:
         run = subprocess.run([*PODKIT, "adapter", "logs"], stdin=stdin, capture_output=True,
                              text=True, timeout=30)  # fmt: skip
     assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
+
+
+def test_a_command_that_cannot_run_is_a_one_line_error() -> None:
+    assert podkit_error(["adapter", "logs", "--", "/nonexistent/cmd", "-x"]) == (
+        127,
+        "adapter: cannot run '/nonexistent/cmd': No such file or directory",
+    )

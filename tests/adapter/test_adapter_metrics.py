@@ -27,7 +27,7 @@ from podkit.adapter.metrics import (
     parse_redis_info,
 )
 from servers import PostgresServer, RedisServer
-from support import TinyHTTP, free_port
+from support import TinyHTTP, free_port, podkit_error, port_in_use
 
 PODKIT = [sys.executable, "-m", "podkit"]
 
@@ -206,3 +206,10 @@ def test_the_command_serves_metrics_and_refuses_a_bad_mapping(
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_port_in_use_is_a_one_line_error() -> None:
+    argv = ["adapter", "metrics", "--redis", "redis://127.0.0.1:1"]
+    with port_in_use() as port:
+        error = f"adapter: cannot listen on 127.0.0.1:{port} (--port): Address already in use"
+        assert podkit_error([*argv, "--port", str(port)]) == (1, error)

@@ -38,7 +38,7 @@ from podkit.ambassador.broker import (
 )
 from podkit.backends import open_kv
 from servers import EtcdServer, RedisServer
-from support import free_port, http_get
+from support import free_port, http_get, podkit_error, port_in_use
 
 
 def quiet(_: str) -> None:
@@ -660,3 +660,13 @@ def test_spec_component_runs_the_command() -> None:
     assert "ambassador.broker" in known_components()
     argv = component_argv("ambassador.broker", {"service": "db", "listen": 5433, "env": True})
     assert argv[-7:] == ["ambassador", "broker", "--service", "db", "--listen", "5433", "--env"]
+
+
+def test_a_port_in_use_is_a_one_line_error() -> None:
+    broker = ["ambassador", "broker", "--service", "x", "--endpoint", "127.0.0.1:1"]
+    with port_in_use() as port:
+        error = f"ambassador: cannot listen on 127.0.0.1:{port}"
+        assert podkit_error([*broker, "--listen", str(port)]) == (
+            1, f"{error} (--listen): Address already in use")  # fmt: skip
+        assert podkit_error([*broker, "--listen", "0", "--admin-port", str(port)]) == (
+            1, f"{error} (--admin-port): Address already in use")  # fmt: skip

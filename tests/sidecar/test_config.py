@@ -39,7 +39,7 @@ from podkit.sidecar.config import (
     open_source,
 )
 from servers import EtcdServer, RedisServer
-from support import free_port, http_get, wait_for
+from support import free_port, http_get, podkit_error, port_in_use, wait_for
 
 POLL = 0.1
 
@@ -542,3 +542,12 @@ async def test_kv_burst_ends_with_the_newest_value(tmp_path: Path) -> None:
         await wait_for(reads(dest, b"50"), timeout=2, what="the newest value")
         await asyncio.sleep(0.2)
         assert dest.read_bytes() == b"50"  # no older value applied after it
+
+
+def test_an_admin_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    src = tmp_path / "src.conf"
+    src.write_text("a = 1\n")
+    argv = ["sidecar", "config", "--source", str(src), "--path", str(tmp_path / "app.conf")]
+    with port_in_use() as port:
+        error = f"sidecar: cannot listen on 127.0.0.1:{port} (--admin-port): Address already in use"
+        assert podkit_error([*argv, "--admin-port", str(port)]) == (1, error)

@@ -176,11 +176,15 @@ def logs(
             pump = asyncio.create_task(_pump(lines, writer))
             await _follow(file, lines, stop, from_start)
         elif command:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+                )
+            except OSError as exc:  # like a shell: 127, the command did not run
+                log(f"cannot run {command[0]!r}: {exc.strerror or exc}")
+                return 127
             writer = _Writer(out, command[0])
             pump = asyncio.create_task(_pump(lines, writer))
-            proc = await asyncio.create_subprocess_exec(
-                *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-            )
             assert proc.stdout is not None
             reader = asyncio.create_task(_read_stream(proc.stdout, lines))
             waiter = asyncio.create_task(stop.wait())
@@ -241,6 +245,7 @@ def health(
 
     from podkit.adapter.health import CheckConfig, HealthConfig, HealthMonitor
     from podkit.net.admin import Handler, JSONServer
+    from podkit.net.listen import listening, run_server
 
     try:
         data: dict[str, Any] = {"checks": []}
@@ -270,7 +275,7 @@ def health(
             "/healthz": lambda: monitor.report("live"),
         }
         server = JSONServer(routes, host, port)
-        await server.start()
+        await listening(server.start(), "--port", host, port)
         monitor.start()
         names = ", ".join(CheckConfig.model_validate(c).label for c in cfg.checks)
         log(f"health on {server.url}/healthz and /readyz every {cfg.interval:g} s: {names}")
@@ -279,7 +284,7 @@ def health(
         await server.close()
         await monitor.close()
 
-    run_async(main())
+    run_server(main(), log)
 
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -308,6 +313,7 @@ def metrics(
         Source,
     )
     from podkit.net.admin import Handler, JSONServer
+    from podkit.net.listen import ListenError, listening, run_server
 
     given = [x for x in (redis, postgres, json_url) if x]
     if len(given) != 1:
@@ -350,11 +356,15 @@ def metrics(
 
         routes: dict[str, Handler] = {"/metrics": scrape}
         server = JSONServer(routes, host, port)
-        await server.start()
+        try:
+            await listening(server.start(), "--port", host, port)
+        except ListenError:
+            await source.close()
+            raise
         log(f"metrics of {source.name} on {server.url}/metrics")
         stop = stop_event()
         await stop.wait()
         await server.close()
         await source.close()
 
-    run_async(main())
+    run_server(main(), log)

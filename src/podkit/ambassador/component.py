@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from podkit.aio import run_async, stop_event
+from podkit.aio import stop_event
+from podkit.net.listen import run_server
 
 if TYPE_CHECKING:
     from podkit.ambassador.broker import Broker
@@ -29,24 +30,30 @@ def _log(message: str) -> None:
 
 async def _run_broker(broker: Broker, admin_port: int | None) -> int:
     from podkit.net.admin import JSONServer
+    from podkit.net.listen import listening
 
-    await broker.start()
-    _log(f"listening on {broker.host}:{broker.port}")
     admin = None
-    if admin_port is not None:
-        admin = JSONServer(
-            {"/status": lambda: (200, broker.status()), "/healthz": lambda: (200, {"ok": True})},
-            "127.0.0.1",
-            admin_port,
-        )
-        await admin.start()
-        _log(f"status on {admin.url}/status")
-    stop = stop_event()
-    with contextlib.suppress(asyncio.CancelledError):
-        await stop.wait()
-    if admin is not None:
-        await admin.close()
-    await broker.close()
+    try:
+        await listening(broker.start(), "--listen", broker.host, broker.port)
+        _log(f"listening on {broker.host}:{broker.port}")
+        if admin_port is not None:
+            admin = JSONServer(
+                {
+                    "/status": lambda: (200, broker.status()),
+                    "/healthz": lambda: (200, {"ok": True}),
+                },
+                "127.0.0.1",
+                admin_port,
+            )
+            await listening(admin.start(), "--admin-port", admin.host, admin_port)
+            _log(f"status on {admin.url}/status")
+        stop = stop_event()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stop.wait()
+    finally:
+        if admin is not None:
+            await admin.close()
+        await broker.close()
     return 0
 
 
@@ -133,7 +140,7 @@ def broker(
         max_down_for=max_down_for,
         log=_log,
     )
-    raise typer.Exit(run_async(_run_broker(b, admin_port)))
+    raise typer.Exit(run_server(_run_broker(b, admin_port), _log))
 
 
 # -- split -------------------------------------------------------------------------------
@@ -190,7 +197,9 @@ def split(
         _log(str(exc))
         raise typer.Exit(2) from None
     urls = [u for _, us, _ in arms for u in us]
-    code = run_async(_run_split(splitter, key, names, urls, host or "127.0.0.1", port, admin_port))
+    code = run_server(
+        _run_split(splitter, key, names, urls, host or "127.0.0.1", port, admin_port), _log
+    )
     raise typer.Exit(code)
 
 
@@ -205,6 +214,7 @@ async def _run_split(
 ) -> int:
     from podkit.ambassador.split import SplitMetrics, SplitPolicy, Splitter, UserKey, split_admin
     from podkit.lb.proxy import LoadBalancer, ProxyConfig
+    from podkit.net.listen import listening
 
     assert isinstance(splitter, Splitter) and isinstance(key, UserKey)
     policy = SplitPolicy(splitter, key, names)
@@ -214,19 +224,22 @@ async def _run_split(
         policy=policy,
         filters=[metrics],
     )
-    try:
-        await lb.start()
-    except OSError as exc:
-        _log(f"cannot listen on {host}:{port}: {exc.strerror}")
-        return 1
-    arms = ", ".join(f"{a.name} ({a.weight:g})" for a in splitter.arms)
-    _log(f"splitting {host}:{port} over {arms}")
+    await listening(lb.start(), "--listen", host, port)
     runner = None
-    if admin_port is not None:
-        runner = await split_admin(policy, metrics, "127.0.0.1", admin_port, _log)
-    stop = stop_event()
-    await stop.wait()
-    if runner is not None:
-        await runner.cleanup()
-    await lb.close()
+    try:
+        arms = ", ".join(f"{a.name} ({a.weight:g})" for a in splitter.arms)
+        _log(f"splitting {host}:{port} over {arms}")
+        if admin_port is not None:
+            runner = await listening(
+                split_admin(policy, metrics, "127.0.0.1", admin_port, _log),
+                "--admin-port",
+                "127.0.0.1",
+                admin_port,
+            )
+        stop = stop_event()
+        await stop.wait()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await lb.close()
     return 0

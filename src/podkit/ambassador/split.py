@@ -283,5 +283,9 @@ async def split_admin(
                     web.post("/weights", put_weights)])  # fmt: skip
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError:
+        await runner.cleanup()
+        raise
     return runner

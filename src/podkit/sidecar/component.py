@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from podkit.aio import run_async, stop_event
+from podkit.aio import stop_event
+from podkit.net.listen import run_server
 
 if TYPE_CHECKING:
     from podkit.sidecar.config import ConfigSync
@@ -30,6 +31,7 @@ def _log(message: str) -> None:
 async def _run_config(sync: ConfigSync, admin_port: int | None, once: bool) -> int:
     from podkit.aio import stop_task
     from podkit.net.admin import JSONServer
+    from podkit.net.listen import ListenError, listening
     from podkit.sidecar.config import SourceError
 
     if once:
@@ -51,7 +53,11 @@ async def _run_config(sync: ConfigSync, admin_port: int | None, once: bool) -> i
             "127.0.0.1",
             admin_port,
         )
-        await admin.start()
+        try:
+            await listening(admin.start(), "--admin-port", admin.host, admin_port)
+        except ListenError:
+            await sync.close()
+            raise
         _log(f"status on {admin.url}/status")
     stop = stop_event()
     task = asyncio.create_task(sync.run())
@@ -149,7 +155,7 @@ def config(
         notifiers=notifiers,
         backoff=Backoff(maximum=max_backoff),
     )
-    raise typer.Exit(run_async(_run_config(sync, admin_port, once)))
+    raise typer.Exit(run_server(_run_config(sync, admin_port, once), _log))
 
 
 # -- tls -------------------------------------------------------------------------------------
