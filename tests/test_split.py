@@ -183,3 +183,12 @@ def test_a_port_in_use_is_a_one_line_error() -> None:
             1, f"{error} (--listen): Address already in use")  # fmt: skip
         assert podkit_error([*split, "--listen", "127.0.0.1:0", "--admin-port", str(port)]) == (
             1, f"{error} (--admin-port): Address already in use")  # fmt: skip
+
+
+def test_an_arm_name_given_twice_is_refused() -> None:
+    argv = ["ambassador", "split", "--arm", "a=127.0.0.1:9101,weight=1",
+            "--arm", "a=127.0.0.1:9102,weight=9", "--listen", "127.0.0.1:0"]  # fmt: skip
+    assert podkit_error(argv) == (
+        2,
+        "ambassador: --arm 'a=127.0.0.1:9102,weight=9': arm name 'a' is given twice",
+    )

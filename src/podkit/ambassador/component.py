@@ -167,6 +167,17 @@ def parse_arm(text: str) -> tuple[str, list[str], float]:
     return name.strip(), targets, weight
 
 
+def parse_arms(texts: list[str]) -> list[tuple[str, list[str], float]]:
+    """Every --arm parsed, in order; a name given twice is a ValueError naming it."""
+    arms: list[tuple[str, list[str], float]] = []
+    for text in texts:
+        parsed = parse_arm(text)
+        if any(parsed[0] == name for name, _, _ in arms):
+            raise ValueError(f"--arm {text!r}: arm name {parsed[0]!r} is given twice")
+        arms.append(parsed)
+    return arms
+
+
 @cli.command()
 def split(
     arm: Annotated[
@@ -187,7 +198,7 @@ def split(
     from podkit.lb.policy import parse_upstream
 
     try:
-        arms = [parse_arm(a) for a in arm]
+        arms = parse_arms(arm)
         names = {n: [parse_upstream(u).name for u in urls] for n, urls, _ in arms}
         splitter = Splitter.from_weights(experiment, {n: w for n, _, w in arms})
         key = UserKey.parse(sticky)
