@@ -18,7 +18,8 @@ import typer
 from podkit.lb.features import Features
 from podkit.lb.policy import POLICIES, parse_upstream
 from podkit.lb.proxy import ProxyConfig
-from podkit.lb.workers import ListenError, serve
+from podkit.lb.workers import serve
+from podkit.net.listen import ListenError
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -91,7 +91,7 @@ class Features:
         (ListenError names the one that is not), make the state the workers share."""
         if self.admin_port:
             for i in range(config.workers):
-                probe_port(self.admin_host, self.admin_port + i, "--admin-port: ")
+                probe_port(self.admin_host, self.admin_port + i, "--admin-port")
         if config.workers > 1 and (self.rate_limit or self.global_rate_limit):
             self.shared_rates = SharedBuckets()
         if config.workers > 1 and (self.health_path is not None or self.passive_health):

@@ -27,6 +27,7 @@ from typing import Protocol
 from podkit.aio import run_async, stop_event
 from podkit.lb.hooks import Filter
 from podkit.lb.proxy import LoadBalancer, ProxyConfig, listen_socket
+from podkit.net.listen import ListenError
 
 FilterFactory = Callable[[ProxyConfig], Sequence[Filter]]
 
@@ -83,17 +84,12 @@ def _worker_main(
         run_async(run_worker(config, filters, sock=sock, features=features, index=index))
 
 
-class ListenError(OSError):
-    """A port that cannot be bound: `str()` says which, and why."""
-
-
-def probe_port(host: str, port: int, what: str = "") -> None:
+def probe_port(host: str, port: int, flag: str = "") -> None:
     """Raise ListenError unless `host:port` can be bound by this process alone."""
     try:
         listen_socket(host, port, False, 1).close()
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ListenError(f"{what}cannot listen on {host}:{port}: {reason}") from None
+        raise ListenError.of(exc, host, port, flag) from None
 
 
 def serve(
@@ -115,8 +111,7 @@ def serve(
         try:
             shared = listen_socket(config.host, config.port, False, config.backlog)
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise ListenError(f"cannot listen on {config.host}:{config.port}: {reason}") from None
+            raise ListenError.of(exc, config.host, config.port) from None
     if ready is not None:
         ready()
     if config.workers <= 1:

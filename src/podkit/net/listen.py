@@ -17,17 +17,22 @@ T = TypeVar("T")
 class ListenError(Exception):
     """A server could not listen: 'cannot listen on HOST:PORT (FLAG): reason'."""
 
+    @classmethod
+    def of(cls, exc: OSError, host: str, port: int, flag: str = "") -> ListenError:
+        """The error for `exc`, raised binding `host:port` (set by `flag`, if given)."""
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        # a bind error's own text repeats the address; a name lookup's errno is negative
+        errno = exc.errno or 0
+        reason = os.strerror(errno) if errno > 0 else exc.strerror or str(exc)
+        return cls(f"cannot listen on {where}{f' ({flag})' if flag else ''}: {reason}")
+
 
 async def listening(start: Awaitable[T], flag: str, host: str, port: int) -> T:
     """Await a server's `start`; an OSError from it becomes a ListenError."""
     try:
         return await start
     except OSError as exc:
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        # a bind error's own text repeats the address; a name lookup's errno is negative
-        errno = exc.errno or 0
-        reason = os.strerror(errno) if errno > 0 else exc.strerror or str(exc)
-        raise ListenError(f"cannot listen on {where} ({flag}): {reason}") from None
+        raise ListenError.of(exc, host, port, flag) from None
 
 
 def run_server(main: Coroutine[Any, Any, T], log: Callable[[str], None]) -> T:

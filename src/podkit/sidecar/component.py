@@ -186,7 +186,8 @@ def tls(
 
     from podkit.lb.component import build_config
     from podkit.lb.features import Features
-    from podkit.lb.workers import ListenError, serve
+    from podkit.lb.workers import serve
+    from podkit.net.listen import ListenError
     from podkit.net.tls import self_signed as make_self_signed
 
     target = upstream if not upstream.isdigit() else f"127.0.0.1:{upstream}"
