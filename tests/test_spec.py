@@ -213,3 +213,63 @@ def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.startswith("podkit 0.")
+
+
+WITH_OPTIONS = """\
+name: shop
+pods:
+  - name: web
+    replica: 2
+    volumes: [conf]
+    containers:
+      - name: app
+        command: [python3, app.py]
+        ports: {http: 8080}
+      - name: config
+        component: sidecar.config
+        with: {sorce: /etc/x, path: /tmp/x}
+      - name: tls
+        component: sidecar.tls
+        with: {upstream: "8080", workerz: 2, self-signed: true}
+        ports: {https: 8443}
+      - name: odd
+        component: sidecar.cfg
+"""
+
+
+def test_with_keys_are_checked_against_the_component_options() -> None:
+    errs = errors(
+        WITH_OPTIONS.replace("replica: 2", "replicas: 2").replace(
+            "      - name: odd\n        component: sidecar.cfg\n", ""
+        )
+    )
+    assert errs == [
+        "spec.yaml:12:9: pods[0].containers[1].with: "
+        "component 'sidecar.config' needs option 'source' in 'with'",
+        "spec.yaml:12:16: pods[0].containers[1].with.sorce: unknown option 'sorce' of component "
+        "'sidecar.config' (did you mean 'source'?); known: source, path, key, interval, "
+        "validate, signal, pid_file, reload_url, reload_method, on_change, max_backoff, "
+        "admin_port, once",
+        "spec.yaml:15:34: pods[0].containers[2].with.workerz: unknown option 'workerz' of "
+        "component 'sidecar.tls' (did you mean 'workers'?); known: upstream, listen, cert, key, "
+        "self_signed, workers, idle_timeout",
+    ]
+
+
+def test_validate_and_up_report_every_kind_of_problem_in_one_run(tmp_path: Path) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(WITH_OPTIONS)
+    for command in ("validate", "up"):
+        result = run_cli(command, str(spec))
+        assert result.returncode == 2, result.stderr
+        assert "5 problems in the spec" in result.stderr
+        lines = result.stderr.splitlines()[1:]
+        assert [line.split(": ")[1] for line in lines] == [
+            "pods[0].replica",
+            "pods[0].containers[1].with",
+            "pods[0].containers[1].with.sorce",
+            "pods[0].containers[2].with.workerz",
+            "pods[0].containers[3].component",
+        ]
+        assert all(line.startswith(f"  {spec}:") for line in lines)
+        assert "No such option" not in result.stderr

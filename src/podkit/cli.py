@@ -233,20 +233,10 @@ def k8s(
         )
 
 
-# Component subcommands -> their modules; each module exposes `cli: typer.Typer`. The names a
-# spec may use in `component:` are listed in podkit.system.components.
-COMPONENT_MODULES: dict[str, str] = {
-    "adapter": "podkit.adapter.component",
-    "elect": "podkit.election.component",
-    "queue": "podkit.workqueue.component",
-    "lb": "podkit.lb.component",
-    "sidecar": "podkit.sidecar.component",
-    "ambassador": "podkit.ambassador.component",
-}
-
-
 def _register_components() -> None:
     import importlib
+
+    from podkit.system.components import COMPONENT_MODULES
 
     for command, module_name in COMPONENT_MODULES.items():
         module = importlib.import_module(module_name)

@@ -531,20 +531,6 @@ def _check_references(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
                             f"(declared: {', '.join(pod.volumes) or 'none'})",
                         )
                     )
-            if c.component is not None:
-                from podkit.system.components import known_components
-
-                known = known_components()
-                if c.component not in known:
-                    close = difflib.get_close_matches(c.component, known, n=1)
-                    hint = f" (did you mean '{close[0]}'?)" if close else ""
-                    problems.append(
-                        (
-                            (*base, "component"),
-                            f"unknown component '{c.component}'{hint}; known: "
-                            f"{', '.join(known) or 'none yet'}",
-                        )
-                    )
         named = ["state", *spec.backends]
         for field_name in ("autoscale", "election"):
             user = getattr(pod, field_name)
@@ -620,6 +606,63 @@ def _check_references(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
     return problems
 
 
+def _check_components(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
+    """Each container's `component` names a known one and its `with:` keys are options of
+    that component (read from its command line). Works on the raw data, so these
+    problems are reported with the other ones even when the spec does not validate."""
+    from podkit.system.components import component_options, known_components, option_flag
+
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    pods = data.get("pods")
+    for i, pod in enumerate(pods if isinstance(pods, list) else []):
+        containers = pod.get("containers") if isinstance(pod, dict) else None
+        for j, c in enumerate(containers if isinstance(containers, list) else []):
+            name = c.get("component") if isinstance(c, dict) else None
+            if not isinstance(name, str):
+                continue
+            base: tuple[str | int, ...] = ("pods", i, "containers", j)
+            known = known_components()
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                problems.append(
+                    (
+                        (*base, "component"),
+                        f"unknown component '{name}'{hint}; known: {', '.join(known)}",
+                    )
+                )
+                continue
+            options = component_options(name)
+            given = c.get("with")
+            if options is None or not isinstance(given, dict | None):
+                continue
+            given = given or {}
+            flags = {f: o.key for o in options.values() for f in o.flags}
+            keys = list(options)
+            for key in given:
+                if isinstance(key, str) and option_flag(key) in flags:
+                    continue
+                close = difflib.get_close_matches(str(key), keys, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                problems.append(
+                    (
+                        (*base, "with", key if isinstance(key, str) else str(key)),
+                        f"unknown option '{key}' of component '{name}'{hint}; "
+                        f"known: {', '.join(keys)}",
+                    )
+                )
+            set_keys = {flags[option_flag(k)] for k in given if option_flag(str(k)) in flags}
+            for opt in options.values():
+                if opt.required and opt.key not in set_keys:
+                    problems.append(
+                        (
+                            (*base, "with"),
+                            f"component '{name}' needs option '{opt.key}' in 'with'",
+                        )
+                    )
+    return problems
+
+
 def parse_spec(text: str, file: str = "<spec>") -> Spec:
     """Parse and validate spec text; raise `SpecError` naming every problem."""
     try:
@@ -649,14 +692,17 @@ def parse_spec(text: str, file: str = "<spec>") -> Spec:
             file, pos.line if pos else None, pos.column if pos else None, format_path(loc), message
         )
 
+    issues = [issue(loc, msg) for loc, msg in _check_components(data)]
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        issues = [issue(tuple(e["loc"]), _describe(e)) for e in exc.errors()]
-        raise SpecError(issues) from None
-    problems = _check_references(spec)
-    if problems:
-        raise SpecError([issue(loc, msg) for loc, msg in problems])
+        issues += [issue(tuple(e["loc"]), _describe(e)) for e in exc.errors()]
+    else:
+        issues += [issue(loc, msg) for loc, msg in _check_references(spec)]
+    if issues:
+        # in the order of the file; those without a place last
+        issues.sort(key=lambda i: (i.line is None, i.line or 0, i.column or 0))
+        raise SpecError(issues)
     return spec
 
 
