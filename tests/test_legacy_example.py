@@ -3,9 +3,13 @@ through the TLS sidecar, and its JSON /stats reads as Prometheus metrics."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import signal
 import ssl
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -56,6 +60,25 @@ def test_legacy_app_is_served_over_https_with_metrics(tmp_path: Path) -> None:
         }
         assert values["legacy_requests_total", (("method", "GET"),)] >= 2
         assert values["podkit_adapter_up", (("source", "json"),)] == 1.0
+        # the HTTPS service is advertised as https://, in the log and by `podkit status`
+        ready = f"legacy is ready: try https://127.0.0.1:{https}/, http://127.0.0.1:{metrics}/"
+        while ready not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        assert f"service legacy: https://127.0.0.1:{https}/ -> legacy" in log.read_text()
+        status = subprocess.run(
+            [sys.executable, "-m", "podkit", "status", "legacy", "--json"],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PODKIT_RUN_DIR=str(tmp_path / "run")),
+            timeout=30,
+            check=True,
+        )
+        urls = {s["name"]: s["url"] for s in json.loads(status.stdout)["services"]}
+        assert urls == {
+            "legacy": f"https://127.0.0.1:{https}/",
+            "legacy-metrics": f"http://127.0.0.1:{metrics}/",
+        }
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)

@@ -349,3 +349,36 @@ def test_up_reports_a_busy_service_port(up_process) -> None:  # type: ignore[no-
     out = (run_dir.parent / "up.log").read_text()
     assert proc.returncode == 1
     assert f"service 'web': cannot listen on 127.0.0.1:{port}" in out
+
+
+def test_service_urls_say_https_for_tls_services(tmp_path: Path) -> None:
+    spec = parse_spec(f"""
+name: tls
+pods:
+  - name: web
+    containers:
+      - name: app
+        command: [{PY}, app.py]
+        ports: {{http: 8080}}
+      - name: tls
+        component: sidecar.tls
+        with: {{upstream: "8080", listen: "$(POD_IP):8443", self_signed: true}}
+        ports: {{https: 8443}}
+services:
+  - {{name: secure, port: 9443, pods: web, target: https}}
+  - {{name: by-number, port: 9444, pods: web, target: 8443}}
+  - {{name: plain, port: 9080, pods: web, target: http}}
+  - {{name: edge, port: 9445, pods: web, target: http, lb: {{tls: {{self_signed: true}}}}}}
+""")
+    log = LogSink(io.StringIO())
+    try:
+        rt = Runtime(spec, base_dir=tmp_path, log=log)
+        urls = {s["name"]: s["url"] for s in rt.status()["services"]}
+    finally:
+        log.close()
+    assert urls == {
+        "secure": "https://127.0.0.1:9443/",
+        "by-number": "https://127.0.0.1:9444/",
+        "plain": "http://127.0.0.1:9080/",
+        "edge": "https://127.0.0.1:9445/",
+    }

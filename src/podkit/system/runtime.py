@@ -526,7 +526,7 @@ class Runtime:
                 proxy.set_endpoints(self.endpoints(svc))
         if not self._announced and self.replicas and all(r.ready for r in self.replicas):
             self._announced = True
-            urls = ", ".join(f"http://{s.host}:{s.port}/" for s in self.spec.services)
+            urls = ", ".join(self.spec.service_url(s) for s in self.spec.services)
             self.log.event(f"{self.spec.name} is ready" + (f": try {urls}" if urls else ""))
 
     def endpoints(self, svc: Service) -> list[Endpoint]:
@@ -579,7 +579,7 @@ class Runtime:
             "services": [
                 {
                     "name": s.name,
-                    "url": f"http://{s.host}:{s.port}/",
+                    "url": self.spec.service_url(s),
                     "pods": s.pods,
                     "endpoints": [f"{h}:{p}" for h, p in self.endpoints(s)],
                 }

@@ -395,6 +395,22 @@ class Spec(Model):
                 return pod
         raise KeyError(name)
 
+    def service_url(self, svc: Service) -> str:
+        """Where clients reach `svc`: https:// when it serves TLS, else http://. With `lb:`
+        the balancer answers (TLS with `tls:`); without, the target port does (TLS when a
+        `sidecar.tls` container has it)."""
+        if svc.lb is not None:
+            tls = svc.lb.tls is not None
+        else:
+            pod = next((p for p in self.pods if p.name == svc.pods), None)
+            tls = any(
+                c.component == "sidecar.tls"
+                and svc.target in (c.ports if isinstance(svc.target, str) else c.ports.values())
+                for c in (pod.all_containers() if pod is not None else [])
+            )
+        scheme = "https" if tls else "http"
+        return f"{scheme}://{svc.host}:{svc.port}/"
+
 
 @dataclass(frozen=True)
 class Issue:

@@ -38,7 +38,7 @@ async def run_up(spec_path: Path, *, subnet: str | None = None, log: LogSink | N
             f"{spec.name}: {len(runtime.replicas)} pod replicas; control {control.url}"
         )
         for svc in spec.services:
-            runtime.log.event(f"service {svc.name}: http://{svc.host}:{svc.port}/ -> {svc.pods}")
+            runtime.log.event(f"service {svc.name}: {spec.service_url(svc)} -> {svc.pods}")
         await runtime.wait()
     finally:
         await control.close()
