@@ -39,15 +39,12 @@ def test_replicated_service_caches_limits_and_follows_replicas(tmp_path: Path) -
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
-        while True:  # the balancer answers once the replicas are ready (members file)
-            try:
-                status, _, _ = get(f"{base}/healthz")
-            except OSError:
-                status = 0
-            if status == 200:
-                break
+        while "replicated is ready" not in log.read_text():
             assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
+            time.sleep(0.02)
+        # ready means the balancer routes to the replicas: the next request is answered
+        status, _, body = get(f"{base}/healthz")
+        assert status == 200, (body, log.read_text()[-3000:])
         # the cache: the first /products is fetched, the next ones are hits (max-age=10)
         first = get(f"{base}/products")
         second = get(f"{base}/products")

@@ -157,6 +157,31 @@ pods:
     )
 
 
+async def test_a_system_whose_apps_crash_at_once_is_never_ready(runtime_for) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    text = f"""
+name: crashy
+pods:
+  - name: web
+    replicas: 2
+    containers:
+      - name: app
+        command: [{PY}, -c, "raise SystemExit(3)"]
+        ports: {{http: 8080}}
+services:
+  - {{name: web, port: {port}, pods: web, target: http}}
+"""
+    rt = await runtime_for(text)
+    await wait_for(lambda: all(r.containers[0].status.restarts >= 3 for r in rt.replicas))
+    await asyncio.sleep(1.5)  # longer than the settle time of "ready"
+    rt.log.close()
+    out = rt.log.out.getvalue()
+    assert "crashy is ready" not in out
+    assert "crashy is not ready: web-0/app exited with code 3" in out
+    assert "crashy is not ready: web-1/app exited with code 3" in out
+    assert out.count("is not ready") == 2  # once per container, not per restart
+
+
 async def test_env_volumes_and_expansion(runtime_for, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "env.json"
     text = f"""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 import sys
 from collections.abc import Coroutine, Sequence
@@ -39,6 +40,16 @@ UNLIMITED = 1 << 30
 
 def log(message: str) -> None:
     print(f"lb: {message}", file=sys.stderr, flush=True)
+
+
+_AVAILABLE = re.compile(r"lb: available: (\d+) of (\d+) upstreams \(worker (\d+)\)")
+
+
+def parse_available(line: str) -> tuple[int, int, int] | None:
+    """A worker's availability line, `lb: available: 2 of 3 upstreams (worker 0)`, as
+    (worker, available, members); None for any other line."""
+    m = _AVAILABLE.fullmatch(line.strip())
+    return (int(m[3]), int(m[1]), int(m[2])) if m else None
 
 
 def parse_host_port(value: str, flag: str) -> tuple[str, int]:
@@ -253,6 +264,18 @@ class Worker:
             self.health.attach(lb)
         log(f"members: {', '.join(u.name for u in lb.upstreams) or '(none)'}")
 
+    async def _report_available(self, tick: float = 0.05) -> None:
+        """Log how many members can take requests whenever that changes (what a supervisor
+        such as `podkit up` reads, with `parse_available`, to know the service routes)."""
+        last: tuple[int, int] | None = None
+        while True:
+            ups = self.lb.upstreams if self.lb is not None else []
+            now = (sum(1 for u in ups if u.available), len(ups))
+            if now != last:
+                log(f"available: {now[0]} of {now[1]} upstreams (worker {self.index})")
+                last = now
+            await asyncio.sleep(tick)
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(coro))
 
@@ -276,6 +299,8 @@ class Worker:
             name, port = parse_host_port(f.members_dns, "--members-dns")
             dns = DNSMembers(name, port, self.set_members, interval=max(1.0, f.members_interval))
             self._spawn(dns.run())
+        if f.members:
+            self._spawn(self._report_available())
         if self._tls is not None:
             self._spawn(self._tls.run())
         if self.admin is not None:

@@ -4,7 +4,7 @@ A connection goes to the next ready endpoint. If that endpoint refuses, resets o
 before sending back a single byte (a replica that just died), the bytes the client sent so
 far (up to 64 KiB) are replayed to the next endpoint, so a killed replica costs no failed
 request (`podkit.net.relay`). A service with `lb:` runs `podkit lb` instead: anything
-with `start`, `set_endpoints` and `close` can take this one's place.
+with `start`, `set_endpoints`, `routing` and `close` can take this one's place.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ class ServiceProxy(Protocol):
 
     def set_endpoints(self, endpoints: list[Endpoint]) -> None: ...
 
+    @property
+    def routing(self) -> bool:
+        """Whether a new connection now reaches a ready replica."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -43,6 +48,10 @@ class TCPForwarder(Relay):
     @property
     def endpoints(self) -> list[Endpoint]:
         return list(self._endpoints)
+
+    @property
+    def routing(self) -> bool:
+        return bool(self._endpoints)
 
     def set_endpoints(self, endpoints: list[Endpoint]) -> None:
         if endpoints == self._endpoints:

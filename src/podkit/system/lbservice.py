@@ -5,8 +5,9 @@ The balancer is a child process (so `workers:` can use every core) started in th
 directory (relative certificate paths work), in its own process group, killed with
 `podkit up` even by kill -9 (parent-death signal and the runtime's watchdog). It follows
 a members file that the runtime rewrites atomically whenever a replica becomes ready or
-stops being ready; a replica that leaves is drained by the balancer. Its output goes to
-the log as `lb/<service>`. If it exits unexpectedly it is started again after a pause
+stops being ready; a replica that leaves is drained by the balancer. The service routes
+once every worker of the balancer has logged that at least one member is available. Its
+output goes to the log as `lb/<service>`. If it exits unexpectedly it is started again after a pause
 that doubles up to 30 s.
 """
 
@@ -20,6 +21,7 @@ import time
 from typing import TYPE_CHECKING
 
 from podkit.aio import wait_for
+from podkit.lb.features import parse_available
 from podkit.lb.members import write_members
 from podkit.proc import parent_death_signal, stop_group
 from podkit.system.forwarder import Endpoint
@@ -46,6 +48,7 @@ class LBService:
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
         self._pumps: list[asyncio.Task[None]] = []
+        self._available: dict[int, int] = {}  # worker -> members it can send to
 
     def argv(self) -> list[str]:
         lb = self.svc.lb
@@ -69,6 +72,7 @@ class LBService:
             preexec_fn=parent_death_signal(),
         )
         self.runtime.watchdog.watch(proc.pid)
+        self._set_available({})
         assert proc.stdout is not None
         self._pumps.append(asyncio.create_task(self._pump(proc.stdout)))
         self.runtime.log.event(f"{self.source} started (pid {proc.pid})")
@@ -76,7 +80,24 @@ class LBService:
 
     async def _pump(self, stream: asyncio.StreamReader) -> None:
         while line := await stream.readline():
-            self.runtime.log.line(self.source, line.decode("utf-8", "replace").rstrip("\n"))
+            text = line.decode("utf-8", "replace").rstrip("\n")
+            self.runtime.log.line(self.source, text)
+            if (report := parse_available(text)) is not None:
+                worker, available, _ = report
+                self._set_available({**self._available, worker: available})
+
+    def _set_available(self, available: dict[int, int]) -> None:
+        before = self.routing
+        self._available = available
+        if self.routing != before:
+            self.runtime.changed()
+
+    @property
+    def routing(self) -> bool:
+        """Whether every worker of the balancer can send to a member, and there are some."""
+        assert self.svc.lb is not None
+        workers = range(self.svc.lb.workers)
+        return bool(self.endpoints) and all(self._available.get(i, 0) > 0 for i in workers)
 
     async def _accepting(self, proc: asyncio.subprocess.Process) -> bool:
         """Wait until the balancer accepts connections; False if it exits first."""

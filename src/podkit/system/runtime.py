@@ -208,9 +208,11 @@ class ContainerRunner:
             if self._stopping:
                 break
             self.status.exit_code = code
+            rt.exited(self, code)
             if policy == "Never" or (policy == "OnFailure" and code == 0):
                 self.status.state = "completed" if code == 0 else "failed"
                 rt.log.event(f"{self.log_source} exited with code {code}; restart policy {policy}")
+                rt.changed()  # a completed container no longer holds the system back
                 return
             delay = self.backoff.exited(rt.clock.now())
             self.status.restarts += 1
@@ -404,8 +406,10 @@ class Runtime:
         subnet: str | None = None,
         backoff: Mapping[str, float] | None = None,
         proxy_factory: ProxyFactory | None = None,
+        settle: float = 1.0,
     ) -> None:
         self.spec = spec
+        self.settle = settle
         self.base_dir = base_dir.resolve()
         self.state_dir = self.base_dir / ".podkit" / spec.name
         self.clock: Clock = clock or SystemClock()
@@ -427,6 +431,8 @@ class Runtime:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._announced = False
+        self._settling: asyncio.Task[None] | None = None
+        self._exits_reported: set[str] = set()
         self._scalers: list[asyncio.Task[None]] = []
         self.scale_events: list[tuple[float, str, int, int]] = []
 
@@ -519,15 +525,58 @@ class Runtime:
             await self.clock.sleep(1.0)
 
     def changed(self) -> None:
-        """A container's readiness changed: recompute every service's endpoints."""
+        """A container's readiness or a service's routing changed: recompute every
+        service's endpoints, and see whether the system is now ready."""
         for svc in self.spec.services:
             proxy = self.proxies.get(svc.name)
             if proxy is not None:
                 proxy.set_endpoints(self.endpoints(svc))
-        if not self._announced and self.replicas and all(r.ready for r in self.replicas):
+        if self._announced or self._stopping:
+            return
+        if not self.ready():
+            if self._settling is not None:
+                self._settling.cancel()
+                self._settling = None
+        elif self._settling is None:
+            self._settling = asyncio.get_running_loop().create_task(self._announce())
+
+    def ready(self) -> bool:
+        """Every replica ready (its containers ready, or done under a restart policy that
+        lets them end), and every service of a pod with replicas routing to one."""
+        if not self.replicas:
+            return False
+        for rep in self.replicas:
+            if not all(c.ready or c.status.state == "completed" for c in rep.containers):
+                return False
+        running = {rep.pod.name for rep in self.replicas}
+        for svc in self.spec.services:
+            proxy = self.proxies.get(svc.name)
+            if svc.pods in running and (proxy is None or not proxy.routing):
+                return False
+        return True
+
+    async def _announce(self) -> None:
+        """Print `<name> is ready` once the system has stayed ready for `settle` seconds
+        (any change to not ready cancels this), so apps that crash at once never get it."""
+        await self.clock.sleep(self.settle)
+        self._settling = None
+        if self.ready() and not self._announced and not self._stopping:
             self._announced = True
             urls = ", ".join(self.spec.service_url(s) for s in self.spec.services)
             self.log.event(f"{self.spec.name} is ready" + (f": try {urls}" if urls else ""))
+
+    def exited(self, runner: ContainerRunner, code: int) -> None:
+        """A container exited on its own: before the system is ready, say so (once each)."""
+        policy = runner.replica.pod.restart
+        if self._announced or (code == 0 and policy != "Always"):
+            return
+        if runner.log_source not in self._exits_reported:
+            self._exits_reported.add(runner.log_source)
+            reason = f" ({runner.status.message})" if code == 127 and runner.status.message else ""
+            self.log.event(
+                f"{self.spec.name} is not ready: {runner.log_source} exited with code "
+                f"{code}{reason}"
+            )
 
     def endpoints(self, svc: Service) -> list[Endpoint]:
         out: list[Endpoint] = []
@@ -545,6 +594,8 @@ class Runtime:
             return
         self._stopping = True
         self.log.event("stopping")
+        if self._settling is not None:
+            self._settling.cancel()
         for task in self._scalers:
             task.cancel()
         for proxy in self.proxies.values():
