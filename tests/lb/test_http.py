@@ -146,6 +146,15 @@ def test_content_length_and_transfer_encoding_is_refused() -> None:
     assert err.status == 400
 
 
+def test_a_version_other_than_1_0_and_1_1_gets_505() -> None:
+    err = error(b"GET / HTTP/2.0\r\nHost: x\r\n\r\n")
+    assert err.status == 505 and "HTTP/2.0 is not supported" in err.detail
+    for version in (b"0.9", b"1.2", b"3.0"):  # the parser knows no such version: 400
+        assert error(b"GET / HTTP/" + version + b"\r\nHost: x\r\n\r\n").status in (400, 505)
+    (head, _) = parse(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+    assert isinstance(head, RequestHead) and head.version == "1.0"
+
+
 def test_unknown_transfer_coding_is_refused() -> None:
     assert error(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n").status in (400, 501)
 

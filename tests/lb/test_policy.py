@@ -36,7 +36,10 @@ def test_parse_upstream() -> None:
     assert parse_upstream("127.0.0.1:9000,weight=3").weight == 3
     assert parse_upstream("http://a:1*2").weight == 2
     assert parse_upstream("backend").port == 80
-    for bad in ("https://a:1", "http://a:1/path", "a:1,w=2", "a:1,weight=0", "http://:80", "a:x"):
+    assert parse_upstream("[::1]:9000").host == "::1"
+    assert parse_upstream("web-0.web.default.svc.cluster.local:80").port == 80
+    bad_ones = ("https://a:1", "http://a:1/path", "a:1,w=2", "a:1,weight=0", "http://:80", "a:x")
+    for bad in (*bad_ones, "foo bar", "garbage line here:80", "a..b:1", "-a:1", "a/b:1"):
         with pytest.raises(ValueError):
             parse_upstream(bad)
 

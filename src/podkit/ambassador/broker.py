@@ -41,6 +41,7 @@ from podkit.aio import stop_task, wait_for
 from podkit.ambassador import dns
 from podkit.backends import KV, BackendError, open_kv
 from podkit.clock import Clock, SystemClock
+from podkit.net.hosts import is_host
 from podkit.net.relay import Endpoint, Relay
 
 
@@ -51,7 +52,7 @@ class ResolveError(Exception):
 def parse_endpoint(text: str) -> Endpoint:
     """`host:port` or `[v6]:port` -> (host, port); raises ValueError naming the text."""
     host, sep, port = text.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not is_host(host.strip("[]")):
         raise ValueError(f"{text!r} is not host:port")
     return host.strip("[]"), int(port)
 

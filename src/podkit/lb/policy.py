@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from podkit.net.hosts import is_host
 from podkit.net.http import RequestHead
 from podkit.net.pool import ConnectionPool
 
@@ -80,6 +81,8 @@ def parse_upstream(spec: str) -> Upstream:
         raise ValueError(f"upstream {spec!r}: invalid port") from None
     if not url.hostname:
         raise ValueError(f"upstream {spec!r}: no host")
+    if not is_host(url.hostname):
+        raise ValueError(f"upstream {spec!r}: {url.hostname!r} is not a host name or address")
     return Upstream(url.hostname, port, weight)
 
 

@@ -56,6 +56,7 @@ REASONS: dict[int, bytes] = {
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
 }
 
 # Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection, never forwarded as is.
@@ -335,6 +336,9 @@ class RequestParser(_Headers):
         self.in_head = False
         p = self._parser
         method: bytes = p.get_method()
+        version: str = p.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._fail(505, f"HTTP/{version} is not supported: HTTP/1.1 and 1.0 are")
         chunked = False if self._te is None else self._framing()
         upgrade: bytes | None = None
         if p.should_upgrade():
@@ -346,7 +350,7 @@ class RequestParser(_Headers):
             RequestHead(
                 method,
                 self._target,
-                p.get_http_version(),
+                version,
                 self._headers,
                 p.should_keep_alive(),
                 self._content_length,
