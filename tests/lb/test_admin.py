@@ -162,6 +162,8 @@ def test_feature_flags_are_checked() -> None:
     assert out.returncode == 2 and "--members-" in out.stderr
     out = run("--upstream", "x:1", "--connect-timeout", "0")
     assert out.returncode == 2 and "--connect-timeout 0.0: must be > 0" in out.stderr
+    out = run("--upstream", "x:1", "--body-timeout", "0")
+    assert out.returncode == 2 and "--body-timeout 0.0: must be > 0" in out.stderr
     out = run("--upstream", "x:1", "--request-timeout", "-1")
     assert out.returncode == 2 and "--request-timeout -1.0: must be >= 0" in out.stderr
     out = run("--upstream", "x:1", "--retry-budget", "150")

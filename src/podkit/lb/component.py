@@ -121,6 +121,12 @@ def lb(
     header_timeout: Annotated[
         float, typer.Option(help="Seconds to receive a request head (408).")
     ] = 10.0,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a request body may pause while it is read (408).")
+    ] = 30.0,
+    send_timeout: Annotated[
+        float, typer.Option(help="Seconds a client may leave its answer unread (closed).")
+    ] = 30.0,
     tries: Annotated[int, typer.Option(help="Attempts per request when retrying is safe.")] = 3,
     reuse_port: Annotated[
         bool,
@@ -255,6 +261,8 @@ def lb(
             request_timeout=request_timeout,
             idle_timeout=idle_timeout,
             header_timeout=header_timeout,
+            body_timeout=body_timeout,
+            send_timeout=send_timeout,
             tries=tries,
             reuse_port=reuse_port,
             **({} if retry_budget is None else {"retry_percent": retry_budget}),
