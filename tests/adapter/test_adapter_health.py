@@ -199,8 +199,14 @@ def test_a_bad_config_is_refused_with_where(tmp_path: Path) -> None:
     run = subprocess.run([*PODKIT, "adapter", "health", "--config", str(cfg)],
                          capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 2
-    assert "checks.0" in run.stderr and "not a postgresql:// or mysql:// URL" in run.stderr
-    assert "checks.1.bogus" in run.stderr
+    # each problem with the file, the line and column of the offending entry, and its path
+    assert f"{cfg}:3:5: checks[0]: " in run.stderr
+    assert "not a postgresql:// or mysql:// URL" in run.stderr
+    assert f"{cfg}:4:15: checks[1].bogus: " in run.stderr
+    cfg.write_text("interval: 1\nchecks:\n  - command: [sleep\n")
+    run = subprocess.run([*PODKIT, "adapter", "health", "--config", str(cfg)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 2 and f"{cfg}:4:1: invalid YAML: " in run.stderr
 
 
 def test_a_port_in_use_is_a_one_line_error() -> None:

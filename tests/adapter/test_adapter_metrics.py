@@ -185,6 +185,11 @@ def test_the_command_serves_metrics_and_refuses_a_bad_mapping(
     run = subprocess.run([*PODKIT, "adapter", "metrics", "--json", stats_url, "--mapping",
                           str(bad)], capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 2 and "has 1 '*' but 0 labels" in run.stderr
+    assert f"{bad}:1:1: metrics: " in run.stderr  # the list is checked whole
+    bad.write_text("metrics:\n  - name: x\n   path: [\n")
+    run = subprocess.run([*PODKIT, "adapter", "metrics", "--json", stats_url, "--mapping",
+                          str(bad)], capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 2 and f"{bad}:3:4: invalid YAML: " in run.stderr
     good = tmp_path / "good.yaml"
     good.write_text(MAPPING)
     port = free_port()

@@ -240,17 +240,19 @@ def health(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 8086,
 ) -> None:
     """Serve /healthz and /readyz (200 or 503 with JSON naming the failed checks)."""
-    import yaml
     from pydantic import ValidationError
 
     from podkit.adapter.health import CheckConfig, HealthConfig, HealthMonitor
     from podkit.net.admin import Handler, JSONServer
     from podkit.net.listen import listening, run_server
+    from podkit.system.yamlpos import Position, load_yaml_file, validation_problems
 
     try:
         data: dict[str, Any] = {"checks": []}
+        positions: dict[tuple[str | int, ...], Position] = {}
         if config is not None:
-            data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+            data, positions = load_yaml_file(config)
+            data = data or {}
             if not isinstance(data, dict):
                 raise ValueError(f"{config}: expected a mapping with 'interval' and 'checks'")
             data.setdefault("checks", [])
@@ -259,12 +261,10 @@ def health(
         if interval is not None:
             data["interval"] = interval
         cfg = HealthConfig.model_validate(data)
-    except ValidationError as exc:
-        for e in exc.errors():
-            where = ".".join(str(p) for p in e["loc"])
-            log(f"{config or 'flags'}: {where}: {e['msg']}")
+    except ValidationError as exc:  # checks from flags have no place: the file's name alone
+        log(str(validation_problems(exc, str(config or "flags"), positions)))
         raise typer.Exit(2) from None
-    except (OSError, ValueError, yaml.YAMLError) as exc:
+    except ValueError as exc:
         log(str(exc))
         raise typer.Exit(2) from None
 
@@ -301,7 +301,6 @@ def metrics(
     timeout: Annotated[float, typer.Option(help="Seconds to read the app per scrape.")] = 5.0,
 ) -> None:
     """Serve an app's native stats as Prometheus metrics on /metrics."""
-    import yaml
     from pydantic import ValidationError
 
     from podkit.adapter.metrics import (
@@ -314,6 +313,7 @@ def metrics(
     )
     from podkit.net.admin import Handler, JSONServer
     from podkit.net.listen import ListenError, listening, run_server
+    from podkit.system.yamlpos import load_yaml_file, validation_problems
 
     given = [x for x in (redis, postgres, json_url) if x]
     if len(given) != 1:
@@ -325,13 +325,13 @@ def metrics(
     loaded: JSONMapping | None = None
     if mapping is not None:
         try:
-            loaded = JSONMapping.model_validate(yaml.safe_load(mapping.read_text("utf-8")))
+            data, positions = load_yaml_file(mapping)
+            loaded = JSONMapping.model_validate(data)
         except ValidationError as exc:
-            for e in exc.errors():
-                log(f"{mapping}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}")
+            log(str(validation_problems(exc, str(mapping), positions)))
             raise typer.Exit(2) from None
-        except (OSError, yaml.YAMLError) as exc:
-            log(f"{mapping}: {exc}")
+        except ValueError as exc:
+            log(str(exc))
             raise typer.Exit(2) from None
 
     async def main() -> None:

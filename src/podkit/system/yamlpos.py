@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
+import pydantic
 import yaml
 
 Path = tuple[str | int, ...]
@@ -88,3 +90,44 @@ def nearest_position(positions: dict[Path, Position], path: Path) -> Position | 
         if not p:
             return None
         p = p[:-1]
+
+
+class ConfigFileError(ValueError):
+    """A config file that cannot be used: each line of `str()` is one problem, as
+    `file:line:column: path: message`."""
+
+
+def _at(file: str, position: Position | None) -> str:
+    return f"{file}:{position.line}:{position.column}" if position else file
+
+
+def load_yaml_file(path: str | os.PathLike[str]) -> tuple[Any, dict[Path, Position]]:
+    """Read and parse a YAML file with positions; ConfigFileError names the file (and the
+    line of a syntax error)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigFileError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(f"{path}: not UTF-8 text: {exc.reason}") from None
+    try:
+        return load_with_positions(text)
+    except YAMLSyntaxError as exc:
+        where = _at(str(path), exc.position)
+        raise ConfigFileError(f"{where}: invalid YAML: {exc.message}") from None
+
+
+def validation_problems(
+    exc: pydantic.ValidationError, file: str, positions: dict[Path, Position]
+) -> ConfigFileError:
+    """A ValidationError of data loaded by `load_yaml_file`, as file:line problems."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        got = err.get("input")
+        shown = f" (got {got!r})" if isinstance(got, str | int | float | bool) else ""
+        at = _at(file, nearest_position(positions, loc))
+        lines.append(f"{at}: {where}: {err['msg']}{shown}")
+    return ConfigFileError("\n".join(lines))
