@@ -14,8 +14,10 @@ import pytest
 from lbkit import admin_json, backends, balancer, request
 
 from podkit.backends import open_kv
-from podkit.lb.features import Features
+from podkit.lb.breaker import Limits
+from podkit.lb.features import Features, worker_share
 from podkit.lb.members import write_members
+from podkit.lb.proxy import ProxyConfig
 from podkit.net.tls import self_signed
 from support import free_port
 
@@ -65,6 +67,17 @@ async def test_a_retried_request_is_charged_to_the_rate_limit_once() -> None:
         codes = [(await request(lb.port, headers={"X-Key": "k"})).status for _ in range(7)]
         assert codes == [200] * 5 + [429] * 2
         assert bs[0].hits["/"] == 5
+
+
+def test_workers_divide_the_breaker_limits_so_together_they_hold() -> None:
+    feats = Features(max_connections=10, max_pending=3, max_requests=1)
+    for workers, want in ((1, Limits(10, 3, 1)), (2, Limits(5, 1, 1)), (4, Limits(2, 1, 1))):
+        cfg = ProxyConfig(upstreams=["127.0.0.1:1"], port=0, workers=workers)
+        breaker = feats(cfg, 0).breaker
+        assert breaker is not None and breaker.limits == want
+        # all the workers' shares together stay within each limit (or 1 each when below)
+        assert want.max_connections * workers <= 10
+    assert worker_share(7, 3) == 2 and worker_share(2, 3) == 1 and worker_share(5, 0) == 5
 
 
 # --- cache ----------------------------------------------------------------------------

@@ -52,6 +52,12 @@ def parse_available(line: str) -> tuple[int, int, int] | None:
     return (int(m[3]), int(m[1]), int(m[2])) if m else None
 
 
+def worker_share(limit: int, workers: int) -> int:
+    """One worker's part of a breaker limit for all `workers`: limit // workers, at
+    least 1 (so with fewer slots than workers, each still admits one)."""
+    return max(1, limit // max(1, workers))
+
+
 def parse_host_port(value: str, flag: str) -> tuple[str, int]:
     """`NAME:PORT` -> (name, port); ValueError names the flag."""
     host, _, port = value.rpartition(":")
@@ -237,7 +243,10 @@ class Worker:
             filters.append(self.timing)
         limits = (f.max_connections, f.max_pending, f.max_requests)
         if any(v is not None for v in limits) or f.retry_budget is not None:
-            mc, mp, mr = (UNLIMITED if v is None else v for v in limits)
+            # each worker holds its share, so the workers together stay within the limit
+            mc, mp, mr = (
+                UNLIMITED if v is None else worker_share(v, config.workers) for v in limits
+            )
             budget = RetryBudget(percent=20.0 if f.retry_budget is None else f.retry_budget)
             self.breaker = BreakerFilter(Limits(mc, mp, mr), budget)
             filters.append(self.breaker)  # last: its admit holds slots (see filters.py)
