@@ -266,6 +266,7 @@ async def test_workers_share_host_health() -> None:
             await asyncio.sleep(2.0)
             checks = [b.hits["/healthz"] - n for b, n in zip(bs, before, strict=True)]
             # one checker each: about 10 checks in 2 s, where two would make about 20
+            print(f"2 workers, --health-interval 0.2: checks per backend in 2 s: {checks}")
             assert all(5 <= c <= 14 for c in checks), checks
             # a failed check by the one worker that checks b0 takes it out in both
             bs[0].healthy = False
