@@ -245,6 +245,23 @@ class Procs:
             self.procs.remove(p)
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """User plus system CPU seconds used so far by the live processes of group `pgid`
+    (a process `Procs.start` started leads its own group, its workers in it)."""
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on
+        if int(fields[2]) == pgid:  # field 5: the process group
+            ticks += int(fields[11]) + int(fields[12])  # fields 14 and 15: utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def nginx(procs: Procs, name: str, template: str, **values: object) -> int:
     d = procs.tmp / name
     d.mkdir(exist_ok=True)

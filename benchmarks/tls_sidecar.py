@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -37,6 +38,7 @@ from lb import (
     Result,
     fmt_ratio,
     free_port,
+    group_cpu_seconds,
     nginx,
     paired,
     podkit_env,
@@ -86,7 +88,7 @@ def main() -> None:
     procs = Procs(tmp)
     cert, key = self_signed(tmp / "tls", ["localhost", "127.0.0.1"])
     env = podkit_env(tmp, args.build)
-    rows: list[tuple[int, str, Result, list[float]]] = []
+    rows: list[tuple[int, str, Result, list[float], list[float]]] = []
     try:
         backend = free_port()
         nginx(procs, "backend", BACKEND_CONF, port=backend, body=BODY.strip() + "\\n")
@@ -94,6 +96,7 @@ def main() -> None:
         for workers in [int(w) for w in args.workers.split(",")]:
             best: dict[str, Result] = {}
             runs: dict[str, list[float]] = {"nginx": [], "podkit": []}
+            cpu_us: dict[str, list[float]] = {"nginx": [], "podkit": []}  # per request
             for rnd in range(args.rounds):
                 for kind in ("nginx", "podkit") if rnd % 2 == 0 else ("podkit", "nginx"):
                     port = free_port()
@@ -113,32 +116,35 @@ def main() -> None:
                     try:
                         wait_port(port)
                         wrk(port, 2, scheme="https")
+                        cpu = group_cpu_seconds(pid)
                         r = wrk(port, args.duration, scheme="https")
+                        cpu = group_cpu_seconds(pid) - cpu
                     finally:
                         procs.stop(pid)
+                    cpu_us[kind].append(cpu / (r.rps * args.duration) * 1e6)
                     runs[kind].append(r.rps)
                     if kind not in best or r.rps > best[kind].rps:
                         best[kind] = r
                     print(f"workers={workers} round {rnd + 1} {kind:6} {r.rps:9.0f} req/s  "
-                          f"p50 {r.p50_ms:.2f} ms  p99 {r.p99_ms:.2f} ms  errors {r.errors}",
-                          flush=True)  # fmt: skip
+                          f"p50 {r.p50_ms:.2f} ms  p99 {r.p99_ms:.2f} ms  errors {r.errors}  "
+                          f"CPU {cpu_us[kind][-1]:.1f} us/request", flush=True)  # fmt: skip
             for kind in ("nginx", "podkit"):
-                rows.append((workers, kind, best[kind], runs[kind]))
+                rows.append((workers, kind, best[kind], runs[kind], cpu_us[kind]))
     finally:
         procs.stop()
     print(
         "\n| workers | TLS terminator | best req/s | p50 ms | p99 ms | podkit/nginx, best | "
-        "podkit/nginx by round: median (range) | every run |"
+        "podkit/nginx by round: median (range) | every run | CPU us/request, median |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    by = {(w, k): r for w, k, r, _ in rows}
-    every_run = {(w, k): every for w, k, _, every in rows}
-    for w, k, r, every in rows:
+    print("|---|---|---|---|---|---|---|---|---|")
+    by = {(w, k): r for w, k, r, _, _ in rows}
+    every_run = {(w, k): every for w, k, _, every, _ in rows}
+    for w, k, r, every, cpu_runs in rows:
         ratio = fmt_ratio(by[(w, "podkit")].rps, r.rps) if k == "nginx" else "-"
         rounds = paired(every_run[(w, "podkit")], every) if k == "nginx" else "-"
         runs_text = ", ".join(f"{x:,.0f}" for x in every)
         cells = [str(w), k, f"{r.rps:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", ratio, rounds,
-                 runs_text]  # fmt: skip
+                 runs_text, f"{statistics.median(cpu_runs):.1f}"]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
     print(f"\npodkit build: {args.build}; logs in {tmp}")
 
