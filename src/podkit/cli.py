@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -244,7 +245,19 @@ def _register_components() -> None:
         app.add_typer(sub, name=command)
 
 
+def open_standard_fds() -> None:
+    """Open /dev/null on each of descriptors 0-2 that was left closed (`cmd <&-`), so
+    that no descriptor of podkit's own (an event loop's) takes one of those numbers:
+    uvloop aborts the process when it closes such a descriptor."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+
+
 def main() -> None:
+    open_standard_fds()
     _register_components()
     app()
 

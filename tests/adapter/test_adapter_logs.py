@@ -236,6 +236,13 @@ def test_stdin_from_dev_null_is_empty_input() -> None:
     assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
 
 
+def test_stdin_closed_is_empty_input() -> None:
+    """`podkit adapter logs <&-`: no descriptor 0 at all (uvloop used to abort)."""
+    run = subprocess.run([*PODKIT, "adapter", "logs"], preexec_fn=lambda: os.close(0),
+                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
+
+
 def test_a_command_that_cannot_run_is_a_one_line_error() -> None:
     assert podkit_error(["adapter", "logs", "--", "/nonexistent/cmd", "-x"]) == (
         127,

@@ -198,7 +198,7 @@ def logs(
         else:
             writer = _Writer(out, "stdin")
             pump = asyncio.create_task(_pump(lines, writer))
-            fd = sys.stdin.fileno()
+            fd = 0  # sys.stdin is None when podkit started with descriptor 0 closed
             if _is_stream(fd):
                 loop = asyncio.get_running_loop()
                 stream = asyncio.StreamReader(limit=LINE_LIMIT)
