@@ -161,6 +161,30 @@ async def test_twenty_concurrent_misses_make_one_upstream_request() -> None:
         assert w.cache is not None and w.cache.cache.stats().coalesced == 19
 
 
+async def test_a_miss_waiting_for_a_fill_is_answered_once_when_more_requests_follow() -> None:
+    """A request waiting on another's fill, with a pipelined request behind it on its
+    connection: the waiting one goes through the filters once (one token of the rate
+    limit, three in all) and is answered once, then the next one."""
+    feats = Features(cache_bytes=1 << 20, rate_limit="1/m burst 3")
+    async with backends(1) as bs, balancer(feats, [bs[0].url]) as (lb, _):
+        first = asyncio.create_task(request(lb.port, "/cached?s=0.3"))  # the fill
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+        try:
+            host = f"Host: 127.0.0.1:{lb.port}\r\n".encode()  # the fill's cache key
+            writer.write(b"GET /cached?s=0.3 HTTP/1.1\r\n" + host + b"\r\n")  # waits
+            await asyncio.sleep(0.05)
+            writer.write(b"GET /x HTTP/1.1\r\n" + host + b"Connection: close\r\n\r\n")
+            answers = await asyncio.wait_for(reader.read(-1), 5)
+        finally:
+            writer.close()
+        assert (await first).status == 200
+        parts = answers.split(b"HTTP/1.1 200 OK")[1:]
+        assert len(parts) == 2, answers
+        assert b"x-cache: hit" in parts[0].lower()  # the waiting one, from the fill, first
+        assert bs[0].hits["/cached"] == 1 and bs[0].hits["/x"] == 1
+
+
 async def test_a_post_and_the_admin_port_purge() -> None:
     feats = Features(cache_bytes=1 << 20, admin_port=0)
     async with backends(1) as bs, balancer(feats, [bs[0].url]) as (lb, w):

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +146,23 @@ async def cluster(
         for b in backends:
             if b.runner is not None:
                 await b.runner.cleanup()
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def proxied(handle: Handler, **config: Any) -> AsyncIterator[LoadBalancer]:
+    """A LoadBalancer (with `config`) in front of one raw upstream served by `handle`."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    lb = LoadBalancer(ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0, **config))
+    await lb.start()
+    try:
+        yield lb
+    finally:
+        await lb.close(0.1)
+        server.close()
 
 
 async def raw(port: int, data: bytes, read_until_close: bool = True, timeout: float = 5) -> bytes:
@@ -402,13 +419,8 @@ async def test_retries_of_requests_sent_stay_within_the_retry_budget() -> None:
             heads += 1
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    cfg = ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0, tries=3, retry_per_second=1)
-    lb = LoadBalancer(cfg)
-    await lb.start()
-    started = time.monotonic()
-    try:
+    async with proxied(handle, tries=3, retry_per_second=1) as lb:
+        started = time.monotonic()
         async with aiohttp.ClientSession() as s:
             answers = [await get(s, f"http://127.0.0.1:{lb.port}/") for _ in range(100)]
         elapsed = time.monotonic() - started
@@ -420,14 +432,12 @@ async def test_retries_of_requests_sent_stay_within_the_retry_budget() -> None:
         assert "closed the connection before answering" in spent[0]
         # without the budget every GET would have been tried 3 times
         assert heads < 3 * 100 * 0.5
-    finally:
-        await lb.close(0.1)
-        server.close()
 
 
-async def hang_up_once_backend() -> tuple[asyncio.Server, int, list[bytes]]:
-    """A keep-alive backend that reads a whole request (any body) and hangs up
-    the first time it sees each path; later it answers 200 with the body it got."""
+def hang_up_once_upstream() -> tuple[Handler, list[bytes]]:
+    """A keep-alive upstream that reads a whole request (any body) and hangs up the
+    first time it sees each path; later it answers 200 with the body it got. Its
+    handler, and the list of `path body[:20]` it saw."""
     seen: set[bytes] = set()
     got: list[bytes] = []
 
@@ -455,16 +465,13 @@ async def hang_up_once_backend() -> tuple[asyncio.Server, int, list[bytes]]:
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (n, body))
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1], got
+    return handle, got
 
 
 async def test_a_request_with_a_body_is_retried_with_it_when_idempotent_or_marked() -> None:
-    server, port, got = await hang_up_once_backend()
-    lb = LoadBalancer(ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0))
-    await lb.start()
-    url = f"http://127.0.0.1:{lb.port}"
-    try:
+    handle, got = hang_up_once_upstream()
+    async with proxied(handle) as lb:
+        url = f"http://127.0.0.1:{lb.port}"
         async with aiohttp.ClientSession() as s:
             # PUT is idempotent: its body was kept, and goes again on the retry
             assert await request_with(s, "PUT", f"{url}/put", b"hello") == (200, b"hello")
@@ -486,9 +493,6 @@ async def test_a_request_with_a_body_is_retried_with_it_when_idempotent_or_marke
         assert got.count(b"/put hello") == 2 and got.count(b"/post once") == 1
         assert got.count(b"/marked abcdef") == 2
         assert got.count(b"/big " + b"x" * 20) == 1
-    finally:
-        await lb.close(0.1)
-        server.close()
 
 
 async def test_a_malformed_body_ends_the_request_with_400_and_frees_the_upstream() -> None:
@@ -501,11 +505,7 @@ async def test_a_malformed_body_ends_the_request_with_400_and_frees_the_upstream
             upstream_saw_eof.set()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    lb = LoadBalancer(ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0))
-    await lb.start()
-    try:
+    async with proxied(handle) as lb:
         for sent_apart in (False, True):
             upstream_saw_eof.clear()
             reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
@@ -520,9 +520,6 @@ async def test_a_malformed_body_ends_the_request_with_400_and_frees_the_upstream
             writer.close()
             if sent_apart:
                 await asyncio.wait_for(upstream_saw_eof.wait(), 2.0)
-    finally:
-        await lb.close(0.1)
-        server.close()
 
 
 def test_retry_backoff_doubles_is_capped_and_jittered_within_half() -> None:
@@ -546,19 +543,47 @@ async def test_a_retry_to_an_upstream_already_tried_backs_off() -> None:
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    lb = LoadBalancer(ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0, tries=3))
-    await lb.start()
-    try:
-        async with aiohttp.ClientSession() as s:
-            assert await get(s, f"http://127.0.0.1:{lb.port}/") == (200, "ok")
-        # the only upstream was tried each time: 12.5-25 ms, then 25-50 ms between tries
-        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-        assert len(arrivals) == 3 and gaps[0] >= BACKOFF_BASE / 2 and gaps[1] >= BACKOFF_BASE
-    finally:
-        await lb.close(0.1)
-        server.close()
+    async with proxied(handle, tries=3) as lb, aiohttp.ClientSession() as s:
+        assert await get(s, f"http://127.0.0.1:{lb.port}/") == (200, "ok")
+    # the only upstream was tried each time: 12.5-25 ms, then 25-50 ms between tries
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert len(arrivals) == 3 and gaps[0] >= BACKOFF_BASE / 2 and gaps[1] >= BACKOFF_BASE
+
+
+async def test_a_request_waiting_to_retry_is_not_sent_again_by_more_client_bytes() -> None:
+    """While a retry waits out its back-off, a pipelined request arriving behind it must
+    neither send the waiting one early nor twice."""
+    seen: list[tuple[bytes, float]] = []
+    hung_up = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                path = (await reader.readuntil(b"\r\n\r\n")).split(b" ", 2)[1]
+                seen.append((path, time.monotonic()))
+                if path == b"/a" and not hung_up.is_set():
+                    hung_up.set()
+                    break  # the first try of /a: hang up without an answer
+                await asyncio.sleep(0.1)  # slow: a second send would come while this runs
+                body = b"ok " + path
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        writer.close()
+
+    async with proxied(handle, tries=3) as lb:
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+        try:
+            writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(hung_up.wait(), 2)
+            await asyncio.sleep(0.005)  # the balancer sees the hang-up; back-off >= 12.5 ms
+            writer.write(b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answers = await asyncio.wait_for(reader.read(-1), 5)
+        finally:
+            writer.close()
+    assert answers.count(b"HTTP/1.1 200 OK") == 2 and answers.index(b"ok /a") < answers.index(
+        b"ok /b"
+    )
+    assert [path for path, _ in seen] == [b"/a", b"/a", b"/b"]
+    assert seen[1][1] - seen[0][1] >= BACKOFF_BASE / 2  # the back-off was kept
 
 
 async def request_with(
@@ -575,35 +600,21 @@ async def test_the_request_timeout_bounds_all_tries_together() -> None:
             await asyncio.sleep(30)
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    cfg = ProxyConfig(
-        upstreams=[f"127.0.0.1:{port}"], port=0, tick=0.05, upstream_timeout=0.3,
-        request_timeout=0.8, tries=10,
-    )  # fmt: skip
-    lb = LoadBalancer(cfg)
-    await lb.start()
-    try:
-        async with aiohttp.ClientSession() as s:
-            started = time.monotonic()
-            code, body = await get(s, f"http://127.0.0.1:{lb.port}/")
-            elapsed = time.monotonic() - started
-        # per-try timeouts of 0.3 s were retried (GET), until the overall 0.8 s ran out
-        assert code == 504 and "no answer within 0.8 s (3 tries)" in body, body
-        assert 0.75 < elapsed < 1.5
-    finally:
-        await lb.close(0.1)
-        server.close()
+    cfg = {"tick": 0.05, "upstream_timeout": 0.3, "request_timeout": 0.8, "tries": 10}
+    async with proxied(handle, **cfg) as lb, aiohttp.ClientSession() as s:
+        started = time.monotonic()
+        code, body = await get(s, f"http://127.0.0.1:{lb.port}/")
+        elapsed = time.monotonic() - started
+    # per-try timeouts of 0.3 s were retried (GET), until the overall 0.8 s ran out
+    assert code == 504 and "no answer within 0.8 s (3 tries)" in body, body
+    assert 0.75 < elapsed < 1.5
 
 
 async def test_the_request_timeout_starts_once_the_request_is_all_read() -> None:
     """A slow upload is the body timeout's business: the overall deadline starts when the
     request is complete, so a 1 s upload under a 0.5 s request timeout still succeeds."""
-    server, port, got = await hang_up_once_backend()
-    cfg = ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0, tick=0.05, request_timeout=0.5)
-    lb = LoadBalancer(cfg)
-    await lb.start()
-    try:
+    handle, got = hang_up_once_upstream()
+    async with proxied(handle, tick=0.05, request_timeout=0.5) as lb:
         reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
         for _ in range(2):  # the first time the backend hangs up: a retry, with the body
             writer.write(b"PUT /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
@@ -614,9 +625,6 @@ async def test_the_request_timeout_starts_once_the_request_is_all_read() -> None
             assert await reader.readexactly(4) == b"abcd"
         writer.close()
         assert got.count(b"/slow abcd") == 3
-    finally:
-        await lb.close(0.1)
-        server.close()
 
 
 # --- streaming ----------------------------------------------------------------------
@@ -1021,20 +1029,13 @@ async def test_trailer_fields_are_forwarded_as_trailers_never_as_headers() -> No
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    lb = LoadBalancer(ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0))
-    await lb.start()
-    try:
+    async with proxied(upstream) as lb:
         answer = await raw(
             lb.port,
             b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
             b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: abc\r\nHost: evil\r\n"
             b"X-Forwarded-For: 6.6.6.6\r\n\r\n",
         )
-    finally:
-        await lb.close(0.1)
-        server.close()
     head, _, body = got[0].partition(b"\r\n\r\n")
     assert b"X-Sum" not in head and b"evil" not in head and b"6.6.6.6" not in head
     assert b"X-Forwarded-For: 127.0.0.1\r\n" in head

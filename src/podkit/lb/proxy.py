@@ -139,6 +139,7 @@ class Exchange:
         "tries",
         "upstream",
         "user",
+        "waiting",
     )
 
     def __init__(self, client: ClientConnection, head: RequestHead) -> None:
@@ -160,6 +161,7 @@ class Exchange:
         self.local: bytes | None = None  # a complete local answer (errors, filters)
         self.observer: BodyObserver | None = None
         self.user: dict[str, Any] | None = None  # free space for filters
+        self.waiting = False  # a back-off or a filter's wait will dispatch it again
 
     @property
     def client_address(self) -> str:
@@ -298,7 +300,7 @@ class ClientConnection(asyncio.Protocol):
     def _after_feed(self) -> None:
         ex = self.ex
         if ex is not None:
-            if ex.upstream is None and not ex.done and ex.local is None:
+            if ex.upstream is None and not ex.done and ex.local is None and not ex.waiting:
                 self.dispatch(ex)
             elif ex.conn is not None and ex.pending:
                 self._flush_pending(ex)
@@ -439,6 +441,7 @@ class ClientConnection(asyncio.Protocol):
                     self.answer_local(ex)
                 else:  # the filter needs to wait (a coalesced cache fill): resume after
                     ex.upstream = None
+                    ex.waiting = True
                     lb.spawn(self._resume(ex, answer, i + 1))
                 return
             up = self.pick(ex)
@@ -473,6 +476,7 @@ class ClientConnection(asyncio.Protocol):
         except Exception as exc:
             self.lb.log(f"a filter failed: {exc!r}")
             answer = None
+        ex.waiting = False
         if ex.done or self.transport is None or self.ex is not ex:
             return
         if answer is not None:
@@ -622,6 +626,7 @@ class ClientConnection(asyncio.Protocol):
                         self.redispatch(ex)  # another upstream is there: at once
                     else:  # each was tried: wait, so a restarting one has time to come back
                         delay = retry_backoff(ex.tries, random.random())
+                        ex.waiting = True
                         asyncio.get_running_loop().call_later(delay, self._retry, ex)
                     return
                 reason += " (not retried: the retry budget is spent)"
@@ -633,6 +638,7 @@ class ClientConnection(asyncio.Protocol):
             self.abort()  # the answer is cut short: the client must see it
 
     def _retry(self, ex: Exchange) -> None:
+        ex.waiting = False
         if not ex.done and self.transport is not None and self.ex is ex:
             self.redispatch(ex)
 
