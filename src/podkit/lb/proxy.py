@@ -329,15 +329,9 @@ class ClientConnection(asyncio.Protocol):
         self.queue = None
         if ex is not None and not ex.done:
             ex.done = True
-            conn = ex.conn
-            if conn is not None:
-                conn.ex = None
-                conn.close()  # mid-exchange: the connection cannot be reused
-                ex.conn = None
             if ex.observer is not None:
                 ex.observer.abort()
-            if ex.upstream is not None:
-                self.lb.end_try(ex, None, "client went away")
+            self.drop_try(ex, "client went away")
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -697,13 +691,7 @@ class ClientConnection(asyncio.Protocol):
         ex.replay = None
         ex.pending = []
         ex.local = answer  # set first: the filters see a try ended by a local answer
-        conn = ex.conn
-        if conn is not None:
-            conn.ex = None
-            conn.close()
-            ex.conn = None
-        if ex.upstream is not None:
-            self.lb.end_try(ex, None, "the request body was malformed")
+        self.drop_try(ex, "the request body was malformed")
         if ex.responded:
             if ex.observer is not None:
                 ex.observer.abort()
@@ -822,14 +810,19 @@ class ClientConnection(asyncio.Protocol):
                     ex, up, f"did not answer within {cfg.upstream_timeout} s", False, 504
                 )
 
-    def fail_timeout(self, ex: Exchange, status: int, detail: str) -> None:
+    def drop_try(self, ex: Exchange, reason: str) -> None:
+        """End `ex`'s try in flight, if any: its upstream connection is closed (it is
+        mid-exchange, so it cannot be reused) and the try counted as failed for `reason`."""
         conn = ex.conn
         if conn is not None:
             conn.ex = None
             conn.close()
             ex.conn = None
         if ex.upstream is not None:
-            self.lb.end_try(ex, None, detail)
+            self.lb.end_try(ex, None, reason)
+
+    def fail_timeout(self, ex: Exchange, status: int, detail: str) -> None:
+        self.drop_try(ex, detail)
         ex.close_after = True
         self.fail(ex, status, detail)
 
