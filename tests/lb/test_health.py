@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from podkit.clock import ManualClock
 from podkit.lb.health import (
     CONNECT_ERROR,
+    HEALTHY,
+    STALE,
     UNHEALTHY,
     ActiveCheck,
     HealthEvent,
@@ -301,11 +303,24 @@ def test_the_table_is_shared_with_a_forked_process() -> None:
     shared = SharedHealth()
     pid = os.fork()
     if pid == 0:  # the child publishes, as a worker would
-        shared.publish("x:1", 123.0, UNHEALTHY)
+        shared.publish("x:1", 1.0, ejected_until=123.0, verdict=UNHEALTHY)
         os._exit(0)
     _, status = os.waitpid(pid, 0)
     assert status == 0
     assert shared.read(["x:1", "y:1"]) == {"x:1": (123.0, UNHEALTHY)}
+
+
+def test_a_slot_long_unwritten_is_taken_over_by_a_new_host() -> None:
+    shared = SharedHealth(max_hosts=1)
+    shared.publish("old:1", 0.0, verdict=UNHEALTHY)
+    shared.publish("new:1", 10.0, verdict=HEALTHY)  # the one slot is in use: not shared
+    assert shared.read(["old:1", "new:1"]) == {"old:1": (0.0, UNHEALTHY)}
+    shared.publish("new:1", STALE + 1.0, verdict=HEALTHY)  # old:1 gone quiet: taken over
+    assert shared.read(["old:1", "new:1"]) == {"new:1": (0.0, HEALTHY)}
+    # a running ejection keeps its slot however long ago it was written
+    shared.publish("new:1", STALE + 2.0, ejected_until=5 * STALE)
+    shared.publish("other:1", 3 * STALE, verdict=HEALTHY)
+    assert shared.read(["new:1", "other:1"]) == {"new:1": (5 * STALE, HEALTHY)}
 
 
 def test_owner_of_spreads_hosts_over_processes() -> None:

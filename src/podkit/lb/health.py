@@ -45,9 +45,9 @@ gets no new requests and is forgotten once its last request in flight has ended.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import struct
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -121,6 +121,7 @@ class HostState:
         "ejections",
         "fails",
         "healthy",
+        "here",
         "in_flight",
         "next_check",
         "passes",
@@ -129,9 +130,10 @@ class HostState:
         "unchecked",
     )
 
-    def __init__(self, ready: bool, healthy: bool, now: float) -> None:
+    def __init__(self, ready: bool, healthy: bool, now: float, here: bool = True) -> None:
         self.ready = ready
         self.healthy = healthy
+        self.here = here  # this process runs its active checks
         self.draining = False
         self.in_flight = 0
         self.consecutive_5xx = 0
@@ -150,20 +152,28 @@ class HostState:
         return self.ejected_until is not None
 
 
-_HOST = struct.Struct("=Qdb")  # host tag (0: empty), ejected until, verdict
+_HOST = struct.Struct("=Qdbd")  # host tag (0: empty), ejected until, verdict, written at
 UNKNOWN, HEALTHY, UNHEALTHY = 0, 1, 2
 _PROBES = 16  # slots a host may take, from its tag's
+STALE = 600.0  # seconds unwritten (and no ejection running) before a slot is taken over
+
+
+@functools.lru_cache(maxsize=65536)
+def _tag(host: str) -> int:
+    digest = hashlib.blake2b(host.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") or 1
 
 
 def owner_of(host: str, processes: int) -> int:
     """The process (0 to processes - 1) that runs the active checks of `host`."""
-    return zlib.crc32(host.encode()) % max(1, processes)
+    return _tag(host) % max(1, processes)
 
 
 class SharedHealth:
     """Per-host ejections and active-check verdicts in memory that forked processes share
-    (a memfd mapping, one fcntl lock); made before the fork. A host that finds no slot
-    (more than `max_hosts`) is not shared: each process judges it alone."""
+    (a memfd mapping, one fcntl lock); made before the fork. A slot not written for
+    `STALE` seconds (a host long gone) is taken over by a new host; a host that still
+    finds no slot is not shared: each process judges it alone."""
 
     def __init__(self, max_hosts: int = 4096) -> None:
         if max_hosts < 1:
@@ -172,21 +182,31 @@ class SharedHealth:
         self._shm = SharedMemory("podkit-host-health", max_hosts * _HOST.size)
         self._fd, self._mem = self._shm.fd, self._shm.mem
 
-    def publish(self, host: str, ejected_until: float | None, verdict: int | None) -> None:
-        """Record an ejection (kept if later than the one there) and/or a verdict."""
+    def publish(
+        self,
+        host: str,
+        now: float,
+        *,
+        ejected_until: float | None = None,
+        verdict: int | None = None,
+    ) -> None:
+        """Record, at `now`, an ejection (kept if later than the one there) and/or a
+        verdict."""
         tag = _tag(host)
         mem, fd = self._mem, self._fd
         fcntl.lockf(fd, fcntl.LOCK_EX)
         try:
-            offset = self._slot(tag, claim=True)
+            offset = self._slot(tag, now)
             if offset < 0:
                 return
-            _, until, held = _HOST.unpack_from(mem, offset)
+            held, until, last, _ = _HOST.unpack_from(mem, offset)
+            if held != tag:  # a new slot (or one taken over): nothing known yet
+                until, last = 0.0, UNKNOWN
             if ejected_until is not None:
                 until = max(until, ejected_until)
             if verdict is not None:
-                held = verdict
-            _HOST.pack_into(mem, offset, tag, until, held)
+                last = verdict
+            _HOST.pack_into(mem, offset, tag, until, last, now)
         finally:
             fcntl.lockf(fd, fcntl.LOCK_UN)
 
@@ -197,33 +217,30 @@ class SharedHealth:
         fcntl.lockf(fd, fcntl.LOCK_SH)
         try:
             for host in hosts:
-                offset = self._slot(_tag(host), claim=False)
+                offset = self._slot(_tag(host))
                 if offset >= 0:
-                    _, until, verdict = _HOST.unpack_from(mem, offset)
+                    _, until, verdict, _ = _HOST.unpack_from(mem, offset)
                     out[host] = (until, verdict)
         finally:
             fcntl.lockf(fd, fcntl.LOCK_UN)
         return out
 
-    def _slot(self, tag: int, claim: bool) -> int:
-        """The offset of `tag`'s slot (claiming an empty one if `claim`), or -1."""
+    def _slot(self, tag: int, now: float | None = None) -> int:
+        """The offset of `tag`'s slot, or -1. With `now` (to write), failing that an
+        empty slot, or one stale at `now`, whichever comes first in the probe order."""
         mem = self._mem
+        spare = -1
         for i in range(min(_PROBES, self.slots)):
             offset = ((tag + i) % self.slots) * _HOST.size
-            held = _HOST.unpack_from(mem, offset)[0]
+            held, until, _, written = _HOST.unpack_from(mem, offset)
             if held == tag:
                 return offset
+            stale = held == 0 or (now is not None and written < now - STALE and until <= now)
+            if spare < 0 and now is not None and stale:
+                spare = offset
             if held == 0:
-                if claim:
-                    _HOST.pack_into(mem, offset, tag, 0.0, UNKNOWN)
-                    return offset
-                return -1
-        return -1
-
-
-def _tag(host: str) -> int:
-    digest = hashlib.blake2b(host.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") or 1
+                break  # a tag is never past an empty slot: none was ever freed before it
+        return spare
 
 
 class HostHealth:
@@ -258,7 +275,8 @@ class HostHealth:
         now = self.clock.now()
         state = self._hosts.get(host)
         if state is None:
-            self._hosts[host] = HostState(ready, self.active is None, now)
+            here = self.checks_here is None or self.checks_here(host)
+            self._hosts[host] = HostState(ready, self.active is None, now, here)
         elif state.draining:
             state.draining = False
         else:
@@ -358,14 +376,10 @@ class HostHealth:
         if self.active is None:
             return []
         now = self.clock.now()
-        here = self.checks_here
         due = [
             h
             for h, s in self._hosts.items()
-            if not s.draining
-            and not s.checking
-            and s.next_check <= now
-            and (here is None or here(h))
+            if s.here and not s.draining and not s.checking and s.next_check <= now
         ]
         for h in due:
             self._hosts[h].checking = True
@@ -376,11 +390,10 @@ class HostHealth:
         if self.active is None:
             return float("inf")
         now = self.clock.now()
-        here = self.checks_here
         times = [
             s.next_check
-            for h, s in self._hosts.items()
-            if not s.draining and not s.checking and (here is None or here(h))
+            for s in self._hosts.values()
+            if s.here and not s.draining and not s.checking
         ]
         return max(0.0, min(times) - now) if times else self.active.interval
 
@@ -408,7 +421,8 @@ class HostHealth:
                 self._emit("unhealthy", host)
         state.unchecked = False
         if self.shared is not None:
-            self.shared.publish(host, None, HEALTHY if state.healthy else UNHEALTHY)
+            verdict = HEALTHY if state.healthy else UNHEALTHY
+            self.shared.publish(host, self.clock.now(), verdict=verdict)
 
     def sync_shared(self) -> bool:
         """Adopt the other processes' ejections, and their verdicts on the hosts this one
@@ -417,7 +431,6 @@ class HostHealth:
         if shared is None:
             return False
         now = self.clock.now()
-        here = self.checks_here
         changed = False
         for host, (until, verdict) in shared.read(self._hosts).items():
             state = self._hosts[host]
@@ -428,9 +441,9 @@ class HostHealth:
                 state.consecutive_5xx = state.consecutive_connect = 0
                 self._next_return = min(self._next_return, until)
                 changed = True
-            if self.active is not None and verdict != UNKNOWN and here is not None:
+            if self.active is not None and verdict != UNKNOWN and not state.here:
                 healthy = verdict == HEALTHY
-                if not here(host) and (state.healthy != healthy or state.unchecked):
+                if state.healthy != healthy or state.unchecked:
                     state.healthy = healthy
                     state.unchecked = False
                     changed = True
@@ -460,7 +473,7 @@ class HostHealth:
         self._stale = True
         self.ejections += 1
         if self.shared is not None:
-            self.shared.publish(host, until, None)
+            self.shared.publish(host, now, ejected_until=until)
         self._emit("ejected", host, until)
 
     def _return_ejected(self) -> None:
