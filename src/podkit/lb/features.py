@@ -150,10 +150,10 @@ class Features:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_cert and self.tls_key:
+            from podkit.net.tls import server_context
+
             try:
-                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                    self.tls_cert, self.tls_key
-                )
+                server_context(self.tls_cert, self.tls_key)  # the pair the workers will load
             except (OSError, ssl.SSLError) as exc:
                 reason = getattr(exc, "strerror", None) or str(exc)
                 raise ValueError(

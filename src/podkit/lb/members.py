@@ -194,12 +194,12 @@ class KVMembers:
                 self.members = {e.key: e.value.decode("utf-8", "replace") for e in entries}
                 self._apply()
                 async for ev in kv.watch(self.prefix, prefix=True, start_revision=start):
-                    before = dict(self.members)
+                    old = self.members.get(ev.key)
                     if ev.kind == "put" and ev.value is not None:
                         self.members[ev.key] = ev.value.decode("utf-8", "replace")
                     else:
                         self.members.pop(ev.key, None)
-                    if self.members != before:
+                    if self.members.get(ev.key) != old:  # a replayed change changes nothing
                         self._apply()
             except (BackendError, OSError) as exc:
                 self.log(f"members: {self.prefix} unreadable, keeping the last list: {exc}")

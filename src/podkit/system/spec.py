@@ -28,7 +28,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from podkit.system.yamlpos import YAMLSyntaxError, load_with_positions, nearest_position
+from podkit.system.yamlpos import (
+    YAMLSyntaxError,
+    format_path,
+    load_with_positions,
+    nearest_position,
+)
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 BACKEND_SCHEMES = ("memory", "sqlite", "redis", "rediss", "nats", "etcd", "k8s")
@@ -437,16 +442,6 @@ class SpecError(ValueError):
         super().__init__("\n".join(str(i) for i in issues))
 
 
-def format_path(loc: tuple[str | int, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
 def _model_in(annotation: Any) -> type[BaseModel] | None:
     """The BaseModel class inside an annotation like `Probe | None` or `list[Pod]`."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -483,6 +478,12 @@ def _field_names(model: type[BaseModel]) -> list[str]:
     return [f.alias or n for n, f in model.model_fields.items()]
 
 
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    """` (did you mean 'x'?)` for the closest of `choices`, or '' when none is close."""
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def _describe(err: Any) -> str:
     kind = err["type"]
     loc = tuple(err["loc"])
@@ -492,8 +493,7 @@ def _describe(err: Any) -> str:
         if model is None:
             return f"unknown field '{name}'"
         known = _field_names(model)
-        close = difflib.get_close_matches(str(name), known, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = _did_you_mean(str(name), known)
         return f"unknown field '{name}'{hint}; expected one of: {', '.join(known)}"
     if kind == "missing":
         return f"missing required field '{loc[-1]}'"
@@ -639,8 +639,7 @@ def _check_components(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...],
             base: tuple[str | int, ...] = ("pods", i, "containers", j)
             known = known_components()
             if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                hint = _did_you_mean(name, known)
                 problems.append(
                     (
                         (*base, "component"),
@@ -658,8 +657,7 @@ def _check_components(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...],
             for key in given:
                 if isinstance(key, str) and option_flag(key) in flags:
                     continue
-                close = difflib.get_close_matches(str(key), keys, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                hint = _did_you_mean(str(key), keys)
                 problems.append(
                     (
                         (*base, "with", key if isinstance(key, str) else str(key)),

@@ -97,6 +97,17 @@ class ConfigFileError(ValueError):
     `file:line:column: path: message`."""
 
 
+def format_path(loc: Path) -> str:
+    """A data path as written in messages: `pods[0].containers[1].with`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
 def _at(file: str, position: Position | None) -> str:
     return f"{file}:{position.line}:{position.column}" if position else file
 
@@ -125,9 +136,8 @@ def validation_problems(
     lines = []
     for err in exc.errors():
         loc = tuple(err["loc"])
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         got = err.get("input")
         shown = f" (got {got!r})" if isinstance(got, str | int | float | bool) else ""
         at = _at(file, nearest_position(positions, loc))
-        lines.append(f"{at}: {where}: {err['msg']}{shown}")
+        lines.append(f"{at}: {format_path(loc)}: {err['msg']}{shown}")
     return ConfigFileError("\n".join(lines))
