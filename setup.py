@@ -19,6 +19,7 @@ from setuptools import setup
 COMPILED = [
     "src/podkit/net/http.py",
     "src/podkit/net/pool.py",
+    "src/podkit/net/tlsconn.py",
     "src/podkit/lb/policy.py",
     "src/podkit/lb/proxy.py",
     "src/podkit/lb/breaker.py",

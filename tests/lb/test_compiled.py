@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SUITES = [
     "tests/lb",
     "tests/test_tls.py",
+    "tests/test_tlsconn.py",
     "tests/test_tls_sidecar.py",
     "tests/test_split.py",
     "tests/test_lb_members.py",

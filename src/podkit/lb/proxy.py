@@ -65,6 +65,7 @@ from podkit.net.http import (
     simple_response,
 )
 from podkit.net.pool import ConnectionPool, PooledConnection
+from podkit.net.tlsconn import TLSConnection
 
 PENDING_LIMIT = 256 * 1024  # request bytes held for an upstream before reading pauses
 REPLAY_LIMIT = 64 * 1024  # request body bytes kept to send again on a retry
@@ -1363,9 +1364,17 @@ class LoadBalancer:
             sock = listen_socket(
                 self.config.host, self.config.port, self.config.reuse_port, self.config.backlog
             )
-        self._server = await loop.create_server(
-            lambda: ClientConnection(self), sock=sock, backlog=self.config.backlog, ssl=ssl
-        )
+        if ssl is None:
+            self._server = await loop.create_server(
+                lambda: ClientConnection(self), sock=sock, backlog=self.config.backlog
+            )
+        else:
+            context = ssl
+            self._server = await loop.create_server(
+                lambda: TLSConnection(context, ClientConnection(self)),
+                sock=sock,
+                backlog=self.config.backlog,
+            )
         self._sweeper = loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
