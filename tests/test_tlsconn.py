@@ -259,6 +259,19 @@ async def test_garbage_or_silence_instead_of_a_handshake_is_dropped_and_others_s
             except ConnectionResetError:
                 return b""
 
+    def too_old() -> str:
+        with pytest.warns(DeprecationWarning):
+            ctx = ssl.create_default_context(cafile=str(cert))
+            ctx.minimum_version = ssl.TLSVersion.TLSv1
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        ctx.set_ciphers("ALL:@SECLEVEL=0")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            try:
+                ctx.wrap_socket(s, server_hostname="localhost")
+            except ssl.SSLError as exc:
+                return str(exc)
+        raise AssertionError("a TLS 1.1 handshake was accepted")
+
     def silent() -> float:
         start = time.monotonic()
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -275,11 +288,12 @@ async def test_garbage_or_silence_instead_of_a_handshake_is_dropped_and_others_s
 
     async with server:
         answer = await asyncio.to_thread(garbage)
-        assert not answer or answer[0] == 0x15  # nothing, or a TLS alert record
+        assert answer == b"" or answer[:1] == b"\x15"  # the end, or an alert record first
+        assert "alert protocol version" in await asyncio.to_thread(too_old)
         waited = await asyncio.to_thread(silent)
         assert 0.25 < waited < 3
         assert await asyncio.to_thread(good) == b"HELLO"
-        assert [a.made for a in apps] == [0, 0, 1]
+        assert [a.made for a in apps] == [0, 0, 0, 1]
 
 
 async def test_write_eof_sends_close_notify_and_the_answer_is_not_cut(

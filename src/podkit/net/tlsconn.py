@@ -8,8 +8,8 @@ whose buffer is the only one (its flow control reaches the app unchanged). It do
 podkit's servers need and no more, so a request costs fewer steps than through the
 event loop's general TLS layer:
 
-- a handshake that fails, or is not done within `handshake_timeout` seconds, aborts the
-  connection (the app never sees it);
+- a handshake that fails is closed after its alert; one not done within
+  `handshake_timeout` seconds is aborted (the app sees neither);
 - the peer's close_notify or a TCP FIN is `eof_received`; an unreadable record aborts;
 - `close()` sends close_notify then closes; `write_eof()` sends close_notify and a FIN
   and drops what the peer still sends (so a lingering close reads without decrypting);
@@ -114,8 +114,10 @@ class TLSConnection(asyncio.Protocol):
             self._flush()
             return
         except (ssl.SSLError, OSError):
-            self._flush()  # the alert, when there is one
-            self.abort()
+            self._flush()  # the alert, which closing sends before the FIN
+            self.closing = True
+            if self.raw is not None:
+                self.raw.close()
             return
         if self.timer is not None:
             self.timer.cancel()
