@@ -382,3 +382,33 @@ async def test_a_large_answer_pauses_the_app_until_the_client_reads(
         for _ in range(total // len(piece)):
             expect.update(piece)
         assert digest == expect.hexdigest()
+
+
+def test_bytes_after_the_clients_close_notify_are_dropped_not_kept(
+    pair: tuple[Path, Path],
+) -> None:
+    """The app keeps the connection open to answer (a request in flight, a tunnel): what
+    the client still sends after its close_notify cannot be read and must not pile up."""
+    cert, key = pair
+
+    async def go() -> None:
+        app = App()
+        conn = TLSConnection(server_context(cert, key), app)
+        wire = Wire()
+        conn.connection_made(wire)
+        peer = Peer(cert)
+        peer.handshake(conn, wire, [])
+        try:
+            peer.obj.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        conn.data_received(peer.outgoing.read())
+        assert app.eofs == 1
+        for _ in range(100):
+            conn.data_received(b"\x17\x03\x03\x40\x00" + b"x" * 16384)
+        assert conn.incoming.pending < 20_000
+        assert app.eofs == 1
+        app.transport.write(b"the answer")
+        assert peer.open(wire.take()) == b"the answer"
+
+    asyncio.run(go())

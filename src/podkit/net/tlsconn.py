@@ -10,7 +10,8 @@ event loop's general TLS layer:
 
 - a handshake that fails is closed after its alert; one not done within
   `handshake_timeout` seconds is aborted (the app sees neither);
-- the peer's close_notify or a TCP FIN is `eof_received`; an unreadable record aborts;
+- the peer's close_notify or a TCP FIN is `eof_received` (what follows is dropped); an
+  unreadable record aborts;
 - `close()` sends close_notify then closes; `write_eof()` sends close_notify and a FIN
   and drops what the peer still sends (so a lingering close reads without decrypting);
 - `get_extra_info` answers `ssl_object`, `sslcontext`, `peercert` and `cipher`, and
@@ -72,6 +73,8 @@ class TLSConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         state = self.state
         if state == OPEN:
+            if self.peer_eof:
+                return  # nothing is read after close_notify: fed, it would pile up unread
             self.feed(data)
             self._read()
         elif state == HANDSHAKE:
