@@ -73,8 +73,10 @@ class Wire(asyncio.Transport):
         self.out = bytearray()
         self.closed = False
         self.aborted = False
+        self.eof = False  # the FIN was sent
 
     def write(self, data: Any) -> None:
+        assert not self.eof, "a write after the FIN"
         self.out += data
 
     def take(self) -> bytes:
@@ -87,6 +89,12 @@ class Wire(asyncio.Transport):
 
     def abort(self) -> None:
         self.aborted = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
 
     def is_closing(self) -> bool:
         return self.closed or self.aborted
@@ -320,7 +328,7 @@ async def test_write_eof_sends_close_notify_and_the_answer_is_not_cut(
                     break
                 got += chunk
             try:
-                s.sendall(b"more after the end")  # dropped without being read as TLS
+                s.sendall(b"more after the end")  # still read: the app decides
             except OSError:
                 pass
             return bytes(got)
@@ -332,7 +340,7 @@ async def test_write_eof_sends_close_notify_and_the_answer_is_not_cut(
         assert app.transport.can_write_eof()
         app.transport.close()
         await asyncio.sleep(0.1)
-        assert app.received == b"request\n"
+        assert app.received in (b"request\n", b"request\nmore after the end")
         assert len(app.lost) == 1
 
 
@@ -410,5 +418,39 @@ def test_bytes_after_the_clients_close_notify_are_dropped_not_kept(
         assert app.eofs == 1
         app.transport.write(b"the answer")
         assert peer.open(wire.take()) == b"the answer"
+
+    asyncio.run(go())
+
+
+def test_after_write_eof_the_clients_side_still_reaches_the_app(pair: tuple[Path, Path]) -> None:
+    """A tunnel whose upstream ended its side: the proxy passes that on with write_eof,
+    and what the client still sends, then its close_notify, must reach the app."""
+    cert, key = pair
+
+    async def go() -> None:
+        app = App()
+        conn = TLSConnection(server_context(cert, key), app)
+        wire = Wire()
+        conn.connection_made(wire)
+        peer = Peer(cert)
+        peer.handshake(conn, wire, [])
+        app.transport.write(b"last words")
+        app.transport.write_eof()
+        assert wire.eof
+        assert peer.open(wire.take()) == b"last words"
+        assert peer.closed
+        conn.data_received(peer.seal(b"the client goes on"))
+        assert app.received == b"the client goes on"
+        try:
+            peer.obj.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        conn.data_received(peer.outgoing.read())
+        assert app.eofs == 1
+        assert not wire.closed  # the app said to keep it open
+        conn.eof_received()  # the FIN
+        assert app.eofs == 1
+        app.transport.close()
+        assert wire.closed and not wire.aborted
 
     asyncio.run(go())

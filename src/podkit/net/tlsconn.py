@@ -12,8 +12,9 @@ event loop's general TLS layer:
   `handshake_timeout` seconds is aborted (the app sees neither);
 - the peer's close_notify or a TCP FIN is `eof_received` (what follows is dropped); an
   unreadable record aborts;
-- `close()` sends close_notify then closes; `write_eof()` sends close_notify and a FIN
-  and drops what the peer still sends (so a lingering close reads without decrypting);
+- `close()` sends close_notify then closes; `write_eof()` sends close_notify and a FIN,
+  and what the peer still sends reaches the app (the other way of a tunnel; a lingering
+  close drops it);
 - `get_extra_info` answers `ssl_object`, `sslcontext`, `peercert` and `cipher`, and
   otherwise asks the socket's transport.
 """
@@ -29,7 +30,7 @@ READ_MAX = 256 * 1024  # bytes decrypted per read call
 
 HANDSHAKE = 0
 OPEN = 1
-EOF_SENT = 2  # close_notify and FIN sent: what arrives is dropped
+EOF_SENT = 2  # close_notify and FIN sent: the peer's side is still read
 CLOSED = 3
 
 
@@ -72,7 +73,7 @@ class TLSConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         state = self.state
-        if state == OPEN:
+        if state in (OPEN, EOF_SENT):
             if self.peer_eof:
                 return  # nothing is read after close_notify: fed, it would pile up unread
             self.feed(data)
@@ -82,7 +83,8 @@ class TLSConnection(asyncio.Protocol):
             self._handshake()
 
     def eof_received(self) -> bool | None:
-        if self.state == OPEN and not self.peer_eof:
+        state = self.state
+        if state in (OPEN, EOF_SENT) and not self.peer_eof:
             self.peer_eof = True  # close_notify or FIN, whichever came first
             self.keep_open = bool(self.app.eof_received())
         if self.keep_open and not self.closing:
@@ -166,7 +168,7 @@ class TLSConnection(asyncio.Protocol):
             self._flush()  # a post-handshake message's answer (TLS 1.3 key update)
         if first:
             self.app.data_received(first if chunks is None else b"".join(chunks))
-        if closed and self.state == OPEN:
+        if closed and self.state in (OPEN, EOF_SENT):
             self.eof_received()
 
     def _flush(self) -> None:
@@ -194,6 +196,7 @@ class TLSConnection(asyncio.Protocol):
         raw = self.raw
         if raw is not None and raw.can_write_eof():
             raw.write_eof()
+            self.send = _discard  # nothing may follow the FIN
 
     def close(self) -> None:
         if self.closing:
