@@ -72,15 +72,13 @@ class TLSConnection(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
-        state = self.state
-        if state in (OPEN, EOF_SENT):
-            if self.peer_eof:
-                return  # nothing is read after close_notify: fed, it would pile up unread
-            self.feed(data)
-            self._read()
-        elif state == HANDSHAKE:
-            self.feed(data)
+        if self.peer_eof:
+            return  # nothing is read after close_notify: fed, it would pile up unread
+        self.feed(data)
+        if self.state == HANDSHAKE:
             self._handshake()
+        else:
+            self._read()  # open, or our FIN sent (the peer's side of a tunnel)
 
     def eof_received(self) -> bool | None:
         state = self.state
