@@ -709,6 +709,64 @@ async def test_upgrade_refused_by_the_upstream_is_forwarded() -> None:
     assert out.startswith(b"HTTP/1.1 200") and b"Connection: close" in out
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_a_tunnel_carries_the_clients_side_after_the_upstream_ends_its_own(
+    tls: bool, tmp_path: Path
+) -> None:
+    """The upstream answers 101, sends a last word and half-closes; what the client sends
+    after that, and its end, still reach the upstream (over TLS: close_notify and FIN
+    towards the client, its side still read)."""
+    import socket
+    import ssl
+
+    from podkit.net.tls import self_signed, server_context
+
+    got = bytearray()
+    ended = asyncio.Event()
+
+    async def upstream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\nbye")
+        await w.drain()
+        w.write_eof()
+        while data := await r.read(1000):
+            got.extend(data)
+        ended.set()
+        w.close()
+
+    srv = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    cert, key = self_signed(tmp_path, ["localhost"])
+    lb = LoadBalancer(
+        ProxyConfig(upstreams=[f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"], port=0)
+    )
+    await lb.start(ssl=server_context(cert, key) if tls else None)
+
+    def client() -> bytes:
+        sock: socket.socket = socket.create_connection(("127.0.0.1", lb.port), timeout=5)
+        if tls:
+            ctx = ssl.create_default_context(cafile=str(cert))
+            sock = ctx.wrap_socket(sock, server_hostname="localhost", suppress_ragged_eofs=False)
+        with sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(1000):  # to the upstream's end, clean over TLS
+                answer += chunk
+            sock.sendall(b"client still talks")
+            if isinstance(sock, ssl.SSLSocket):
+                sock = sock.unwrap()
+            sock.shutdown(socket.SHUT_WR)
+            return answer
+
+    try:
+        answer = await asyncio.to_thread(client)
+        assert answer.startswith(b"HTTP/1.1 101") and answer.endswith(b"bye")
+        await asyncio.wait_for(ended.wait(), 5)
+        assert bytes(got) == b"client still talks"
+    finally:
+        await lb.close(0.5)
+        srv.close()
+
+
 # --- policies through the proxy -----------------------------------------------------
 
 
