@@ -683,6 +683,47 @@ async def test_a_slow_reader_holds_the_upstream_back() -> None:
         writer.close()
 
 
+@pytest.mark.parametrize("size", [200_000_000, 60_000], ids=["streaming", "all-buffered"])
+@pytest.mark.parametrize("closing", [False, True], ids=["keep-alive", "connection-close"])
+async def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(
+    closing: bool, size: int
+) -> None:
+    """Its connection is dropped once it has taken nothing for --send-timeout: while the
+    answer streams (writes held back), and when all of it is already in the proxy's
+    buffer (the connection idle, or lingering until the buffer drains)."""
+    import socket
+
+    async def upstream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        with contextlib.suppress(ConnectionError):
+            for at in range(0, size, 100_000):
+                w.write(b"z" * min(100_000, size - at))
+                await w.drain()
+            await r.read()
+
+    async with proxied(upstream, send_timeout=0.5, tick=0.05) as lb:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", lb.port))
+        sock.setblocking(False)
+        while not lb.clients:
+            await asyncio.sleep(0.01)
+        transport = next(iter(lb.clients)).transport
+        assert transport is not None  # the kernel takes little, so the proxy holds the rest
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        close = b"Connection: close\r\n" if closing else b""
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n" + close + b"\r\n")
+        start = time.monotonic()
+        await asyncio.sleep(0.2)
+        assert lb.clients
+        while lb.clients:  # the client reads nothing
+            assert time.monotonic() - start < 5, "a client that reads nothing is kept"
+            await asyncio.sleep(0.05)
+        assert time.monotonic() - start > 0.4
+        sock.close()
+
+
 # --- WebSocket ----------------------------------------------------------------------
 
 

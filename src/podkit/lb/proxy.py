@@ -200,6 +200,8 @@ class ClientConnection(asyncio.Protocol):
         "transport",
         "tunnel",
         "tunnel_buf",
+        "unsent",
+        "unsent_since",
         "write_paused",
         "write_paused_since",
     )
@@ -222,6 +224,8 @@ class ClientConnection(asyncio.Protocol):
         self.lingering = False
         self.write_paused = False
         self.write_paused_since = 0.0
+        self.unsent = 0  # bytes the transport held at the last check
+        self.unsent_since = 0.0  # since when the client has taken none of them
         self.tunnel: UpstreamConnection | None = None
         self.tunnel_buf: list[bytes] | None = None  # client bytes before the 101 arrives
 
@@ -750,6 +754,15 @@ class ClientConnection(asyncio.Protocol):
 
     # --- timeouts (called by the sweeper) ---
     def check(self, now: float, cfg: ProxyConfig) -> None:
+        transport = self.transport
+        if transport is not None:
+            unsent = transport.get_write_buffer_size()
+            if not unsent or not self.unsent or unsent < self.unsent:
+                self.unsent_since = now  # nothing waited, or the client took some
+            self.unsent = unsent
+            if unsent and now - self.unsent_since > cfg.send_timeout:
+                self.abort()  # it takes nothing of what it was sent, idle or lingering
+                return
         if self.lingering:
             return
         if self.active:
