@@ -59,7 +59,7 @@ def test_http10_is_not_keep_alive_unless_asked() -> None:
     assert isinstance(head, RequestHead) and not head.keep_alive
     (head, _) = parse(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
     assert isinstance(head, RequestHead) and head.keep_alive
-    (head, _) = parse(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+    (head, _) = parse(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert isinstance(head, RequestHead) and not head.keep_alive
     assert head.connection == frozenset({b"close"})
 
@@ -97,10 +97,10 @@ def test_chunked_body_streams_piece_by_piece() -> None:
 
 def test_content_length_body_split_across_reads() -> None:
     conn = ServerConnection()
-    conn.receive_data(b"PUT / HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123")
+    conn.receive_data(b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123")
     evs = events(conn)
     assert evs[1:] == [Data(b"0123")]
-    conn.receive_data(b"456789GET / HTTP/1.1\r\n\r\n")
+    conn.receive_data(b"456789GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     evs = events(conn)
     assert evs[:2] == [Data(b"456789"), EndOfMessage()]
     assert isinstance(evs[2], RequestHead)
@@ -141,7 +141,8 @@ def test_content_length_and_transfer_encoding_is_refused() -> None:
     assert err.status == 400
     assert "smuggling" in err.detail
     err = error(
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n"
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: 4\r\n\r\n0\r\n\r\n"
     )
     assert err.status == 400
 
@@ -156,7 +157,10 @@ def test_a_version_other_than_1_0_and_1_1_gets_505() -> None:
 
 
 def test_unknown_transfer_coding_is_refused() -> None:
-    assert error(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n").status in (400, 501)
+    assert error(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n").status in (
+        400,
+        501,
+    )
 
 
 def test_headers_over_the_limit_get_431() -> None:
@@ -192,6 +196,17 @@ def test_errors_stick() -> None:
         conn.receive_data(b"GET / HTTP/1.1\r\n\r\n")
 
 
+def test_a_host_header_is_required_once_in_http11_and_at_most_once_in_10() -> None:
+    assert error(b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n").detail == "no Host header"
+    two = b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n"
+    assert error(two).detail == "more than one Host header"
+    assert error(b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n").status == 400
+    (head, _) = parse(b"GET / HTTP/1.0\r\n\r\n")  # 1.0 may leave it out
+    assert isinstance(head, RequestHead) and head.version == "1.0"
+    (head, _) = parse(b"GET / HTTP/1.1\r\nHOST: a\r\n\r\n")
+    assert isinstance(head, RequestHead)
+
+
 def test_upgrade_hands_over_the_tunnel_bytes() -> None:
     evs = parse(
         b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
@@ -201,7 +216,7 @@ def test_upgrade_hands_over_the_tunnel_bytes() -> None:
     assert isinstance(head, RequestHead) and head.upgrade == b"websocket"
     assert evs[-1] == Tunnel(b"\x81\x05hello")
     conn = ServerConnection()
-    conn.receive_data(b"GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n")
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n")
     conn.receive_data(b"GET / HTTP/1.1\r\n\r\n")  # not HTTP any more: tunnel bytes
     assert events(conn)[-2:] == [Tunnel(b""), Tunnel(b"GET / HTTP/1.1\r\n\r\n")]
 

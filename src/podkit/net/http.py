@@ -178,6 +178,7 @@ class _Headers:
         "_error",
         "_head_size",
         "_headers",
+        "_hosts",
         "_max_head",
         "_max_headers",
         "_pending",
@@ -203,6 +204,7 @@ class _Headers:
         self._content_length: int | None = None
         self._te: list[bytes] | None = None
         self._connection: list[bytes] | None = None
+        self._hosts = 0  # Host fields seen
 
     def _fail(self, status: int, detail: str) -> None:
         self._error = HTTPError(status, detail)
@@ -233,7 +235,10 @@ class _Headers:
             self._fail(431, f"more than {self._max_headers} header fields")
         headers.append((name, value))
         n = len(name)
-        if n == 14 or n == 17 or n == 10:  # content-length, transfer-encoding, connection
+        if n == 4:
+            if name.lower() == b"host":
+                self._hosts += 1
+        elif n == 14 or n == 17 or n == 10:  # content-length, transfer-encoding, connection
             lname = name.lower()
             if lname == b"content-length":
                 value = value.strip()
@@ -339,6 +344,8 @@ class RequestParser(_Headers):
         version: str = p.get_http_version()
         if version != "1.1" and version != "1.0":
             self._fail(505, f"HTTP/{version} is not supported: HTTP/1.1 and 1.0 are")
+        if self._hosts != 1 and (self._hosts or version == "1.1"):
+            self._fail(400, "no Host header" if not self._hosts else "more than one Host header")
         chunked = False if self._te is None else self._framing()
         upgrade: bytes | None = None
         if p.should_upgrade():
