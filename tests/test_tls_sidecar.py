@@ -164,6 +164,7 @@ async def test_malformed_requests_get_400_and_the_sidecar_keeps_serving(
         w.write(bad)
         answer = await asyncio.wait_for(r.read(), 5)
         assert answer.startswith(b"HTTP/1.1 400"), answer[:80]
+        assert b"\r\n\r\npodkit sidecar tls: " in answer
         w.close()
     async with aiohttp.ClientSession() as s, s.get(f"https://127.0.0.1:{port}/ok", ssl=ctx) as r:
         assert r.status == 200
@@ -178,4 +179,4 @@ async def test_a_dead_app_gets_502_with_a_clear_body(
     async with aiohttp.ClientSession() as s, s.get(f"https://127.0.0.1:{port}/x", ssl=ctx) as r:
         body = await r.text()
     assert r.status == 502
-    assert f"127.0.0.1:{app_port}" in body
+    assert f"127.0.0.1:{app_port}" in body and body.startswith("podkit sidecar tls: ")

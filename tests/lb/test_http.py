@@ -196,6 +196,14 @@ def test_errors_stick() -> None:
         conn.receive_data(b"GET / HTTP/1.1\r\n\r\n")
 
 
+def test_http2_gets_505_whether_by_its_preface_or_its_request_line() -> None:
+    for data in (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"GET / HTTP/2.0\r\nHost: x\r\n\r\n"):
+        with pytest.raises(HTTPError) as info:
+            parse(data)
+        assert info.value.status == 505, info.value
+        assert info.value.detail.startswith("HTTP/2")
+
+
 def test_a_host_header_is_required_once_in_http11_and_at_most_once_in_10() -> None:
     assert error(b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n").detail == "no Host header"
     two = b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n"

@@ -231,7 +231,9 @@ async def _run_split(
     policy = SplitPolicy(splitter, key, names)
     metrics = SplitMetrics(policy)
     lb = LoadBalancer(
-        ProxyConfig(upstreams=urls, host=host, port=port, reuse_port=False),
+        ProxyConfig(
+            upstreams=urls, host=host, port=port, reuse_port=False, name="podkit ambassador split"
+        ),
         policy=policy,
         filters=[metrics],
     )

@@ -99,6 +99,7 @@ class ProxyConfig:
     hash_on: str | None = None
     workers: int = 1
     scheme: str = "http"  # what X-Forwarded-Proto says
+    name: str = "podkit lb"  # who signs the balancer's own answers (400, 502, ...)
     idle_timeout: float = 60.0  # a keep-alive client between requests
     header_timeout: float = 10.0  # from the first byte of a request head to its end
     body_timeout: float = 30.0  # a pause while a request body is read
@@ -649,7 +650,8 @@ class ClientConnection(asyncio.Protocol):
     def fail(self, ex: Exchange, status: int, detail: str) -> None:
         """Answer `status` with a one-line body naming what went wrong."""
         close = not (ex.head.keep_alive and ex.request_done) or self.lb.closing
-        ex.local = simple_response(status, f"podkit lb: {detail}\n".encode(), close=close)
+        body = f"{self.lb.config.name}: {detail}\n".encode()
+        ex.local = simple_response(status, body, close=close)
         ex.close_after = ex.close_after or close
         self.answer_local(ex)
 
@@ -671,7 +673,8 @@ class ClientConnection(asyncio.Protocol):
         if t is None:
             return
         t.pause_reading()
-        answer = simple_response(exc.status, f"podkit lb: {exc.detail}\n".encode(), close=True)
+        body = f"{self.lb.config.name}: {exc.detail}\n".encode()
+        answer = simple_response(exc.status, body, close=True)
         cut = self.receiving
         self.receiving = None
         if cut is not None and not cut.done:

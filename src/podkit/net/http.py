@@ -278,6 +278,9 @@ class _Headers:
         if ctx is not None and not isinstance(ctx, HTTPError):
             raise ctx  # a bug in a handler: surface it, do not disguise it as bad input
         reason = str(exc.args[0]) if exc.args else type(exc).__name__
+        if "PRI" in reason:  # llhttp stops at the HTTP/2 preface
+            self._error = HTTPError(505, "HTTP/2 is not supported: HTTP/1.1 and 1.0 are")
+            return self._error
         if "Content-Length" in reason and "Transfer-Encoding" in reason:
             reason += " (request smuggling)"
         self._error = HTTPError(400, f"malformed HTTP: {reason}")

@@ -196,7 +196,7 @@ def tls(
         raise typer.Exit(2)
     try:
         config = build_config(listen, [target], workers=workers, scheme="https",
-                              idle_timeout=idle_timeout)  # fmt: skip
+                              idle_timeout=idle_timeout, name="podkit sidecar tls")  # fmt: skip
     except ValueError as exc:
         _log(str(exc))
         raise typer.Exit(2) from None
