@@ -259,9 +259,9 @@ async def test_garbage_or_silence_instead_of_a_handshake_is_dropped_and_others_s
     server, port = await serve(cert, key, apps, handshake_timeout=0.3,
                                on_data=lambda a, d: a.transport.write(d.upper()))  # fmt: skip
 
-    def garbage() -> bytes:
+    def garbage(data: bytes) -> bytes:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.sendall(data)
             try:
                 return s.recv(1000)
             except ConnectionResetError:
@@ -295,13 +295,17 @@ async def test_garbage_or_silence_instead_of_a_handshake_is_dropped_and_others_s
             return s.recv(100)
 
     async with server:
-        answer = await asyncio.to_thread(garbage)
+        answer = await asyncio.to_thread(garbage, b"\x00\x01 no TLS\r\n\r\n")
         assert answer == b"" or answer[:1] == b"\x15"  # the end, or an alert record first
+        answer = await asyncio.to_thread(garbage, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400 ") and answer.endswith(
+            b"This port speaks HTTPS: a plain HTTP request was sent to it.\n"
+        )
         assert "alert protocol version" in await asyncio.to_thread(too_old)
         waited = await asyncio.to_thread(silent)
         assert 0.25 < waited < 3
         assert await asyncio.to_thread(good) == b"HELLO"
-        assert [a.made for a in apps] == [0, 0, 0, 1]
+        assert [a.made for a in apps] == [0, 0, 0, 0, 1]
 
 
 async def test_write_eof_sends_close_notify_and_the_answer_is_not_cut(

@@ -8,8 +8,9 @@ whose buffer is the only one (its flow control reaches the app unchanged). It do
 podkit's servers need and no more, so a request costs fewer steps than through the
 event loop's general TLS layer:
 
-- a handshake that fails is closed after its alert; one not done within
-  `handshake_timeout` seconds is aborted (the app sees neither);
+- a handshake that fails is closed after its alert (a plain HTTP request gets a plain
+  400 saying the port speaks HTTPS); one not done within `handshake_timeout` seconds is
+  aborted (the app sees neither);
 - the peer's close_notify or a TCP FIN is `eof_received` (what follows is dropped); an
   unreadable record aborts;
 - `close()` sends close_notify then closes; `write_eof()` sends close_notify and a FIN,
@@ -27,6 +28,11 @@ from collections.abc import Callable
 from typing import Any, cast
 
 READ_MAX = 256 * 1024  # bytes decrypted per read call
+_PLAIN_HTTP = b"This port speaks HTTPS: a plain HTTP request was sent to it.\n"
+PLAIN_HTTP_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%b" % (len(_PLAIN_HTTP), _PLAIN_HTTP)
+)
 
 HANDSHAKE = 0
 OPEN = 1
@@ -116,7 +122,9 @@ class TLSConnection(asyncio.Protocol):
         except ssl.SSLWantReadError:
             self._flush()
             return
-        except (ssl.SSLError, OSError):
+        except (ssl.SSLError, OSError) as exc:
+            if getattr(exc, "reason", None) == "HTTP_REQUEST" and self.raw is not None:
+                self.raw.write(PLAIN_HTTP_ANSWER)  # what a browser or curl can show
             self._flush()  # the alert, which closing sends before the FIN
             self.closing = True
             if self.raw is not None:
