@@ -15,7 +15,8 @@ REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service
 
 class JSONServer:
     """Serves `GET <path>` from `routes`: each handler returns (status, body); a body of
-    bytes goes out as text/plain, anything else as JSON."""
+    bytes goes out as text/plain, anything else as JSON. `/`, unless routed, lists the
+    paths."""
 
     def __init__(self, routes: dict[str, Handler], host: str = "127.0.0.1", port: int = 0) -> None:
         self.routes = routes
@@ -34,6 +35,8 @@ class JSONServer:
     async def _answer(self, method: bytes, path: str) -> tuple[int, Any]:
         handler = self.routes.get(path.split("?", 1)[0])
         if handler is None:
+            if path == "/":  # an index, for whoever tries the bare address
+                return 200, {"paths": sorted(self.routes)}
             return 404, {"error": f"not found: {path}", "paths": sorted(self.routes)}
         if method not in (b"GET", b"HEAD"):
             return 405, {"error": "only GET is allowed"}
