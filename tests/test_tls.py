@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from podkit.net.tls import ReloadingContext, self_signed
+from podkit.net.tls import ReloadingContext, pair_problem, self_signed
 
 
 async def serve(ctx: ssl.SSLContext) -> tuple[asyncio.Server, int]:
@@ -131,3 +131,23 @@ def test_server_objects_use_the_c_methods_and_still_speak_tls(tmp_path: Path) ->
     assert server.write(b"HTTP/1.1 200 OK\r\n\r\n") == 19
     pump()
     assert client_obj.read(1024) == b"HTTP/1.1 200 OK\r\n\r\n"
+
+
+def test_a_pair_that_does_not_load_is_said_plainly(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path / "a", ["localhost"])
+    _, other_key = self_signed(tmp_path / "b", ["localhost"])
+    text = tmp_path / "hostname"
+    text.write_text("web-1\n")
+    assert pair_problem(cert, key) is None
+    assert (
+        pair_problem(tmp_path / "nope.pem", key)
+        == f"{tmp_path / 'nope.pem'}: No such file or directory"
+    )
+    assert (
+        pair_problem(text, text)
+        == f"{text} holds no PEM certificate (no '-----BEGIN CERTIFICATE-----')"
+    )
+    assert pair_problem(cert, text) == f"{text} holds no PEM private key (no 'PRIVATE KEY-----')"
+    assert (
+        pair_problem(cert, other_key) == f"the key in {other_key} is not the certificate's ({cert})"
+    )

@@ -180,3 +180,15 @@ async def test_a_dead_app_gets_502_with_a_clear_body(
         body = await r.text()
     assert r.status == 502
     assert f"127.0.0.1:{app_port}" in body and body.startswith("podkit sidecar tls: ")
+
+
+def test_a_certificate_that_does_not_load_is_named_and_why(tmp_path: Path) -> None:
+    text = tmp_path / "hostname"
+    text.write_text("web-1\n")
+    out = subprocess.run(
+        [*PODKIT, "sidecar", "tls", "--upstream", "1", "--listen", f"127.0.0.1:{free_port()}",
+         "--cert", str(text), "--key", str(text)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert f"--cert, --key: {text} holds no PEM certificate" in out.stderr

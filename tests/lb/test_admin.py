@@ -172,7 +172,7 @@ def test_feature_flags_are_checked() -> None:
     assert out.returncode == 2 and "NAME:PORT" in out.stderr
     out = run("--upstream", "x:1", "--tls-cert", "/nope/c.pem", "--tls-key", "/nope/k.pem")
     assert out.returncode == 2
-    assert "--tls-cert /nope/c.pem / --tls-key /nope/k.pem: No such file" in out.stderr
+    assert "--tls-cert, --tls-key: /nope/c.pem: No such file" in out.stderr
 
 
 def test_a_port_in_use_is_refused_not_shared() -> None:

@@ -19,7 +19,7 @@ from podkit.lb.features import Features
 from podkit.lb.policy import POLICIES, parse_upstream
 from podkit.lb.proxy import ProxyConfig
 from podkit.lb.workers import serve
-from podkit.net.listen import ListenError
+from podkit.net.listen import LISTEN_HELP, ListenError
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -93,7 +93,7 @@ def lb(
             help="An upstream, http://HOST:PORT with an optional ,weight=N; repeat for each."
         ),
     ] = None,
-    listen: Annotated[str, typer.Option(help="Address to serve on, HOST:PORT.")] = (
+    listen: Annotated[str, typer.Option(help=f"Address to serve on: {LISTEN_HELP}")] = (
         "127.0.0.1:8080"
     ),
     policy: Annotated[

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import ssl
 import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -150,15 +149,11 @@ class Features:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_cert and self.tls_key:
-            from podkit.net.tls import server_context
+            from podkit.net.tls import pair_problem
 
-            try:
-                server_context(self.tls_cert, self.tls_key)  # the pair the workers will load
-            except (OSError, ssl.SSLError) as exc:
-                reason = getattr(exc, "strerror", None) or str(exc)
-                raise ValueError(
-                    f"--tls-cert {self.tls_cert} / --tls-key {self.tls_key}: {reason}"
-                ) from None
+            problem = pair_problem(self.tls_cert, self.tls_key)  # the pair workers will load
+            if problem is not None:
+                raise ValueError(f"--tls-cert, --tls-key: {problem}")
         if self.admin_port is not None and not 0 <= self.admin_port < 65536:
             raise ValueError(f"--admin-port {self.admin_port}: not a port")
         if (self.members_kv is None) != (self.members_prefix is None):

@@ -12,6 +12,7 @@ import typer
 from podkit.aio import run_async
 
 T = TypeVar("T")
+LISTEN_HELP = "HOST:PORT; :PORT is every address, PORT alone is loopback."
 
 
 class ListenError(Exception):

@@ -59,6 +59,30 @@ def server_context(cert: str | os.PathLike[str], key: str | os.PathLike[str]) ->
     return ctx
 
 
+def pair_problem(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> str | None:
+    """Why a server context cannot be made from `cert` and `key`, said plainly; None if
+    it can."""
+    try:
+        server_context(cert, key)
+        return None
+    except ssl.SSLError as exc:  # before OSError, its base
+        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+            return f"the key in {key} is not the certificate's ({cert})"
+        for path, marker, what in (
+            (cert, b"-----BEGIN CERTIFICATE-----", "a certificate"),
+            (key, b"PRIVATE KEY-----", "a private key"),
+        ):
+            try:
+                text = Path(path).read_bytes()
+            except OSError as err:
+                return f"{path}: {err.strerror or err}"
+            if marker not in text:
+                return f"{path} holds no PEM {what.split(' ', 1)[1]} (no {marker.decode()!r})"
+        return f"{cert}, {key}: {exc.reason or exc}"
+    except OSError as exc:
+        return f"{exc.filename or cert}: {exc.strerror or exc}"
+
+
 def _stamp(path: Path) -> tuple[int, int, int] | None:
     try:
         st = path.stat()
@@ -101,7 +125,7 @@ class ReloadingContext:
         try:
             fresh = server_context(self.cert, self.key)
         except (OSError, ssl.SSLError) as exc:
-            self.last_error = f"{self.cert}, {self.key}: {exc}"
+            self.last_error = pair_problem(self.cert, self.key) or f"{self.cert}: {exc}"
             self.log(f"certificate not reloaded, keeping the last good one: {self.last_error}")
             return False
         self.current = fresh

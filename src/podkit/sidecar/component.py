@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from podkit.aio import stop_event
-from podkit.net.listen import run_server
+from podkit.net.listen import LISTEN_HELP, run_server
 
 if TYPE_CHECKING:
     from podkit.sidecar.config import ConfigSync
@@ -166,7 +166,7 @@ def tls(
     upstream: Annotated[
         str, typer.Option(help="The plain-HTTP app: PORT, HOST:PORT or http://HOST:PORT.")
     ],
-    listen: Annotated[str, typer.Option(help="Address to serve HTTPS on, HOST:PORT.")] = (
+    listen: Annotated[str, typer.Option(help=f"Address to serve HTTPS on: {LISTEN_HELP}")] = (
         "0.0.0.0:8443"
     ),
     cert: Annotated[
@@ -188,6 +188,7 @@ def tls(
     from podkit.lb.features import Features
     from podkit.lb.workers import serve
     from podkit.net.listen import ListenError
+    from podkit.net.tls import pair_problem
     from podkit.net.tls import self_signed as make_self_signed
 
     target = upstream if not upstream.isdigit() else f"127.0.0.1:{upstream}"
@@ -210,12 +211,11 @@ def tls(
         if not path.is_file():
             _log(f"{path}: no such file")
             raise typer.Exit(2)
+    problem = pair_problem(cert, key)
+    if problem is not None:
+        _log(f"--cert, --key: {problem}")
+        raise typer.Exit(2)
     features = Features(tls_cert=str(cert), tls_key=str(key))
-    try:
-        features.check()
-    except ValueError as exc:
-        _log(str(exc))
-        raise typer.Exit(2) from None
     try:
         code = serve(
             config,
