@@ -724,6 +724,28 @@ async def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(
         sock.close()
 
 
+async def test_failed_answers_are_logged_the_first_at_once_then_counted(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    port = free_port()  # nothing listens there
+    lb = LoadBalancer(ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0, tries=1))
+    await lb.start()
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    try:
+        for _ in range(4):
+            assert (await raw(lb.port, request)).startswith(b"HTTP/1.1 50")
+        logged = [line for line in capfd.readouterr().err.splitlines() if "answered" in line]
+        assert len(logged) == 1, logged
+        assert logged[0].startswith(f"lb: answered 502: upstream 127.0.0.1:{port} could not be")
+        lb.next_report = 0.0  # as if REPORT_EVERY had passed
+        assert (await raw(lb.port, request)).startswith(b"HTTP/1.1 50")
+        logged = [line for line in capfd.readouterr().err.splitlines() if "answered" in line]
+        assert len(logged) == 1 and logged[0].startswith("lb: answered 50")
+        assert logged[0].endswith("(and 3 more since the last report)")
+    finally:
+        await lb.close(0.1)
+
+
 # --- WebSocket ----------------------------------------------------------------------
 
 

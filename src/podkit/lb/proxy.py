@@ -82,6 +82,7 @@ def retry_backoff(tries: int, draw: float) -> float:
 
 
 MEMO_HEAD_LIMIT = 2048  # request heads up to this size are remembered by their bytes
+REPORT_EVERY = 10.0  # seconds between two logged failed answers (the rest are counted)
 MEMO_SIZE = 1024  # remembered request heads (and response head verdicts: 512) per worker
 _ERROR_HEAD = RequestHead(b"", b"", "1.1", [], keep_alive=False)
 WAIVERS = "podkit.waivers"  # Exchange.user keys of Exchange.waive_response
@@ -652,6 +653,8 @@ class ClientConnection(asyncio.Protocol):
         close = not (ex.head.keep_alive and ex.request_done) or self.lb.closing
         body = f"{self.lb.config.name}: {detail}\n".encode()
         ex.local = simple_response(status, body, close=close)
+        if status >= 500:
+            self.lb.report_failure(status, detail)
         ex.close_after = ex.close_after or close
         self.answer_local(ex)
 
@@ -1309,6 +1312,19 @@ class LoadBalancer:
         self._sweeper: asyncio.Task[None] | None = None
         self.requests = 0  # tries ended
         self.retry_rate = RetryRate(config.retry_percent, config.retry_per_second)
+        self.unreported = 0  # failed answers not logged since the last one that was
+        self.next_report = 0.0  # when a failed answer is logged again
+
+    def report_failure(self, status: int, detail: str) -> None:
+        """Log an answer of 5xx the balancer gave itself: the first at once, then at most
+        one each REPORT_EVERY seconds, saying how many were not logged in between."""
+        if self.now < self.next_report:
+            self.unreported += 1
+            return
+        more = f" (and {self.unreported} more since the last report)" if self.unreported else ""
+        self.log(f"answered {status}: {detail}{more}")
+        self.unreported = 0
+        self.next_report = self.now + REPORT_EVERY
 
     def _pool(self, u: Upstream) -> ConnectionPool[UpstreamConnection]:
         return ConnectionPool(
