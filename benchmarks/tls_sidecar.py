@@ -78,9 +78,18 @@ TLS_CONF = (
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workers", default="1,2", help="worker counts to run (default 1,2)")
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
-    ap.add_argument("--rounds", type=int, default=2, help="runs per server; the best is kept")
-    ap.add_argument("--build", choices=("compiled", "pure"), default="compiled")
+    ap.add_argument(
+        "--duration", type=float, default=10.0, help="seconds per wrk run (default %(default)s)"
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="runs per server (default %(default)s); the best is kept",
+    )
+    ap.add_argument(
+        "--build", choices=("compiled", "pure"), default="compiled", help="default %(default)s"
+    )
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
