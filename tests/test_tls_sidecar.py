@@ -111,7 +111,9 @@ async def test_https_request_keep_alive_and_forwarded_headers(
             assert (await ws.receive(timeout=5)).data == "tikdop"
 
 
-async def test_only_tls12_and_up(sidecar: tuple[int, int, Path, web.AppRunner]) -> None:
+async def test_only_tls12_and_up_with_aead_ciphers(
+    sidecar: tuple[int, int, Path, web.AppRunner],
+) -> None:
     port, _, live, _ = sidecar
     _, w = await asyncio.open_connection(
         "127.0.0.1", port, ssl=client_ctx(live / "cert.pem"), server_hostname="localhost"
@@ -122,8 +124,17 @@ async def test_only_tls12_and_up(sidecar: tuple[int, int, Path, web.AppRunner]) 
         old = client_ctx(live / "cert.pem", minimum_version=ssl.TLSVersion.TLSv1,
                          maximum_version=ssl.TLSVersion.TLSv1_1)  # fmt: skip
     old.set_ciphers("ALL:@SECLEVEL=0")
-    with pytest.raises((ssl.SSLError, ConnectionResetError)):
+    with pytest.raises(ssl.SSLError, match="alert protocol version"):
         await asyncio.open_connection("127.0.0.1", port, ssl=old, server_hostname="localhost")
+    tls12 = client_ctx(live / "cert.pem", maximum_version=ssl.TLSVersion.TLSv1_2)
+    _, w = await asyncio.open_connection("127.0.0.1", port, ssl=tls12, server_hostname="localhost")
+    sslobj = w.get_extra_info("ssl_object")
+    assert sslobj.version() == "TLSv1.2" and sslobj.cipher()[0].startswith("ECDHE-ECDSA-AES")
+    w.close()
+    cbc = client_ctx(live / "cert.pem", maximum_version=ssl.TLSVersion.TLSv1_2)
+    cbc.set_ciphers("ECDHE-ECDSA-AES128-SHA")  # CBC with SHA-1: refused
+    with pytest.raises(ssl.SSLError, match="handshake failure"):
+        await asyncio.open_connection("127.0.0.1", port, ssl=cbc, server_hostname="localhost")
 
 
 async def test_a_renewed_certificate_is_served_without_a_restart(
