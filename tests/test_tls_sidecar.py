@@ -203,3 +203,29 @@ def test_a_certificate_that_does_not_load_is_named_and_why(tmp_path: Path) -> No
     )  # fmt: skip
     assert out.returncode == 2
     assert f"--cert, --key: {text} holds no PEM certificate" in out.stderr
+
+
+async def test_port_0_serves_every_worker_on_the_port_it_prints() -> None:
+    runner, app_port = await app_server()
+    proc = subprocess.Popen(
+        [*PODKIT, "sidecar", "tls", "--upstream", str(app_port), "--listen", "127.0.0.1:0",
+         "--self-signed", "--workers", "2"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stderr.readline), 20)
+        url = line.split()[1]  # sidecar: https://127.0.0.1:N -> http://...
+        assert url.startswith("https://127.0.0.1:") and not url.endswith(":0"), line
+        port = int(url.rsplit(":", 1)[1])
+        await wait_listening(port, proc)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        for _ in range(8):  # fresh connections, spread over both workers
+            conn = aiohttp.TCPConnector(ssl=ctx, force_close=True)
+            async with aiohttp.ClientSession(connector=conn) as s, s.get(f"{url}/p") as r:
+                assert r.status == 200 and (await r.json())["proto"] == "https"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        await runner.cleanup()

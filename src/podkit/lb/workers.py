@@ -84,10 +84,12 @@ def _worker_main(
         run_async(run_worker(config, filters, sock=sock, features=features, index=index))
 
 
-def probe_port(host: str, port: int, flag: str = "") -> None:
-    """Raise ListenError unless `host:port` can be bound by this process alone."""
+def probe_port(host: str, port: int, flag: str = "") -> int:
+    """Raise ListenError unless `host:port` can be bound by this process alone; return
+    the port (the one the system gave for port 0)."""
     try:
-        listen_socket(host, port, False, 1).close()
+        with listen_socket(host, port, False, 1) as sock:
+            return int(sock.getsockname()[1])
     except OSError as exc:
         raise ListenError.of(exc, host, port, flag) from None
 
@@ -102,8 +104,8 @@ def serve(
     `features(config, i)` is called in worker i (0-based) to add its filters and tasks;
     `ready()` once the ports are known to be free. A port in use raises ListenError."""
     shared: socket.socket | None = None
-    if config.reuse_port:
-        probe_port(config.host, config.port)
+    if config.reuse_port:  # port 0: every worker takes the one the system gives here
+        config.port = probe_port(config.host, config.port)
     prepare = getattr(features, "prepare", None)
     if prepare is not None:  # checks its own ports; state the workers share is made here
         prepare(config)
@@ -112,6 +114,7 @@ def serve(
             shared = listen_socket(config.host, config.port, False, config.backlog)
         except OSError as exc:
             raise ListenError.of(exc, config.host, config.port) from None
+        config.port = int(shared.getsockname()[1])
     if ready is not None:
         ready()
     if config.workers <= 1:
