@@ -724,6 +724,45 @@ async def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(
         sock.close()
 
 
+async def test_a_slow_client_that_keeps_reading_a_growing_answer_is_not_cut_off() -> None:
+    """The upstream streams faster than the client reads, so the bytes waiting for the
+    client grow from one sweep to the next, though the client takes some all the time:
+    it is not a client that takes none of them, and is kept past --send-timeout."""
+    import socket
+
+    async def upstream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(200):
+                w.write(b"z" * 8192)
+                await w.drain()
+                await asyncio.sleep(0.02)
+
+    async with proxied(upstream, send_timeout=0.5, tick=0.05) as lb:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", lb.port))
+        sock.setblocking(False)
+        while not lb.clients:
+            await asyncio.sleep(0.01)
+        transport = next(iter(lb.clients)).transport
+        assert transport is not None
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transport.set_write_buffer_limits(high=16 * 1024 * 1024)  # writes never held back
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        taken = 0
+        start = time.monotonic()
+        while time.monotonic() - start < 1.5:  # three send timeouts
+            await asyncio.sleep(0.02)
+            with contextlib.suppress(BlockingIOError):
+                chunk = sock.recv(4096)  # half what the upstream sends
+                assert chunk, f"cut off after {time.monotonic() - start:.2f} s, {taken} taken"
+                taken += len(chunk)
+        assert lb.clients and taken > 100_000
+        sock.close()
+
+
 async def test_failed_answers_are_logged_the_first_at_once_then_counted(
     capfd: pytest.CaptureFixture[str],
 ) -> None:

@@ -763,8 +763,10 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is not None:
             unsent = transport.get_write_buffer_size()
-            if not unsent or not self.unsent or unsent < self.unsent:
-                self.unsent_since = now  # nothing waited, or the client took some
+            if unsent != self.unsent:
+                # nothing waited, the client took some, or more was written (how much
+                # the client took then is unknown: a growing buffer is not a stall)
+                self.unsent_since = now
             self.unsent = unsent
             if unsent and now - self.unsent_since > cfg.send_timeout:
                 self.abort()  # it takes nothing of what it was sent, idle or lingering
