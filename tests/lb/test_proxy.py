@@ -785,6 +785,29 @@ async def test_failed_answers_are_logged_the_first_at_once_then_counted(
         await lb.close(0.1)
 
 
+async def test_failed_answers_not_logged_are_reported_even_if_no_other_follows(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A burst of 502s, then none: the ones counted are still logged once REPORT_EVERY
+    has passed (they used to wait for a next failure, which may never come)."""
+    port = free_port()  # nothing listens there
+    lb = LoadBalancer(ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0, tries=1, tick=0.05))
+    await lb.start()
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    try:
+        for _ in range(4):
+            assert (await raw(lb.port, request)).startswith(b"HTTP/1.1 50")
+        capfd.readouterr()
+        lb.next_report = 0.0  # as if REPORT_EVERY had passed; no failure follows
+        await asyncio.sleep(0.2)
+        logged = [line for line in capfd.readouterr().err.splitlines() if "answered" in line]
+        assert len(logged) == 1, logged
+        assert logged[0].startswith(f"lb: answered 502: upstream 127.0.0.1:{port}")
+        assert logged[0].endswith("(3 not logged since the last report)")
+    finally:
+        await lb.close(0.1)
+
+
 # --- WebSocket ----------------------------------------------------------------------
 
 

@@ -1316,17 +1316,28 @@ class LoadBalancer:
         self.retry_rate = RetryRate(config.retry_percent, config.retry_per_second)
         self.unreported = 0  # failed answers not logged since the last one that was
         self.next_report = 0.0  # when a failed answer is logged again
+        self.last_failure = ""  # the last of those not logged (status: detail)
 
     def report_failure(self, status: int, detail: str) -> None:
         """Log an answer of 5xx the balancer gave itself: the first at once, then at most
         one each REPORT_EVERY seconds, saying how many were not logged in between."""
         if self.now < self.next_report:
             self.unreported += 1
+            self.last_failure = f"{status}: {detail}"
             return
         more = f" (and {self.unreported} more since the last report)" if self.unreported else ""
         self.log(f"answered {status}: {detail}{more}")
         self.unreported = 0
         self.next_report = self.now + REPORT_EVERY
+
+    def _report_unreported(self) -> None:
+        """Log the failed answers counted since the last report once REPORT_EVERY has
+        passed, even if no other one follows (a burst, then silence)."""
+        if self.unreported and self.now >= self.next_report:
+            n = self.unreported
+            self.log(f"answered {self.last_failure} ({n} not logged since the last report)")
+            self.unreported = 0
+            self.next_report = self.now + REPORT_EVERY
 
     def _pool(self, u: Upstream) -> ConnectionPool[UpstreamConnection]:
         return ConnectionPool(
@@ -1419,6 +1430,8 @@ class LoadBalancer:
             await asyncio.sleep(cfg.tick)
             now = self.now = loop.time()
             self.retry_rate.observe(now, self.requests)
+            if self.unreported:
+                self._report_unreported()
             for c in list(self.clients):
                 try:
                     c.check(now, cfg)
