@@ -151,3 +151,9 @@ def test_a_pair_that_does_not_load_is_said_plainly(tmp_path: Path) -> None:
     assert (
         pair_problem(cert, other_key) == f"the key in {other_key} is not the certificate's ({cert})"
     )
+
+
+def test_a_missing_key_file_is_named_not_the_certificate(tmp_path: Path) -> None:
+    cert, _ = self_signed(tmp_path, ["localhost"])
+    missing = tmp_path / "nokey.pem"
+    assert pair_problem(cert, missing) == f"{missing}: No such file or directory"

@@ -80,6 +80,12 @@ def pair_problem(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> s
                 return f"{path} holds no PEM {what.split(' ', 1)[1]} (no {marker.decode()!r})"
         return f"{cert}, {key}: {exc.reason or exc}"
     except OSError as exc:
+        if exc.filename is None:  # load_cert_chain does not say which file it could not open
+            for path in (cert, key):
+                try:
+                    Path(path).read_bytes()
+                except OSError as err:
+                    return f"{path}: {err.strerror or err}"
         return f"{exc.filename or cert}: {exc.strerror or exc}"
 
 
