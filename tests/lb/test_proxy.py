@@ -767,7 +767,9 @@ async def test_failed_answers_are_logged_the_first_at_once_then_counted(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     port = free_port()  # nothing listens there
-    lb = LoadBalancer(ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0, tries=1))
+    # no sweep during the test: its clock (lb.now) stays put, so the window is the test's
+    cfg = ProxyConfig(upstreams=[f"127.0.0.1:{port}"], port=0, tries=1, tick=60)
+    lb = LoadBalancer(cfg)
     await lb.start()
     request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     try:
