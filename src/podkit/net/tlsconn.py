@@ -51,7 +51,6 @@ class TLSConnection(asyncio.Protocol):
         self, context: ssl.SSLContext, app: asyncio.Protocol, handshake_timeout: float = 10.0
     ) -> None:
         self.app = app
-        self.context = context
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.sslobj = sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
@@ -123,12 +122,10 @@ class TLSConnection(asyncio.Protocol):
             self._flush()
             return
         except (ssl.SSLError, OSError) as exc:
-            if getattr(exc, "reason", None) == "HTTP_REQUEST" and self.raw is not None:
-                self.raw.write(PLAIN_HTTP_ANSWER)  # what a browser or curl can show
+            if getattr(exc, "reason", None) == "HTTP_REQUEST":
+                self.send(PLAIN_HTTP_ANSWER)  # what a browser or curl can show
             self._flush()  # the alert, which closing sends before the FIN
-            self.closing = True
-            if self.raw is not None:
-                self.raw.close()
+            self.close()
             return
         if self.timer is not None:
             self.timer.cancel()
@@ -234,7 +231,7 @@ class TLSConnection(asyncio.Protocol):
         if name == "ssl_object":
             return self.sslobj
         if name == "sslcontext":
-            return self.context
+            return self.sslobj.context  # the one the handshake chose (SNI)
         if name == "peercert":
             return self.sslobj.getpeercert()
         if name == "cipher":
