@@ -1409,17 +1409,13 @@ class LoadBalancer:
             sock = listen_socket(
                 self.config.host, self.config.port, self.config.reuse_port, self.config.backlog
             )
-        if ssl is None:
-            self._server = await loop.create_server(
-                lambda: ClientConnection(self), sock=sock, backlog=self.config.backlog
-            )
-        else:
-            context = ssl
-            self._server = await loop.create_server(
-                lambda: TLSConnection(context, ClientConnection(self)),
-                sock=sock,
-                backlog=self.config.backlog,
-            )
+        context = ssl
+
+        def connection() -> asyncio.Protocol:
+            client = ClientConnection(self)
+            return client if context is None else TLSConnection(context, client)
+
+        self._server = await loop.create_server(connection, sock=sock, backlog=self.config.backlog)
         self._sweeper = loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
