@@ -1314,30 +1314,24 @@ class LoadBalancer:
         self._sweeper: asyncio.Task[None] | None = None
         self.requests = 0  # tries ended
         self.retry_rate = RetryRate(config.retry_percent, config.retry_per_second)
-        self.unreported = 0  # failed answers not logged since the last one that was
-        self.next_report = 0.0  # when a failed answer is logged again
-        self.last_failure = ""  # the last of those not logged (status: detail)
+        self.unreported = 0  # failed answers not logged yet
+        self.last_failure = ""  # the newest of them (status: detail)
+        self.next_report = 0.0  # when they may be logged
 
     def report_failure(self, status: int, detail: str) -> None:
-        """Log an answer of 5xx the balancer gave itself: the first at once, then at most
-        one each REPORT_EVERY seconds, saying how many were not logged in between."""
-        if self.now < self.next_report:
-            self.unreported += 1
-            self.last_failure = f"{status}: {detail}"
-            return
-        more = f" (and {self.unreported} more since the last report)" if self.unreported else ""
-        self.log(f"answered {status}: {detail}{more}")
+        """Count an answer of 5xx the balancer gave itself; log it now unless one was
+        logged within REPORT_EVERY s (then the sweeper logs the count when that ends)."""
+        self.unreported += 1
+        self.last_failure = f"{status}: {detail}"
+        if self.now >= self.next_report:
+            self._report()
+
+    def _report(self) -> None:
+        more = self.unreported - 1
+        tail = f" (and {more} more since the last report)" if more else ""
+        self.log(f"answered {self.last_failure}{tail}")
         self.unreported = 0
         self.next_report = self.now + REPORT_EVERY
-
-    def _report_unreported(self) -> None:
-        """Log the failed answers counted since the last report once REPORT_EVERY has
-        passed, even if no other one follows (a burst, then silence)."""
-        if self.unreported and self.now >= self.next_report:
-            n = self.unreported
-            self.log(f"answered {self.last_failure} ({n} not logged since the last report)")
-            self.unreported = 0
-            self.next_report = self.now + REPORT_EVERY
 
     def _pool(self, u: Upstream) -> ConnectionPool[UpstreamConnection]:
         return ConnectionPool(
@@ -1426,8 +1420,8 @@ class LoadBalancer:
             await asyncio.sleep(cfg.tick)
             now = self.now = loop.time()
             self.retry_rate.observe(now, self.requests)
-            if self.unreported:
-                self._report_unreported()
+            if self.unreported and now >= self.next_report:
+                self._report()  # failures counted in the last window, none since
             for c in list(self.clients):
                 try:
                     c.check(now, cfg)
