@@ -65,28 +65,21 @@ def pair_problem(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> s
     try:
         server_context(cert, key)
         return None
-    except ssl.SSLError as exc:  # before OSError, its base
-        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
-            return f"the key in {key} is not the certificate's ({cert})"
-        for path, marker, what in (
-            (cert, b"-----BEGIN CERTIFICATE-----", "a certificate"),
-            (key, b"PRIVATE KEY-----", "a private key"),
-        ):
-            try:
-                text = Path(path).read_bytes()
-            except OSError as err:
-                return f"{path}: {err.strerror or err}"
-            if marker not in text:
-                return f"{path} holds no PEM {what.split(' ', 1)[1]} (no {marker.decode()!r})"
-        return f"{cert}, {key}: {exc.reason or exc}"
-    except OSError as exc:
-        if exc.filename is None:  # load_cert_chain does not say which file it could not open
-            for path in (cert, key):
-                try:
-                    Path(path).read_bytes()
-                except OSError as err:
-                    return f"{path}: {err.strerror or err}"
-        return f"{exc.filename or cert}: {exc.strerror or exc}"
+    except OSError as exc:  # ssl.SSLError is one too
+        error = exc
+    texts = []
+    for path in (cert, key):  # OpenSSL's errors do not always say which file
+        try:
+            texts.append(Path(path).read_bytes())
+        except OSError as exc:
+            return f"{path}: {exc.strerror or exc}"
+    if getattr(error, "reason", None) == "KEY_VALUES_MISMATCH":
+        return f"the key in {key} is not the certificate's ({cert})"
+    if b"-----BEGIN CERTIFICATE-----" not in texts[0]:
+        return f"{cert} holds no PEM certificate (no '-----BEGIN CERTIFICATE-----')"
+    if b"PRIVATE KEY-----" not in texts[1]:
+        return f"{key} holds no PEM private key (no 'PRIVATE KEY-----')"
+    return f"{cert}, {key}: {getattr(error, 'reason', None) or error}"
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
