@@ -29,7 +29,7 @@ async def test_routes_index_and_errors() -> None:
         assert got[0] == 200 and got[1].startswith("text/plain") and got[2] == b"up 1\n"
         status, ctype, body = await asyncio.to_thread(fetch, server.url + "/status")
         assert (status, json.loads(body)) == (503, {"ok": False})
-        status, ctype, body = await asyncio.to_thread(fetch, server.url + "/")
+        status, ctype, body = await asyncio.to_thread(fetch, server.url + "/?x=1")
         assert (status, ctype) == (200, "application/json")
         assert json.loads(body) == {"paths": ["/metrics", "/status"]}
         status, _, body = await asyncio.to_thread(fetch, server.url + "/nope")

@@ -33,9 +33,10 @@ class JSONServer:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _answer(self, method: bytes, path: str) -> tuple[int, Any]:
-        handler = self.routes.get(path.split("?", 1)[0])
+        route = path.split("?", 1)[0]
+        handler = self.routes.get(route)
         if handler is None:
-            if path == "/":  # an index, for whoever tries the bare address
+            if route == "/":  # an index, for whoever tries the bare address
                 return 200, {"paths": sorted(self.routes)}
             return 404, {"error": f"not found: {path}", "paths": sorted(self.routes)}
         if method not in (b"GET", b"HEAD"):
