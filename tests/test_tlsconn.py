@@ -138,6 +138,14 @@ class Peer:
                 return
         raise AssertionError("no handshake")
 
+    def close_notify(self) -> bytes:
+        """The client's close_notify record (it then waits for the server's)."""
+        try:
+            self.obj.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        return self.outgoing.read()
+
     def seal(self, data: bytes) -> bytes:
         self.obj.write(data)
         return self.outgoing.read()
@@ -158,6 +166,23 @@ class Peer:
             out += chunk
 
 
+def connected(
+    cert: Path,
+    key: Path,
+    app: App,
+    version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+    sizes: list[int] | None = None,
+) -> tuple[TLSConnection, Wire, Peer]:
+    """A TLSConnection for `app` on a Wire, its handshake with a Peer done (the handshake
+    bytes cut into `sizes`). Call inside a running loop (the handshake timer)."""
+    conn = TLSConnection(server_context(cert, key), app)
+    wire = Wire()
+    conn.connection_made(wire)
+    peer = Peer(cert, version)
+    peer.handshake(conn, wire, sizes or [])
+    return conn, wire, peer
+
+
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -173,11 +198,7 @@ def test_records_cut_at_any_byte_reach_the_app_whole_and_answers_reach_the_clien
 
     async def go() -> None:
         app = App(on_data=lambda a, d: a.transport.write(d))  # an echo
-        conn = TLSConnection(server_context(cert, key), app)
-        wire = Wire()
-        conn.connection_made(wire)
-        peer = Peer(cert, version)
-        peer.handshake(conn, wire, sizes)
+        conn, wire, peer = connected(cert, key, app, version, sizes)
         assert app.made == 1
         assert app.transport.get_extra_info("peername") == ("127.0.0.1", 40000)
         assert app.transport.get_extra_info("ssl_object").version() == version.name.replace(
@@ -190,11 +211,7 @@ def test_records_cut_at_any_byte_reach_the_app_whole_and_answers_reach_the_clien
         assert bytes(app.received) == whole
         assert peer.open(wire.take()) == whole
         # the client's close_notify is the app's end of input, told once
-        try:
-            peer.obj.unwrap()
-        except ssl.SSLWantReadError:
-            pass
-        for piece in cut(peer.outgoing.read(), sizes):
+        for piece in cut(peer.close_notify(), sizes):
             conn.data_received(piece)
         assert app.eofs == 1
         conn.eof_received()  # then the FIN
@@ -215,11 +232,7 @@ def test_a_broken_record_aborts_and_the_app_is_told(pair: tuple[Path, Path]) -> 
 
     async def go() -> None:
         app = App()
-        conn = TLSConnection(server_context(cert, key), app)
-        wire = Wire()
-        conn.connection_made(wire)
-        peer = Peer(cert)
-        peer.handshake(conn, wire, [])
+        conn, wire, peer = connected(cert, key, app)
         record = bytearray(peer.seal(b"GET / HTTP/1.1\r\n\r\n"))
         record[-1] ^= 1  # the tag no longer matches
         conn.data_received(bytes(record))
@@ -405,16 +418,8 @@ def test_bytes_after_the_clients_close_notify_are_dropped_not_kept(
 
     async def go() -> None:
         app = App()
-        conn = TLSConnection(server_context(cert, key), app)
-        wire = Wire()
-        conn.connection_made(wire)
-        peer = Peer(cert)
-        peer.handshake(conn, wire, [])
-        try:
-            peer.obj.unwrap()
-        except ssl.SSLWantReadError:
-            pass
-        conn.data_received(peer.outgoing.read())
+        conn, wire, peer = connected(cert, key, app)
+        conn.data_received(peer.close_notify())
         assert app.eofs == 1
         for _ in range(100):
             conn.data_received(b"\x17\x03\x03\x40\x00" + b"x" * 16384)
@@ -433,11 +438,7 @@ def test_after_write_eof_the_clients_side_still_reaches_the_app(pair: tuple[Path
 
     async def go() -> None:
         app = App()
-        conn = TLSConnection(server_context(cert, key), app)
-        wire = Wire()
-        conn.connection_made(wire)
-        peer = Peer(cert)
-        peer.handshake(conn, wire, [])
+        conn, wire, peer = connected(cert, key, app)
         app.transport.write(b"last words")
         app.transport.write_eof()
         assert wire.eof
@@ -445,11 +446,7 @@ def test_after_write_eof_the_clients_side_still_reaches_the_app(pair: tuple[Path
         assert peer.closed
         conn.data_received(peer.seal(b"the client goes on"))
         assert app.received == b"the client goes on"
-        try:
-            peer.obj.unwrap()
-        except ssl.SSLWantReadError:
-            pass
-        conn.data_received(peer.outgoing.read())
+        conn.data_received(peer.close_notify())
         assert app.eofs == 1
         assert not wire.closed  # the app said to keep it open
         conn.eof_received()  # the FIN
