@@ -8,6 +8,8 @@ import hashlib
 import itertools
 import os
 import random
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ from podkit.lb.proxy import (
     ProxyConfig,
     retry_backoff,
 )
+from podkit.net.tls import self_signed, server_context
 from support import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -683,6 +686,21 @@ async def test_a_slow_reader_holds_the_upstream_back() -> None:
         writer.close()
 
 
+async def narrow_client(lb: LoadBalancer) -> tuple[socket.socket, asyncio.Transport]:
+    """A non-blocking client socket whose connection holds little in the kernel (4 KiB
+    buffers both ways), so what it does not read stays in the proxy's transport."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", lb.port))
+    sock.setblocking(False)
+    while not lb.clients:
+        await asyncio.sleep(0.01)
+    transport = next(iter(lb.clients)).transport
+    assert transport is not None
+    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return sock, transport
+
+
 @pytest.mark.parametrize("size", [200_000_000, 60_000], ids=["streaming", "all-buffered"])
 @pytest.mark.parametrize("closing", [False, True], ids=["keep-alive", "connection-close"])
 async def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(
@@ -691,7 +709,6 @@ async def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(
     """Its connection is dropped once it has taken nothing for --send-timeout: while the
     answer streams (writes held back), and when all of it is already in the proxy's
     buffer (the connection idle, or lingering until the buffer drains)."""
-    import socket
 
     async def upstream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await r.readuntil(b"\r\n\r\n")
@@ -703,15 +720,7 @@ async def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(
             await r.read()
 
     async with proxied(upstream, send_timeout=0.5, tick=0.05) as lb:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", lb.port))
-        sock.setblocking(False)
-        while not lb.clients:
-            await asyncio.sleep(0.01)
-        transport = next(iter(lb.clients)).transport
-        assert transport is not None  # the kernel takes little, so the proxy holds the rest
-        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock, _ = await narrow_client(lb)
         close = b"Connection: close\r\n" if closing else b""
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n" + close + b"\r\n")
         start = time.monotonic()
@@ -728,7 +737,6 @@ async def test_a_slow_client_that_keeps_reading_a_growing_answer_is_not_cut_off(
     """The upstream streams faster than the client reads, so the bytes waiting for the
     client grow from one sweep to the next, though the client takes some all the time:
     it is not a client that takes none of them, and is kept past --send-timeout."""
-    import socket
 
     async def upstream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await r.readuntil(b"\r\n\r\n")
@@ -740,15 +748,7 @@ async def test_a_slow_client_that_keeps_reading_a_growing_answer_is_not_cut_off(
                 await asyncio.sleep(0.02)
 
     async with proxied(upstream, send_timeout=0.5, tick=0.05) as lb:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", lb.port))
-        sock.setblocking(False)
-        while not lb.clients:
-            await asyncio.sleep(0.01)
-        transport = next(iter(lb.clients)).transport
-        assert transport is not None
-        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock, transport = await narrow_client(lb)
         transport.set_write_buffer_limits(high=16 * 1024 * 1024)  # writes never held back
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         taken = 0
@@ -843,10 +843,6 @@ async def test_a_tunnel_carries_the_clients_side_after_the_upstream_ends_its_own
     """The upstream answers 101, sends a last word and half-closes; what the client sends
     after that, and its end, still reach the upstream (over TLS: close_notify and FIN
     towards the client, its side still read)."""
-    import socket
-    import ssl
-
-    from podkit.net.tls import self_signed, server_context
 
     got = bytearray()
     ended = asyncio.Event()
