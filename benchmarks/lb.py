@@ -370,23 +370,29 @@ def fmt_ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def wrk_arguments(doc: str | None, each: str) -> argparse.ArgumentParser:
+    """The flags this benchmark and tls_sidecar.py share; `each` is what a round runs."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workers", default="1,2", help="worker counts to run (default 1,2)")
     ap.add_argument(
         "--duration", type=float, default=10.0, help="seconds per wrk run (default %(default)s)"
     )
-    ap.add_argument("--proxies", default="nginx,podkit,aiohttp", help="default %(default)s")
-    ap.add_argument("--no-paced", action="store_true", help="skip the half-load latency runs")
     ap.add_argument(
         "--rounds",
         type=int,
         default=2,
-        help="runs per proxy (default %(default)s); the best is kept",
+        help=f"runs per {each} (default %(default)s); the best is kept",
     )
     ap.add_argument(
         "--build", choices=("compiled", "pure"), default="compiled", help="default %(default)s"
     )
+    return ap
+
+
+def main() -> None:
+    ap = wrk_arguments(__doc__, "proxy")
+    ap.add_argument("--proxies", default="nginx,podkit,aiohttp", help="default %(default)s")
+    ap.add_argument("--no-paced", action="store_true", help="skip the half-load latency runs")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")

@@ -20,7 +20,6 @@ Goal (issue 4): podkit >= 1.0x nginx's req/s at the same worker count.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import sys
@@ -44,6 +43,7 @@ from lb import (
     podkit_env,
     wait_port,
     wrk,
+    wrk_arguments,
 )
 from podkit.net.tls import self_signed
 
@@ -76,21 +76,7 @@ TLS_CONF = (
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--workers", default="1,2", help="worker counts to run (default 1,2)")
-    ap.add_argument(
-        "--duration", type=float, default=10.0, help="seconds per wrk run (default %(default)s)"
-    )
-    ap.add_argument(
-        "--rounds",
-        type=int,
-        default=2,
-        help="runs per server (default %(default)s); the best is kept",
-    )
-    ap.add_argument(
-        "--build", choices=("compiled", "pure"), default="compiled", help="default %(default)s"
-    )
-    args = ap.parse_args()
+    args = wrk_arguments(__doc__, "server").parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
     tmp = Path(tempfile.mkdtemp(prefix="podkit-bench-tls-"))
