@@ -38,7 +38,7 @@ from podkit.sidecar.config import (
     digest,
     open_source,
 )
-from servers import EtcdServer, RedisServer
+from servers import EtcdServer, NatsServer, RedisServer
 from support import free_port, http_get, podkit_error, port_in_use, wait_for
 
 POLL = 0.1
@@ -166,8 +166,11 @@ async def test_http_source_etag_and_latency(tmp_path: Path, config_server: Confi
     assert latency < 1.0
 
 
-@pytest.fixture(params=["memory", "redis", "etcd"])
+@pytest.fixture(params=["memory", "redis", "etcd", "nats"])
 def kv_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "nats":
+        nats: NatsServer = request.getfixturevalue("nats_server")
+        return f"{nats.url}?prefix=sidecar{id(request)}"
     if request.param == "etcd":
         etcd: EtcdServer = request.getfixturevalue("etcd_server")
         return etcd.url
