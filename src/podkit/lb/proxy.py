@@ -205,7 +205,6 @@ class ClientConnection(asyncio.Protocol):
         "unsent",
         "unsent_since",
         "write_paused",
-        "write_paused_since",
     )
 
     def __init__(self, lb: LoadBalancer) -> None:
@@ -225,7 +224,6 @@ class ClientConnection(asyncio.Protocol):
         self.last_head: RequestHead | None = None
         self.lingering = False
         self.write_paused = False
-        self.write_paused_since = 0.0
         self.unsent = 0  # bytes the transport held at the last check
         self.unsent_since = 0.0  # since when the client has taken none of them
         self.tunnel: UpstreamConnection | None = None
@@ -342,7 +340,6 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.write_paused_since = self.lb.now
         ex = self.ex
         conn = self.tunnel or (ex.conn if ex is not None else None)
         if conn is not None and conn.transport is not None:
@@ -769,7 +766,9 @@ class ClientConnection(asyncio.Protocol):
                 self.unsent_since = now
             self.unsent = unsent
             if unsent and now - self.unsent_since > cfg.send_timeout:
-                self.abort()  # it takes nothing of what it was sent, idle or lingering
+                # it takes nothing of what it was sent: streaming (then writes are held
+                # back and the buffer stops changing), idle, lingering or in a tunnel
+                self.abort()
                 return
         if self.lingering:
             return
@@ -784,9 +783,6 @@ class ClientConnection(asyncio.Protocol):
                 t.quiet = now
             if min(idle, now - t.quiet) > cfg.tunnel_timeout:
                 self.abort()
-            return
-        if self.write_paused and now - self.write_paused_since > cfg.send_timeout:
-            self.abort()  # the client does not read what it asked for
             return
         ex = self.ex
         if ex is None:
