@@ -236,8 +236,8 @@ class _Headers:
         headers.append((name, value))
         n = len(name)
         if n == 4:
-            if name.lower() == b"host":
-                self._hosts += 1
+            if name == b"Host" or (name[0] | 0x20 == 0x68 and name.lower() == b"host"):
+                self._hosts += 1  # no lower() for Date, ETag, Vary
         elif n == 14 or n == 17 or n == 10:  # content-length, transfer-encoding, connection
             lname = name.lower()
             if lname == b"content-length":
