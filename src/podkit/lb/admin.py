@@ -152,6 +152,11 @@ class _Live(Collector):
             "Retries not sent because the retry budget was spent.",
             value=lb.retry_rate.refused,
         )
+        yield CounterMetricFamily(
+            "podkit_lb_upstream_surplus",
+            "Upstream connections closed for bytes after a complete answer or while idle.",
+            value=lb.surplus,
+        )
         if w.health is not None:
             ej = CounterMetricFamily(
                 "podkit_lb_ejections", "Outlier ejections per upstream.", labels=["upstream"]

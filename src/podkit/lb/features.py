@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import sys
 from collections.abc import Coroutine, Sequence
@@ -37,8 +38,9 @@ if TYPE_CHECKING:
 UNLIMITED = 1 << 30
 
 
-def log(message: str) -> None:
-    print(f"lb: {message}", file=sys.stderr, flush=True)
+def log(message: str, name: str = "podkit lb") -> None:
+    """One line on stderr, led by who logs it (`podkit sidecar tls` -> "sidecar tls:")."""
+    print(f"{name.removeprefix('podkit ')}: {message}", file=sys.stderr, flush=True)
 
 
 _AVAILABLE = re.compile(r"lb: available: (\d+) of (\d+) upstreams \(worker (\d+)\)")
@@ -188,6 +190,7 @@ class Worker:
         f = self.features = features
         self.config = config
         self.index = index
+        self.log = functools.partial(log, name=config.name)
         self.lb: LoadBalancer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._kv: KVMembers | None = None
@@ -224,7 +227,7 @@ class Worker:
                 shared=shared,
                 checks_here=checks_here if shared is not None else None,
             )
-            self.health = HealthFilter(health, log=log)
+            self.health = HealthFilter(health, log=self.log)
             filters.append(self.health)
         if f.admin_port is not None:
             port = f.admin_port + index if f.admin_port else 0
@@ -251,7 +254,7 @@ class Worker:
         if f.tls_cert and f.tls_key:
             from podkit.net.tls import ReloadingContext
 
-            self._tls = ReloadingContext(f.tls_cert, f.tls_key, log=log)
+            self._tls = ReloadingContext(f.tls_cert, f.tls_key, log=self.log)
             self.ssl = self._tls.context
 
     def describe(self) -> dict[str, Any]:
@@ -266,7 +269,7 @@ class Worker:
         lb.set_upstreams(upstreams)
         if self.health is not None:
             self.health.attach(lb)
-        log(f"members: {', '.join(u.name for u in lb.upstreams) or '(none)'}")
+        self.log(f"members: {', '.join(u.name for u in lb.upstreams) or '(none)'}")
 
     async def _report_available(self, tick: float = 0.05) -> None:
         """Log how many members can take requests whenever that changes (what a supervisor
@@ -276,7 +279,7 @@ class Worker:
             ups = self.lb.upstreams if self.lb is not None else []
             now = (sum(1 for u in ups if u.available), len(ups))
             if now != last:
-                log(f"available: {now[0]} of {now[1]} upstreams (worker {self.index})")
+                self.log(f"available: {now[0]} of {now[1]} upstreams (worker {self.index})")
                 last = now
             await asyncio.sleep(tick)
 
@@ -292,12 +295,12 @@ class Worker:
             self._spawn(self.health.run())
         if f.members_file:
             watcher = FileMembers(
-                f.members_file, self.set_members, interval=f.members_interval, log=log
+                f.members_file, self.set_members, interval=f.members_interval, log=self.log
             )
             watcher.check()
             self._spawn(watcher.run())
         if f.members_kv and f.members_prefix:
-            self._kv = KVMembers(f.members_kv, f.members_prefix, self.set_members, log=log)
+            self._kv = KVMembers(f.members_kv, f.members_prefix, self.set_members, log=self.log)
             self._spawn(self._kv.run())
         if f.members_dns:
             name, port = parse_host_port(f.members_dns, "--members-dns")
@@ -309,7 +312,7 @@ class Worker:
             self._spawn(self._tls.run())
         if self.admin is not None:
             await self.admin.start()
-            log(f"admin on http://{self.admin.host}:{self.admin.port} (worker {self.index})")
+            self.log(f"admin on http://{self.admin.host}:{self.admin.port} (worker {self.index})")
 
     async def close(self) -> None:
         for t in self._tasks:

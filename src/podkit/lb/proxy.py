@@ -17,16 +17,26 @@ Only a cold pool costs a task (the connect). Timeouts are not timers: a sweeper 
 `tick` seconds and compares each connection's last activity (a flag the hot path sets)
 with the limits, so a request costs no timer handle.
 
-Rewriting: hop-by-hop headers (and those the Connection header names) are dropped in both
+Rewriting: hop-by-hop headers (and those the Connection header names, but never the
+framing fields Content-Length, Transfer-Encoding, Host and Upgrade) are dropped in both
 directions, `X-Forwarded-For` gets the client address appended, `X-Forwarded-Proto` is set.
 A chunked body is re-chunked piece by piece; an upstream body that runs until close is
 chunked toward an HTTP/1.1 client. `Upgrade` requests (WebSocket) become byte tunnels
-after the upstream's 101.
+after the upstream's 101; an Upgrade request with a body loses its upgrade and goes as a
+plain request, and after any answer but 101 to an Upgrade request the upstream connection
+is closed.
 
-Failures: no available upstream 503; connect refused, reset before the answer, or a bad
-response 502; no answer within `upstream_timeout` 504; each with a one-line body naming the
-upstream and what happened. A connect failure is retried on another upstream for any
-request (nothing was sent); a reset before any byte of the answer is retried for
+Framing: one answer per request. An upstream connection goes back to its pool only when
+its answer ended exactly where its bytes did; bytes after a complete answer (a second
+answer in the same write, the start of one) or on an idle connection go to no client:
+the connection is closed and the event counted (`LoadBalancer.surplus`) and logged.
+
+Failures: no available upstream 503; connect refused, reset before the answer, or an
+invalid answer (bad framing, a NUL or CR in a header) 502; no answer within
+`upstream_timeout` 504; each with a one-line body naming the upstream and what happened.
+A connect failure is retried on another upstream for any request (nothing was sent); an
+invalid answer is never retried (the upstream got the request and may have run it); a
+reset or a timeout before any byte of the answer is retried for
 idempotent requests and ones marked `x-podkit-retry: 1` (a body up to `REPLAY_LIMIT` is
 kept to send again), within a budget (20% of the requests of the last 10 s, plus 10 a
 second: `podkit.lb.breaker.RetryRate`). A retry goes to an upstream not tried yet at once;
@@ -587,9 +597,17 @@ class ClientConnection(asyncio.Protocol):
 
     # --- ending exchanges ---
     def upstream_failed(
-        self, ex: Exchange, up: Upstream, reason: str, nothing_sent: bool, status: int = 502
+        self,
+        ex: Exchange,
+        up: Upstream,
+        reason: str,
+        nothing_sent: bool,
+        status: int = 502,
+        *,
+        retry: bool = True,
     ) -> None:
-        """A try failed before a complete answer: retry when safe, else answer `status`."""
+        """A try failed before a complete answer: retry when safe (and `retry`), else
+        answer `status`."""
         if ex.done or ex.upstream is not up:
             return
         self.lb.end_try(ex, None, reason)
@@ -599,7 +617,8 @@ class ClientConnection(asyncio.Protocol):
         if not ex.responded:
             head = ex.head
             safe = nothing_sent or (  # idempotent, or marked retryable by the client
-                head.upgrade is None
+                retry
+                and head.upgrade is None
                 and (
                     ex.replay is not None
                     if head.has_body
@@ -886,8 +905,10 @@ class UpstreamConnection(PooledConnection):
                 t.write(data)
             return
         ex = self.ex
-        if ex is None:
-            self.close()  # nobody asked: an idle connection must stay silent
+        if ex is None:  # nobody asked: an idle connection must stay silent
+            pool = self.pool
+            self.lb.surplus_answer(f"{pool.host}:{pool.port}" if pool else "?", len(data))
+            self.close()
             return
         rem = self.remaining
         if rem:  # the fast path's body: counted, passed through untouched
@@ -901,6 +922,8 @@ class UpstreamConnection(PooledConnection):
             self.remaining = 0
             if t is not None:
                 t.write(data if n == rem else data[:rem])
+            if n != rem:  # bytes after the end of the answer: never to any client
+                self.lb.surplus_answer(ex.upstream.name if ex.upstream else "?", n - rem)
             self._done(ex, self.status, n == rem)
             return
         parser = self.parser
@@ -915,8 +938,9 @@ class UpstreamConnection(PooledConnection):
             self.ex = None
             self.close()
             up = ex.upstream
-            if up is not None:
-                ex.client.upstream_failed(ex, up, f"sent an invalid response: {exc.detail}", False)
+            if up is not None:  # it ran the request: not retried (see the module doc)
+                reason = f"sent an invalid response: {exc.detail}"
+                ex.client.upstream_failed(ex, up, reason, False, retry=False)
             return
         except Exception as exc:  # a bug must not take the worker down
             self.lb.log(f"internal error on an upstream connection: {exc!r}")
@@ -1125,11 +1149,16 @@ class UpstreamConnection(PooledConnection):
         self.response = None
         if ex.observer is not None:
             ex.observer.end()
+        surplus = self.parser.surplus
+        if surplus:
+            self.lb.surplus_answer(ex.upstream.name if ex.upstream else "?", 0)
         reusable = (
             head is not None
             and head.keep_alive
             and not head.until_close
+            and not surplus  # the parser stopped where the answer ended: out of step
             and ex.head.method != b"HEAD"  # the parser stopped at the head: out of step
+            and ex.head.upgrade is None  # client bytes may have followed the head
         )
         self._done(ex, head.status if head is not None else 0, reusable)
 
@@ -1242,6 +1271,7 @@ def _judge_head(head: bytes) -> tuple[int, int]:
         return no
     if (
         b"upgrade" in lh
+        or b"\x00" in head
         or b"trailer" in lh
         or b"keep-alive:" in lh
         or b"proxy-connection" in lh
@@ -1310,6 +1340,9 @@ class LoadBalancer:
         self._sweeper: asyncio.Task[None] | None = None
         self.requests = 0  # tries ended
         self.retry_rate = RetryRate(config.retry_percent, config.retry_per_second)
+        self.surplus = 0  # upstream connections closed for bytes after an answer
+        # log lines start with who serves: `podkit sidecar tls` -> "sidecar tls"
+        self.log_name = config.name.removeprefix("podkit ")
         self.unreported = 0  # failed answers not logged yet
         self.last_failure = ""  # the newest of them (status: detail)
         self.next_report = 0.0  # when they may be logged
@@ -1338,9 +1371,20 @@ class LoadBalancer:
             connect_timeout=self.config.connect_timeout,
         )
 
-    @staticmethod
-    def log(message: str) -> None:
-        print(f"lb: {message}", file=sys.stderr, flush=True)
+    def log(self, message: str) -> None:
+        print(f"{self.log_name}: {message}", file=sys.stderr, flush=True)
+
+    def surplus_answer(self, upstream: str, size: int) -> None:
+        """An upstream sent bytes after a complete answer, or while idle: its connection
+        is closed, the bytes go to no client. Counted; logged at the 1st, 2nd, 4th, 8th..."""
+        self.surplus += 1
+        n = self.surplus
+        if n & (n - 1) == 0:
+            what = f"{size} bytes" if size else "bytes"
+            self.log(
+                f"upstream {upstream} sent {what} after a complete answer or while idle; "
+                f"its connection was closed ({n} so far)"
+            )
 
     # --- membership ---
     def set_upstreams(self, upstreams: Iterable[Upstream]) -> None:

@@ -156,13 +156,14 @@ def serve(
             if p.exitcode is not None:
                 now = time.monotonic()
                 restarts = [t for t in restarts if now - t < 10] + [now]
+                who = config.name.removeprefix("podkit ")
                 print(
-                    f"lb: worker {i} (pid {p.pid}) exited with {p.exitcode}; restarting",
+                    f"{who}: worker {i} (pid {p.pid}) exited with {p.exitcode}; restarting",
                     file=sys.stderr,
                     flush=True,
                 )
                 if len(restarts) > 5 * config.workers:
-                    print("lb: workers keep dying; giving up", file=sys.stderr, flush=True)
+                    print(f"{who}: workers keep dying; giving up", file=sys.stderr, flush=True)
                     on_signal(signal.SIGTERM, None)
                     break
                 time.sleep(0.1)

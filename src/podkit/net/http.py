@@ -163,6 +163,16 @@ class ResponseHandler(Protocol):
 
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
+# Fields that frame a message or route it: a Connection token never makes them hop-by-hop
+# (`Connection: Content-Length` must not strip the length of a body that is still sent).
+FRAMING = frozenset({b"content-length", b"transfer-encoding", b"host", b"upgrade"})
+
+
+def connection_tokens(tokens: list[bytes] | None) -> frozenset[bytes]:
+    """The Connection header's tokens, without the framing fields (see FRAMING)."""
+    if tokens is None:
+        return _NO_TOKENS
+    return frozenset(tokens) - FRAMING
 
 
 def _split_tokens(value: bytes) -> list[bytes]:
@@ -290,7 +300,7 @@ class _Headers:
 class RequestParser(_Headers):
     """Parse requests from a client and call `handler` as they go by."""
 
-    __slots__ = ("_handler", "_parser", "_target", "_upgraded", "max_target")
+    __slots__ = ("_body_framing", "_handler", "_parser", "_target", "_upgraded", "max_target")
 
     def __init__(
         self,
@@ -305,6 +315,7 @@ class RequestParser(_Headers):
         self.max_target = max_target
         self._target = b""
         self._upgraded = False
+        self._body_framing: bytes | None = None  # see _read_body
         self._parser = httptools.HttpRequestParser(self)
 
     def feed(self, data: bytes) -> bytes | None:
@@ -317,6 +328,8 @@ class RequestParser(_Headers):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
+            if self._body_framing is not None:
+                return self._read_body(data[exc.args[0] :])
             self._upgraded = True
             return data[exc.args[0] :]
         except httptools.HttpParserError as exc:
@@ -326,6 +339,20 @@ class RequestParser(_Headers):
             if self._pending > self._max_head:
                 self._fail(431, f"request head larger than {self._max_head} bytes")
         return None
+
+    def _read_body(self, rest: bytes) -> bytes | None:
+        """Go on after a request that asked to upgrade but has a body (its upgrade was
+        dropped in `on_headers_complete`). llhttp skips the body of any request asking to
+        upgrade, so a new parser takes over, primed with a head that frames the body the
+        same way; the head's callbacks are not passed on."""
+        framing = self._body_framing
+        assert framing is not None
+        self._body_framing = None
+        primer = _Primer(self)
+        self._parser = httptools.HttpRequestParser(primer)
+        self._parser.feed_data(b"POST / HTTP/1.1\r\nHost: -\r\n%b\r\n" % framing)
+        primer.priming = False
+        return self.feed(rest) if rest else None
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -354,8 +381,16 @@ class RequestParser(_Headers):
         if p.should_upgrade():
             if method == b"CONNECT":
                 self._fail(405, "CONNECT is not supported: this is a reverse proxy")
-            upgrade = self._find(b"upgrade") or b""
-        conn = self._connection
+            # A body ahead of the new protocol: the upgrade is dropped (RFC 9110 7.8 lets a
+            # server ignore it) and the body read as a body, never as tunnel bytes (the
+            # head forwarded says how long it is).
+            length = self._content_length
+            if chunked:
+                self._body_framing = b"Transfer-Encoding: chunked\r\n"
+            elif length:
+                self._body_framing = b"Content-Length: %d\r\n" % length
+            else:
+                upgrade = self._find(b"upgrade") or b""
         self._handler.on_request(
             RequestHead(
                 method,
@@ -366,7 +401,7 @@ class RequestParser(_Headers):
                 self._content_length,
                 chunked,
                 upgrade,
-                _NO_TOKENS if conn is None else frozenset(conn),
+                connection_tokens(self._connection),
             )
         )
 
@@ -380,18 +415,63 @@ class RequestParser(_Headers):
         self._handler.on_body(body)
 
     def on_message_complete(self) -> None:
-        self._handler.on_request_end()
+        if self._body_framing is None:  # else llhttp skipped a body that is coming
+            self._handler.on_request_end()
+
+
+class _Primer:
+    """Callbacks for a RequestParser's new llhttp parser (see `RequestParser._read_body`):
+    silent while its priming head is fed, then the owner's own."""
+
+    __slots__ = ("owner", "priming")
+
+    def __init__(self, owner: RequestParser) -> None:
+        self.owner = owner
+        self.priming = True
+
+    def on_message_begin(self) -> None:
+        if not self.priming:
+            self.owner.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self.priming:
+            self.owner.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.priming:
+            self.owner.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if not self.priming:
+            self.owner.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.owner.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.owner.on_message_complete()
 
 
 class ResponseParser(_Headers):
     """Parse responses from an upstream and call `handler` as they go by.
 
-    Call `expect(method)` before each response with the method of the request it answers.
-    A response to HEAD ends at its head; the connection it came on should not be reused
-    (llhttp cannot be told to skip the body a HEAD response announces).
+    Call `expect(method)` before each response with the method of the request it answers:
+    one final response is parsed per `expect`. Bytes after a complete final response
+    (a second answer nobody asked for, or anything else but empty lines) are not parsed:
+    `surplus` becomes True and the parser stops for good, so its connection must not be
+    reused. A response to HEAD ends at its head and stops the parser too (llhttp cannot
+    be told to skip the body a HEAD response announces).
     """
 
-    __slots__ = ("_handler", "_head_request", "_parser", "_reason", "_upgraded")
+    __slots__ = (
+        "_answered",
+        "_handler",
+        "_head_request",
+        "_parser",
+        "_reason",
+        "_upgraded",
+        "surplus",
+    )
 
     def __init__(
         self, handler: ResponseHandler, *, max_head: int = 64 * 1024, max_headers: int = 200
@@ -399,19 +479,24 @@ class ResponseParser(_Headers):
         super().__init__(max_head, max_headers)
         self._handler = handler
         self._head_request = False
+        self._answered = False  # the final response to the last `expect` is complete
+        self.surplus = False  # bytes came after a complete answer (read-only)
         self._reason = b""
         self._upgraded = False
         self._parser = httptools.HttpResponseParser(self)
 
     def expect(self, method: bytes) -> None:
         self._head_request = method == b"HEAD"
+        self._answered = False
 
     def feed(self, data: bytes) -> bytes | None:
         """Parse `data`; return the tunnel's first bytes after a 101, else None."""
         if self._error is not None:
             raise self._error
         if self._upgraded:
-            return None  # after a HEAD answer or a 101 nothing more is parsed here
+            if not self.surplus and self._answered:  # after a HEAD answer: nothing more
+                self.surplus = bool(data)
+            return None  # after a HEAD answer, a 101 or surplus nothing more is parsed here
         was_in_head = self.in_head
         try:
             self._parser.feed_data(data)
@@ -420,7 +505,12 @@ class ResponseParser(_Headers):
             return data[exc.args[0] :]
         except httptools.HttpParserError as exc:
             if isinstance(exc.__context__, _Stop):
-                return None  # the answer to HEAD is complete; the rest is ignored
+                return None  # the answer is complete; what follows it is not parsed
+            if self._answered:  # not HTTP after a complete answer: surplus, not an error
+                self.surplus = True
+                self._upgraded = True
+                self._error = None
+                return None
             raise self._translate(exc) from None
         if was_in_head and self.in_head:
             self._pending += len(data)
@@ -429,6 +519,10 @@ class ResponseParser(_Headers):
         return None
 
     def on_message_begin(self) -> None:
+        if self._answered:  # a second answer to one request
+            self.surplus = True
+            self._upgraded = True
+            raise _Stop
         self.in_head = True
         self._pending = 0
         self._reason = b""
@@ -443,7 +537,6 @@ class ResponseParser(_Headers):
         status: int = p.get_status_code()
         chunked = self._framing()
         no_body = status < 200 or status == 204 or status == 304 or self._head_request
-        conn = self._connection
         head = ResponseHead(
             status,
             self._reason,
@@ -452,7 +545,7 @@ class ResponseParser(_Headers):
             p.should_keep_alive(),
             self._content_length,
             chunked,
-            frozenset(conn) if conn else frozenset(),
+            connection_tokens(self._connection),
             not no_body and not chunked and self._content_length is None,
             no_body,
         )
@@ -462,6 +555,7 @@ class ResponseParser(_Headers):
             self._handler.on_response(head)
             self._handler.on_response_end()
             self._head_request = False
+            self._answered = True
             self._upgraded = True  # nothing more is parsed on this connection
             raise _Stop
         self._handler.on_response(head)
@@ -471,6 +565,7 @@ class ResponseParser(_Headers):
 
     def on_message_complete(self) -> None:
         if self._parser.get_status_code() >= 200 or self._parser.should_upgrade():
+            self._answered = True
             self._handler.on_response_end()
 
     def _translate(self, exc: httptools.HttpParserError) -> HTTPError:
@@ -481,7 +576,7 @@ class ResponseParser(_Headers):
 
 
 class _Stop(Exception):
-    """Raised inside a callback to stop llhttp (used after a HEAD response)."""
+    """Raised inside a callback to stop llhttp (after a HEAD response, or at surplus)."""
 
 
 # --- h11-style events over RequestParser, for tests and simple servers ----------------
@@ -588,8 +683,43 @@ def chunk(data: bytes) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
-# Fields a proxy does not pass on in a trailer section: framing, routing, hop-by-hop.
-NOT_IN_TRAILERS = HOP_BY_HOP | {b"content-length", b"host"}
+# Fields a proxy does not pass on in a trailer section (RFC 9110 6.5.1): hop-by-hop,
+# framing, routing, request modifiers, authentication, and what a proxy vouches for.
+NOT_IN_TRAILERS = HOP_BY_HOP | {
+    b"content-length",
+    b"content-encoding",
+    b"content-range",
+    b"content-type",
+    b"host",
+    b"expect",
+    b"max-forwards",
+    b"range",
+    b"if-match",
+    b"if-none-match",
+    b"if-modified-since",
+    b"if-unmodified-since",
+    b"if-range",
+    b"cache-control",
+    b"pragma",
+    b"age",
+    b"expires",
+    b"authorization",
+    b"proxy-authorization",
+    b"proxy-authenticate",
+    b"www-authenticate",
+    b"cookie",
+    b"set-cookie",
+    b"location",
+    b"retry-after",
+    b"vary",
+    b"forwarded",
+    b"via",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-forwarded-port",
+    b"x-real-ip",
+}
 
 
 def last_chunk(trailers: Sequence[tuple[bytes, bytes]]) -> bytes:
