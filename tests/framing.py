@@ -386,10 +386,13 @@ def exchange(
     received = b""
     closed = False
     try:
-        for piece in pieces:
-            sock.sendall(piece)
-        if half_close and proxy.tls is None:
-            sock.shutdown(socket.SHUT_WR)
+        try:
+            for piece in pieces:
+                sock.sendall(piece)
+            if half_close and proxy.tls is None:
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the proxy closed early (after a 400): read what it answered
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             have = read_answers(received, methods, False)

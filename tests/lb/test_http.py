@@ -380,3 +380,73 @@ def test_trailer_fields_count_toward_the_header_limits() -> None:
     with pytest.raises(HTTPError) as info:
         p.feed(head + b"A: " + b"x" * 200 + b"\r\n\r\n")
     assert info.value.status == 431
+
+
+def test_a_connection_token_never_makes_a_framing_field_hop_by_hop() -> None:
+    c = ServerConnection()
+    c.receive_data(
+        b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Content-Length, Host, X-Drop, Upgrade\r\n"
+        b"Content-Length: 2\r\n\r\nok"
+    )
+    head = c.next_event()
+    assert isinstance(head, RequestHead)
+    assert head.connection == frozenset({b"x-drop"})
+    client = ClientConnection()
+    client.expect(b"GET")
+    client.receive_data(
+        b"HTTP/1.1 200 OK\r\nConnection: content-length, transfer-encoding\r\n"
+        b"Content-Length: 2\r\n\r\nok"
+    )
+    answer = client.next_event()
+    assert isinstance(answer, ResponseHead) and answer.connection == frozenset()
+
+
+def test_an_upgrade_request_with_a_body_is_a_plain_request_with_its_body() -> None:
+    """llhttp skips the body of an upgrading request: it must never become tunnel bytes."""
+    c = ServerConnection()
+    c.receive_data(
+        b"POST /a HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    events = list(iter(c.next_event, None))
+    assert [type(e).__name__ for e in events] == [
+        "RequestHead", "Data", "EndOfMessage", "RequestHead", "EndOfMessage"
+    ]  # fmt: skip
+    first, second = events[0], events[3]
+    assert isinstance(first, RequestHead) and first.upgrade is None and first.chunked
+    assert isinstance(second, RequestHead) and second.target == b"/b"
+    # a bad request after it is an HTTPError of its own, not a parser bug
+    c = ServerConnection()
+    with pytest.raises(HTTPError, match="Content-Length"):
+        c.receive_data(
+            b"POST /a HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: x\r\n"
+            b"Content-Length: 1\r\n\r\nzPOST /b HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\n"
+        )
+
+
+@pytest.mark.parametrize(
+    "surplus",
+    [b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nPOISON!", b"HTTP/1.1 200 OK\r\nX-Pad: ", b"zz"],
+)
+def test_the_response_parser_reads_one_answer_per_expect(surplus: bytes) -> None:
+    client = ClientConnection()
+    client.expect(b"GET")
+    client.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + surplus)
+    events = list(iter(client.next_event, None))
+    assert [type(e).__name__ for e in events] == ["ResponseHead", "Data", "EndOfMessage"]
+    assert client._parser.surplus
+    client.expect(b"GET")  # stopped for good: its connection must be closed
+    client.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert client.next_event() is None
+
+
+def test_empty_lines_after_an_answer_are_no_surplus() -> None:
+    client = ClientConnection()
+    client.expect(b"GET")
+    client.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\r\n")
+    assert not client._parser.surplus
+    client.expect(b"GET")
+    client.receive_data(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert [type(e).__name__ for e in iter(client.next_event, None)] == [
+        "ResponseHead", "Data", "EndOfMessage", "ResponseHead", "EndOfMessage"
+    ]  # fmt: skip

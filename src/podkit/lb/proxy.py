@@ -740,7 +740,7 @@ class ClientConnection(asyncio.Protocol):
         t = self.transport
         if t is None:
             return
-        if ex.close_after or self.eof or (self.lb.closing and not self.queue):
+        if ex.close_after or ((self.eof or self.lb.closing) and not self.queue):
             self.linger()
             return
         q = self.queue
@@ -1017,7 +1017,8 @@ class UpstreamConnection(PooledConnection):
         ex.responded = True
         rechunk = False
         tail = b""
-        keep = ex.head.keep_alive and not ex.client.eof
+        client = ex.client
+        keep = ex.head.keep_alive and not (client.eof and not client.queue)  # more to answer
         if status == 101:
             if ex.head.upgrade is None:
                 keep = False

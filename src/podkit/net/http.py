@@ -328,12 +328,16 @@ class RequestParser(_Headers):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            if self._body_framing is not None:
-                return self._read_body(data[exc.args[0] :])
-            self._upgraded = True
-            return data[exc.args[0] :]
+            at = exc.args[0]
+            if self._body_framing is None:
+                self._upgraded = True
+                return data[at:]
         except httptools.HttpParserError as exc:
             raise self._translate(exc) from None
+        else:
+            at = -1
+        if at >= 0:  # outside the handler: an error there must not chain to the Upgrade
+            return self._read_body(data[at:])
         if was_in_head and self.in_head:
             self._pending += len(data)
             if self._pending > self._max_head:
