@@ -178,7 +178,7 @@ def test_the_split_command_keeps_users_sticky_and_takes_new_weights() -> None:
 def test_a_port_in_use_is_a_one_line_error() -> None:
     split = ["ambassador", "split", "--arm", "a=127.0.0.1:1"]
     with port_in_use() as port:
-        error = f"ambassador: cannot listen on 127.0.0.1:{port}"
+        error = f"ambassador split: cannot listen on 127.0.0.1:{port}"
         assert podkit_error([*split, "--listen", f"127.0.0.1:{port}"]) == (
             1, f"{error} (--listen): Address already in use")  # fmt: skip
         assert podkit_error([*split, "--listen", "127.0.0.1:0", "--admin-port", str(port)]) == (
@@ -190,5 +190,5 @@ def test_an_arm_name_given_twice_is_refused() -> None:
             "--arm", "a=127.0.0.1:9102,weight=9", "--listen", "127.0.0.1:0"]  # fmt: skip
     assert podkit_error(argv) == (
         2,
-        "ambassador: --arm 'a=127.0.0.1:9102,weight=9': arm name 'a' is given twice",
+        "ambassador split: --arm 'a=127.0.0.1:9102,weight=9': arm name 'a' is given twice",
     )

@@ -215,7 +215,7 @@ async def test_port_0_serves_every_worker_on_the_port_it_prints() -> None:
     try:
         assert proc.stderr is not None
         line = await asyncio.wait_for(asyncio.to_thread(proc.stderr.readline), 20)
-        url = line.split()[1]  # sidecar: https://127.0.0.1:N -> http://...
+        url = line.split()[2]  # sidecar tls: https://127.0.0.1:N -> http://...
         assert url.startswith("https://127.0.0.1:") and not url.endswith(":0"), line
         port = int(url.rsplit(":", 1)[1])
         await wait_listening(port, proc)

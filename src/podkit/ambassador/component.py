@@ -28,6 +28,10 @@ def _log(message: str) -> None:
     print(f"ambassador: {message}", file=sys.stderr, flush=True)
 
 
+def _split_log(message: str) -> None:
+    print(f"ambassador split: {message}", file=sys.stderr, flush=True)
+
+
 async def _run_broker(broker: Broker, admin_port: int | None) -> int:
     from podkit.net.admin import JSONServer
     from podkit.net.listen import listening
@@ -207,11 +211,11 @@ def split(
         host, _, port_text = listen.rpartition(":")
         port = int(port_text)
     except ValueError as exc:
-        _log(str(exc))
+        _split_log(str(exc))
         raise typer.Exit(2) from None
     urls = [u for _, us, _ in arms for u in us]
     code = run_server(
-        _run_split(splitter, key, names, urls, host or "127.0.0.1", port, admin_port), _log
+        _run_split(splitter, key, names, urls, host or "127.0.0.1", port, admin_port), _split_log
     )
     raise typer.Exit(code)
 
@@ -243,10 +247,10 @@ async def _run_split(
     runner = None
     try:
         arms = ", ".join(f"{a.name} ({a.weight:g})" for a in splitter.arms)
-        _log(f"splitting {host}:{port} over {arms}")
+        _split_log(f"splitting {host}:{port} over {arms}")
         if admin_port is not None:
             runner = await listening(
-                split_admin(policy, metrics, "127.0.0.1", admin_port, _log),
+                split_admin(policy, metrics, "127.0.0.1", admin_port, _split_log),
                 "--admin-port",
                 "127.0.0.1",
                 admin_port,

@@ -28,6 +28,10 @@ def _log(message: str) -> None:
     print(f"sidecar: {message}", file=sys.stderr, flush=True)
 
 
+def _tls_log(message: str) -> None:
+    print(f"sidecar tls: {message}", file=sys.stderr, flush=True)
+
+
 async def _run_config(sync: ConfigSync, admin_port: int | None, once: bool) -> int:
     from podkit.aio import stop_task
     from podkit.net.admin import JSONServer
@@ -193,13 +197,13 @@ def tls(
 
     target = upstream if not upstream.isdigit() else f"127.0.0.1:{upstream}"
     if self_signed == bool(cert or key) or (cert is None) != (key is None):
-        _log("give --cert and --key, or --self-signed")
+        _tls_log("give --cert and --key, or --self-signed")
         raise typer.Exit(2)
     try:
         config = build_config(listen, [target], workers=workers, scheme="https",
                               idle_timeout=idle_timeout, name="podkit sidecar tls")  # fmt: skip
     except ValueError as exc:
-        _log(str(exc))
+        _tls_log(str(exc))
         raise typer.Exit(2) from None
     tmp = None
     if self_signed:
@@ -209,21 +213,21 @@ def tls(
     assert cert is not None and key is not None
     for path in (cert, key):
         if not path.is_file():
-            _log(f"{path}: no such file")
+            _tls_log(f"{path}: no such file")
             raise typer.Exit(2)
     problem = pair_problem(cert, key)
     if problem is not None:
-        _log(f"--cert, --key: {problem}")
+        _tls_log(f"--cert, --key: {problem}")
         raise typer.Exit(2)
     features = Features(tls_cert=str(cert), tls_key=str(key))
     try:
         code = serve(
             config,
             features=features,
-            ready=lambda: _log(f"https://{config.host}:{config.port} -> http://{target}"),
+            ready=lambda: _tls_log(f"https://{config.host}:{config.port} -> http://{target}"),
         )
     except ListenError as exc:
-        _log(str(exc))
+        _tls_log(str(exc))
         raise typer.Exit(1) from None
     finally:
         if tmp is not None:
