@@ -191,3 +191,30 @@ async def test_watch_sees_lease_expiry(kv: KV) -> None:
     rev = await kv.put("member/a", b"up", lease=lease)
     events = await _collect(kv.watch("member/", prefix=True, start_revision=rev), 2, timeout=6)
     assert [e.kind for e in events] == ["put", "delete"]
+
+
+def _with_prefix(url: str, prefix: str) -> str:
+    """`url` with `?prefix=` set (a later value wins over the suite's own)."""
+    return f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
+
+
+async def test_two_prefixes_on_one_store_never_share_keys(kv_url: str) -> None:
+    a, b, a_again = [await open_kv(_with_prefix(kv_url, p)) for p in ("pa", "pb", "pa")]
+    try:
+        ra = await a.put("k", b"of a")
+        await b.put("k", b"of b")
+        await b.put("k2", b"of b")
+        got_a, got_b, got_a2 = await a.get("k"), await b.get("k"), await a_again.get("k")
+        assert got_a is not None and (got_a.key, got_a.value) == ("k", b"of a")
+        assert got_b is not None and got_b.value == b"of b"
+        assert got_a2 is not None and got_a2.revision == ra  # one prefix: one namespace
+        assert [e.key for e in await a.range("")] == ["k"]
+        assert [e.key for e in await b.range("k")] == ["k", "k2"]
+        rev = await a.revision()
+        assert await b.delete("k")
+        await a.put("k", b"again")
+        events = await _collect(a.watch("k", start_revision=rev + 1), 1)
+        assert [(e.kind, e.key, e.value) for e in events] == [("put", "k", b"again")]
+    finally:
+        for kv in (a, b, a_again):
+            await kv.close()

@@ -172,3 +172,18 @@ async def test_competing_consumers_share_without_duplicates(queue: Queue) -> Non
 
     await asyncio.gather(*(worker() for _ in range(4)))
     assert sorted(seen) == sorted(str(i).encode() for i in range(200))
+
+
+async def test_two_prefixes_on_one_store_are_two_queues(queue_url: str) -> None:
+    sep = "&" if "?" in queue_url else "?"
+    a = await open_queue(f"{queue_url}{sep}prefix=pa", name="jobs")
+    b = await open_queue(f"{queue_url}{sep}prefix=pb", name="jobs")
+    try:
+        await a.enqueue(b"for a")
+        assert await b.dequeue(10) == []
+        (got,) = await a.dequeue(10, visibility=30)
+        assert got.payload == b"for a"
+        await a.ack([got])
+    finally:
+        await a.close()
+        await b.close()

@@ -16,6 +16,7 @@ from typing import Any
 
 from podkit.aio import wait_for
 from podkit.backends.base import (
+    KV,
     Entry,
     Event,
     LeaseExpired,
@@ -25,6 +26,7 @@ from podkit.backends.base import (
     StaleReceipt,
     StartAt,
 )
+from podkit.backends.prefixed import PrefixedKV, url_prefix
 from podkit.backends.url import BackendURL
 from podkit.clock import Clock, SystemClock
 
@@ -468,9 +470,11 @@ def _store_name(url: BackendURL) -> str:
     return (url.host + url.path) or "default"
 
 
-async def open_kv(url: BackendURL, *, clock: Clock | None = None, **_: Any) -> MemoryKV:
+async def open_kv(url: BackendURL, *, clock: Clock | None = None, **_: Any) -> KV:
     store = _KV.setdefault(_store_name(url), _KVStore())
-    return MemoryKV(url.raw, store, clock or SystemClock())
+    kv = MemoryKV(url.raw, store, clock or SystemClock())
+    prefix = url_prefix(url.query)
+    return PrefixedKV(kv, prefix, url.raw) if prefix else kv
 
 
 async def open_queue(
@@ -482,6 +486,7 @@ async def open_queue(
     dedupe_window: float = 3600.0,
     **_: Any,
 ) -> MemoryQueue:
+    name = url_prefix(url.query) + name
     store = _QUEUES.setdefault((_store_name(url), name), _QueueStore())
     return MemoryQueue(url.raw, name, store, clock or SystemClock(), max_attempts, dedupe_window)
 
@@ -489,5 +494,6 @@ async def open_queue(
 async def open_topic(
     url: BackendURL, name: str, *, clock: Clock | None = None, **_: Any
 ) -> MemoryTopic:
+    name = url_prefix(url.query) + name
     store = _TOPICS.setdefault((_store_name(url), name), _TopicStore())
     return MemoryTopic(url.raw, name, store, clock or SystemClock())

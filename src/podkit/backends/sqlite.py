@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from podkit.backends.base import (
+    KV,
     BackendError,
     Entry,
     Event,
@@ -35,6 +36,7 @@ from podkit.backends.base import (
     StartAt,
     UnsupportedURL,
 )
+from podkit.backends.prefixed import PrefixedKV, url_prefix
 from podkit.backends.url import BackendURL
 from podkit.clock import Clock, WallClock
 
@@ -955,8 +957,10 @@ class SQLiteTopic:
 # ---------------------------------------------------------------------------- opening
 
 
-async def open_kv(url: BackendURL, *, clock: Clock | None = None, **_: Any) -> SQLiteKV:
-    return SQLiteKV(await _Database.open(url, "kv"), clock or WallClock())
+async def open_kv(url: BackendURL, *, clock: Clock | None = None, **_: Any) -> KV:
+    kv = SQLiteKV(await _Database.open(url, "kv"), clock or WallClock())
+    prefix = url_prefix(url.query)
+    return PrefixedKV(kv, prefix, url.raw) if prefix else kv
 
 
 async def open_queue(
@@ -968,6 +972,7 @@ async def open_queue(
     dedupe_window: float = 3600.0,
     **_: Any,
 ) -> SQLiteQueue:
+    name = url_prefix(url.query) + name
     db = await _Database.open(url, f"queue:{name}")
     return SQLiteQueue(db, name, clock or WallClock(), max_attempts, dedupe_window)
 
@@ -975,4 +980,5 @@ async def open_queue(
 async def open_topic(
     url: BackendURL, name: str, *, clock: Clock | None = None, **_: Any
 ) -> SQLiteTopic:
+    name = url_prefix(url.query) + name
     return SQLiteTopic(await _Database.open(url, f"topic:{name}"), name, clock or WallClock())
