@@ -14,14 +14,18 @@ import os
 
 from setuptools import setup
 
-# the request path of `podkit lb`, the TLS sidecar and the split ambassador, and the
-# filters `podkit lb` runs per request (podkit.lb.hooks stays Python: users subclass it)
+# the proxy engine's request path (under `podkit lb`, the TLS sidecar and the split
+# ambassador), and the policies and filters `podkit lb` runs per request
+# (podkit.net.proxy.hooks stays Python: users subclass it)
 COMPILED = [
     "src/podkit/net/http.py",
     "src/podkit/net/pool.py",
     "src/podkit/net/tlsconn.py",
+    "src/podkit/net/proxy/engine.py",
+    "src/podkit/net/proxy/retry.py",
+    "src/podkit/net/proxy/upstream.py",
+    "src/podkit/lb/balancer.py",
     "src/podkit/lb/policy.py",
-    "src/podkit/lb/proxy.py",
     "src/podkit/lb/breaker.py",
     "src/podkit/lb/cache.py",
     "src/podkit/lb/filters.py",

@@ -137,7 +137,7 @@ def status(
 
 def _where(spec: Path, loc: tuple[str | int, ...]) -> str:
     """'file:line:col: field.path' for a field of a spec file (the field alone if unknown)."""
-    from podkit.system.yamlpos import format_path, load_with_positions, nearest_position
+    from podkit.yamlpos import format_path, load_with_positions, nearest_position
 
     where = str(spec)
     if loc and loc[0] != "--kube-version":

@@ -14,8 +14,9 @@ from typing import Any
 
 from aiohttp import web
 
+from podkit.lb.balancer import LoadBalancer
 from podkit.lb.features import Features, Worker
-from podkit.lb.proxy import LoadBalancer, ProxyConfig
+from podkit.net.proxy.engine import ProxyConfig
 
 
 @dataclass

@@ -15,10 +15,9 @@ from podkit.lb.breaker import (
     Refusal,
     RetryBudget,
     RetryPolicy,
-    RetryRate,
     Ticket,
-    is_retryable,
 )
+from podkit.net.proxy.retry import RetryRate, is_retryable
 
 
 def admitted(result: Ticket | Refusal) -> Ticket:

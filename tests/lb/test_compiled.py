@@ -56,10 +56,10 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def test_the_hot_modules_are_compiled(build: dict[str, str]) -> None:
     names = compiled_modules()
-    assert "podkit.lb.proxy" in names and "podkit.net.http" in names
+    assert "podkit.net.proxy.engine" in names and "podkit.net.http" in names
     code = "import importlib,sys\nfor n in sys.argv[1:]: print(importlib.import_module(n).__file__)"
     out = subprocess.run(
-        [sys.executable, "-c", code, *names, "podkit.lb.hooks"],
+        [sys.executable, "-c", code, *names, "podkit.net.proxy.hooks"],
         env=build,
         capture_output=True,
         text=True,

@@ -9,14 +9,14 @@ from unittest.mock import patch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from podkit.lb.proxy import (
-    LoadBalancer,
+from podkit.lb.balancer import LoadBalancer
+from podkit.net.http import HTTPError, ResponseHead, ResponseParser
+from podkit.net.proxy.engine import (
     ProxyConfig,
     UpstreamConnection,
     _chunked_end,
     _judge_head,
 )
-from podkit.net.http import HTTPError, ResponseHead, ResponseParser
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked"
 

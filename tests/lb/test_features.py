@@ -17,7 +17,7 @@ from podkit.backends import open_kv
 from podkit.lb.breaker import Limits
 from podkit.lb.features import Features, worker_share
 from podkit.lb.members import write_members
-from podkit.lb.proxy import ProxyConfig
+from podkit.net.proxy.engine import ProxyConfig
 from podkit.net.tls import self_signed
 from support import free_port
 
@@ -123,7 +123,7 @@ async def test_an_uncacheable_url_passes_through_the_fast_path() -> None:
 
     import aiohttp
 
-    from podkit.lb.proxy import UpstreamConnection
+    from podkit.net.proxy.engine import UpstreamConnection
 
     feats = Features(cache_bytes=1 << 20)
     full = 0

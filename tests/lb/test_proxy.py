@@ -24,16 +24,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from podkit.lb.hooks import BaseFilter, observes_responses
+from podkit.lb.balancer import LoadBalancer
 from podkit.lb.policy import Upstream, parse_upstream
-from podkit.lb.proxy import (
+from podkit.net.proxy.engine import (
     BACKOFF_BASE,
     BACKOFF_MAX,
     Exchange,
-    LoadBalancer,
     ProxyConfig,
     retry_backoff,
 )
+from podkit.net.proxy.hooks import BaseFilter, observes_responses
 from podkit.net.tls import self_signed, server_context
 from support import free_port
 

@@ -245,7 +245,7 @@ def health(
     from podkit.adapter.health import CheckConfig, HealthConfig, HealthMonitor
     from podkit.net.admin import Handler, JSONServer
     from podkit.net.listen import listening, run_server
-    from podkit.system.yamlpos import Position, load_yaml_file, validation_problems
+    from podkit.yamlpos import Position, load_yaml_file, validation_problems
 
     try:
         data: dict[str, Any] = {"checks": []}
@@ -313,7 +313,7 @@ def metrics(
     )
     from podkit.net.admin import Handler, JSONServer
     from podkit.net.listen import ListenError, listening, run_server
-    from podkit.system.yamlpos import load_yaml_file, validation_problems
+    from podkit.yamlpos import load_yaml_file, validation_problems
 
     given = [x for x in (redis, postgres, json_url) if x]
     if len(given) != 1:

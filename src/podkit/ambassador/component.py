@@ -201,7 +201,7 @@ def split(
 ) -> None:
     """Split HTTP traffic over weighted arms, each user sticking to one arm."""
     from podkit.ambassador.split import Splitter, UserKey
-    from podkit.lb.policy import parse_upstream
+    from podkit.net.proxy.upstream import parse_upstream
 
     try:
         arms = parse_arms(arm)
@@ -230,13 +230,13 @@ async def _run_split(
     admin_port: int | None,
 ) -> int:
     from podkit.ambassador.split import SplitMetrics, SplitPolicy, Splitter, UserKey, split_admin
-    from podkit.lb.proxy import LoadBalancer, ProxyConfig
     from podkit.net.listen import listening
+    from podkit.net.proxy.engine import Proxy, ProxyConfig
 
     assert isinstance(splitter, Splitter) and isinstance(key, UserKey)
     policy = SplitPolicy(splitter, key, names)
     metrics = SplitMetrics(policy)
-    lb = LoadBalancer(
+    lb = Proxy(
         ProxyConfig(
             upstreams=urls, host=host, port=port, reuse_port=False, name="podkit ambassador split"
         ),

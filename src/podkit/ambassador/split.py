@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
-from podkit.lb.hooks import BaseFilter
+from podkit.net.proxy.hooks import BaseFilter
 
 
 @dataclass(frozen=True)

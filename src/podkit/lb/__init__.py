@@ -2,9 +2,10 @@
 
 `LoadBalancer` (one worker's proxy), `ProxyConfig`, the policies (`RoundRobin`,
 `Weighted`, `LeastRequests`, `ConsistentHash`) over `Upstream`s, and the per-request
-pipeline (`podkit.lb.hooks.Filter`) where caching, rate limits, breakers and health plug in.
+pipeline (`podkit.net.proxy.hooks.Filter`) where caching, rate limits, breakers and health plug in.
 """
 
+from podkit.lb.balancer import LoadBalancer
 from podkit.lb.policy import (
     ConsistentHash,
     LeastRequests,
@@ -14,7 +15,7 @@ from podkit.lb.policy import (
     make_policy,
     parse_upstream,
 )
-from podkit.lb.proxy import LoadBalancer, ProxyConfig
+from podkit.net.proxy.engine import ProxyConfig
 
 __all__ = [
     "ConsistentHash",

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 import sys
 import tempfile
@@ -15,28 +14,13 @@ from typing import Annotated, Any
 
 import typer
 
+from podkit.lb.balancer import LoadBalancer
 from podkit.lb.features import Features
 from podkit.lb.policy import POLICIES, parse_upstream
-from podkit.lb.proxy import ProxyConfig
-from podkit.lb.workers import serve
 from podkit.net.listen import LISTEN_HELP, ListenError
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """`HOST:PORT`, `:PORT` or `PORT` (loopback then), `[v6]:PORT`."""
-    text = value.strip()
-    host = "127.0.0.1"
-    if text.startswith("["):
-        h, _, port = text[1:].partition("]:")
-        host = h
-    elif ":" in text:
-        h, _, port = text.rpartition(":")
-        host = h or "0.0.0.0"
-    else:
-        port = text
-    if not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"--listen {value!r}: expected HOST:PORT")
-    return host, int(port)
+from podkit.net.proxy.config import parse_listen, proxy_config
+from podkit.net.proxy.engine import ProxyConfig
+from podkit.net.proxy.workers import serve
 
 
 def build_config(
@@ -48,13 +32,11 @@ def build_config(
     members: bool = False,
     **options: Any,
 ) -> ProxyConfig:
-    """Check the flags and make the proxy's configuration; ValueError names the bad one.
-    With `members` (a membership source is given) no --upstream is needed."""
-    host, port = parse_listen(listen)
+    """Check the flags and make the balancer's configuration; ValueError names the bad
+    one. With `members` (a membership source is given) no --upstream is needed."""
+    parse_listen(listen)
     if not upstreams and not members:
         raise ValueError("at least one --upstream (or a --members-* source) is needed")
-    for u in upstreams:
-        parse_upstream(u)
     if policy not in POLICIES:
         raise ValueError(f"--policy {policy!r}: choose one of {', '.join(POLICIES)}")
     if hash_on is not None and policy != "consistent-hash":
@@ -63,22 +45,8 @@ def build_config(
         from podkit.lb.policy import ConsistentHash
 
         ConsistentHash([], hash_on or "ip")  # validates hash_on
-    if workers < 1:
-        raise ValueError("--workers must be at least 1")
-    for name, value in options.items():
-        if name.endswith("_timeout"):
-            off_allowed = name == "request_timeout"  # 0: no overall timeout
-            if not (value >= 0 if off_allowed else value > 0) or math.isinf(value):
-                need = ">= 0 (0: none)" if off_allowed else "> 0"
-                raise ValueError(f"--{name.replace('_', '-')} {value}: must be {need}, in seconds")
-    return ProxyConfig(
-        upstreams=list(upstreams),
-        host=host,
-        port=port,
-        policy=policy,
-        hash_on=hash_on,
-        workers=workers,
-        **options,
+    return proxy_config(
+        listen, upstreams, workers=workers, policy=policy, hash_on=hash_on, **options
     )
 
 
@@ -289,7 +257,12 @@ def lb(
         )
 
     try:
-        code = serve(config, features=features if features != Features() else None, ready=ready)
+        code = serve(
+            config,
+            features=features if features != Features() else None,
+            ready=ready,
+            proxy=LoadBalancer,
+        )
     except ListenError as exc:
         print(f"podkit lb: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None

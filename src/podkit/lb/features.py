@@ -1,6 +1,6 @@
 """The optional parts of `podkit lb`, assembled per worker from its flags.
 
-`Features` holds the flags; `podkit.lb.workers.serve(config, features=features)` calls
+`Features` holds the flags; `podkit.net.proxy.workers.serve(config, features=features)` calls
 it in each worker, which gets a `Worker`: its filters (in the order of
 `podkit.lb.filters`), its TLS context, and its background tasks (active health checks,
 membership watchers, certificate reloads, the admin server on `admin_port + index`).
@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import functools
 import re
-import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from ssl import SSLContext
@@ -26,21 +25,22 @@ from podkit.lb.breaker import Limits, RetryBudget
 from podkit.lb.cache import ResponseCache
 from podkit.lb.filters import BreakerFilter, CacheFilter, HealthFilter, RateLimitFilter, Timing
 from podkit.lb.health import ActiveCheck, HostHealth, Outliers, SharedHealth, owner_of
-from podkit.lb.hooks import Filter
 from podkit.lb.members import DNSMembers, FileMembers, KVMembers
 from podkit.lb.policy import Upstream
 from podkit.lb.ratelimit import Rate, RateLimiter, SharedBuckets
-from podkit.lb.workers import probe_port
+from podkit.net.proxy.engine import log as engine_log
+from podkit.net.proxy.hooks import Filter
+from podkit.net.proxy.workers import probe_port
 
 if TYPE_CHECKING:
-    from podkit.lb.proxy import LoadBalancer, ProxyConfig
+    from podkit.net.proxy.engine import Proxy, ProxyConfig
 
 UNLIMITED = 1 << 30
 
 
 def log(message: str, name: str = "podkit lb") -> None:
-    """One line on stderr, led by who logs it (`podkit sidecar tls` -> "sidecar tls:")."""
-    print(f"{name.removeprefix('podkit ')}: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, led by who logs it (`podkit lb` -> "lb:")."""
+    engine_log(name, message)
 
 
 _AVAILABLE = re.compile(r"lb: available: (\d+) of (\d+) upstreams \(worker (\d+)\)")
@@ -191,7 +191,7 @@ class Worker:
         self.config = config
         self.index = index
         self.log = functools.partial(log, name=config.name)
-        self.lb: LoadBalancer | None = None
+        self.lb: Proxy | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._kv: KVMembers | None = None
         self.rate = self.cache = self.health = self.breaker = None
@@ -286,7 +286,7 @@ class Worker:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(coro))
 
-    async def start(self, lb: LoadBalancer) -> None:
+    async def start(self, lb: Proxy) -> None:
         """Attach to the worker's proxy and start the background tasks."""
         self.lb = lb
         f = self.features

@@ -1,7 +1,7 @@
 """The filters `podkit lb` builds from its flags: rate limits, the cache, health, breakers.
 
 Each one adapts a sans-IO module (`podkit.lb.ratelimit`, `cache`, `health`, `breaker`) to
-the proxy's pipeline (`podkit.lb.hooks.Filter`). `podkit lb` installs them in this order:
+the proxy's pipeline (`podkit.net.proxy.hooks.Filter`). `podkit lb` installs them in this order:
 `RateLimitFilter`, `CacheFilter`, `HealthFilter`, `BreakerFilter` (the breaker last: its
 `admit` takes slots that only `on_done` gives back, so no filter after it may refuse).
 
@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING
 from podkit.lb.breaker import Breaker, Limits, Refusal, RetryBudget, Ticket
 from podkit.lb.cache import X_CACHE_MISS, CachedResponse, Fill, ResponseCache, Wait
 from podkit.lb.health import CONNECT_ERROR, HealthEvent, HostHealth
-from podkit.lb.hooks import BaseFilter, BodyObserver
 from podkit.lb.policy import Upstream
 from podkit.lb.ratelimit import RateLimiter
 from podkit.net.http import REASONS, ResponseHead, simple_response
+from podkit.net.proxy.hooks import BaseFilter, BodyObserver
 
 X_CACHE_MISS_LINE = b"%b: %b\r\n" % X_CACHE_MISS
 
 if TYPE_CHECKING:
-    from podkit.lb.proxy import Exchange, LoadBalancer
+    from podkit.net.proxy.engine import Exchange, Proxy
 
 _UNSAFE = frozenset({b"POST", b"PUT", b"DELETE", b"PATCH"})
 
@@ -184,12 +184,12 @@ class HealthFilter(BaseFilter):
     def __init__(self, health: HostHealth, *, log: Callable[[str], None] = lambda _: None) -> None:
         self.health = health
         self.log = log
-        self.lb: LoadBalancer | None = None
+        self.lb: Proxy | None = None
         self.checks = 0  # active checks made
         self.ejected: dict[str, int] = {}  # ejections per host
         health.on_event = self._event
 
-    def attach(self, lb: LoadBalancer) -> None:
+    def attach(self, lb: Proxy) -> None:
         """Follow `lb`'s upstreams (call again after each `lb.set_upstreams`)."""
         self.lb = lb
         self.health.set_hosts(u.name for u in lb.upstreams)

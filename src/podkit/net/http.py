@@ -87,7 +87,7 @@ class RequestHead:
     """A request line and its headers, as the client sent them.
 
     Treat it as read-only: a proxy may share one RequestHead between requests whose heads
-    are the same bytes (see `podkit.lb.proxy`)."""
+    are the same bytes (see `podkit.net.proxy.engine`)."""
 
     method: bytes
     target: bytes

@@ -188,10 +188,9 @@ def tls(
     import shutil
     import tempfile
 
-    from podkit.lb.component import build_config
-    from podkit.lb.features import Features
-    from podkit.lb.workers import serve
     from podkit.net.listen import ListenError
+    from podkit.net.proxy.config import proxy_config
+    from podkit.net.proxy.workers import serve, tls_termination
     from podkit.net.tls import pair_problem
     from podkit.net.tls import self_signed as make_self_signed
 
@@ -200,7 +199,7 @@ def tls(
         _tls_log("give --cert and --key, or --self-signed")
         raise typer.Exit(2)
     try:
-        config = build_config(listen, [target], workers=workers, scheme="https",
+        config = proxy_config(listen, [target], workers=workers, scheme="https",
                               idle_timeout=idle_timeout, name="podkit sidecar tls")  # fmt: skip
     except ValueError as exc:
         _tls_log(str(exc))
@@ -219,7 +218,7 @@ def tls(
     if problem is not None:
         _tls_log(f"--cert, --key: {problem}")
         raise typer.Exit(2)
-    features = Features(tls_cert=str(cert), tls_key=str(key))
+    features = tls_termination(cert, key)
     try:
         code = serve(
             config,

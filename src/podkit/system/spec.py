@@ -28,7 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from podkit.system.yamlpos import (
+from podkit.yamlpos import (
     YAMLSyntaxError,
     format_path,
     load_with_positions,

@@ -1,4 +1,7 @@
-"""The data plane of `podkit lb`: an HTTP/1.1 reverse proxy on asyncio protocols.
+"""The proxy engine: an HTTP/1.1 reverse proxy on asyncio protocols.
+
+`podkit lb`, `podkit sidecar tls` and `podkit ambassador split` are this engine with a
+policy, filters and TLS of their own (`Proxy(config, policy=..., filters=...)`).
 
 The hot path, for a keep-alive GET on a warm pool, is two `data_received` calls and two
 writes, without a task, a future or a timer:
@@ -29,7 +32,7 @@ is closed.
 Framing: one answer per request. An upstream connection goes back to its pool only when
 its answer ended exactly where its bytes did; bytes after a complete answer (a second
 answer in the same write, the start of one) or on an idle connection go to no client:
-the connection is closed and the event counted (`LoadBalancer.surplus`) and logged.
+the connection is closed and the event counted (`Proxy.surplus`) and logged.
 
 Failures: no available upstream 503; connect refused, reset before the answer, or an
 invalid answer (bad framing, a NUL or CR in a header) 502; no answer within
@@ -39,11 +42,11 @@ invalid answer is never retried (the upstream got the request and may have run i
 reset or a timeout before any byte of the answer is retried for
 idempotent requests and ones marked `x-podkit-retry: 1` (a body up to `REPLAY_LIMIT` is
 kept to send again), within a budget (20% of the requests of the last 10 s, plus 10 a
-second: `podkit.lb.breaker.RetryRate`). A retry goes to an upstream not tried yet at once;
+second: `podkit.net.proxy.retry.RetryRate`). A retry goes to an upstream not tried yet at once;
 when each was tried, it waits a jittered back-off (`retry_backoff`). Bad requests get
 400/414/431/501, then the connection closes; slow or idle clients get 408 or are closed.
 
-The per-request pipeline (`podkit.lb.hooks.Filter`) is where caching, rate limits,
+The per-request pipeline (`podkit.net.proxy.hooks.Filter`) is where caching, rate limits,
 circuit breakers and passive health plug in.
 """
 
@@ -60,9 +63,6 @@ from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from podkit.lb.breaker import RetryRate, is_retryable
-from podkit.lb.hooks import BodyObserver, Filter, observes_responses
-from podkit.lb.policy import Policy, Upstream, make_policy, parse_upstream
 from podkit.net.http import (
     HOP_BY_HOP,
     LAST_CHUNK,
@@ -75,6 +75,9 @@ from podkit.net.http import (
     simple_response,
 )
 from podkit.net.pool import ConnectionPool, PooledConnection
+from podkit.net.proxy.hooks import BodyObserver, Filter, observes_responses
+from podkit.net.proxy.retry import RetryRate, is_retryable
+from podkit.net.proxy.upstream import Policy, RoundRobin, Upstream, parse_upstream
 from podkit.net.tlsconn import TLSConnection
 
 PENDING_LIMIT = 256 * 1024  # request bytes held for an upstream before reading pauses
@@ -101,12 +104,12 @@ EXTRA_HEAD = "podkit.extra_head"
 
 @dataclass
 class ProxyConfig:
-    """Everything one worker needs; `podkit lb` flags map onto these fields."""
+    """Everything one worker needs; the flags of `podkit lb` and the sidecar map onto these."""
 
     upstreams: list[str]
     host: str = "127.0.0.1"
     port: int = 8080
-    policy: str = "round-robin"
+    policy: str = "round-robin"  # podkit lb's policy by name (`podkit.lb.policy`)
     hash_on: str | None = None
     workers: int = 1
     scheme: str = "http"  # what X-Forwarded-Proto says
@@ -123,7 +126,7 @@ class ProxyConfig:
     max_idle_per_upstream: int = 128
     tries: int = 3  # attempts per request (retries only when safe, see the module doc)
     retry_percent: float = 20.0  # retry budget: retries per requests over 10 s, in percent,
-    retry_per_second: float = 10.0  # plus this many a second (`podkit.lb.breaker.RetryRate`)
+    retry_per_second: float = 10.0  # plus this many a second (`podkit.net.proxy.retry.RetryRate`)
     tick: float = 0.25  # how often the sweeper checks timeouts
     reuse_port: bool = True
     backlog: int = 1024
@@ -217,7 +220,7 @@ class ClientConnection(asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, lb: LoadBalancer) -> None:
+    def __init__(self, lb: Proxy) -> None:
         self.lb = lb
         self.transport: asyncio.Transport | None = None
         self.parser = RequestParser(self, **lb.config.limits)
@@ -882,7 +885,7 @@ class UpstreamConnection(PooledConnection):
         "tunnel",
     )
 
-    def __init__(self, lb: LoadBalancer) -> None:
+    def __init__(self, lb: Proxy) -> None:
         super().__init__()
         self.remaining = 0  # body bytes still to pass through on the fast path
         self.status = 0
@@ -1310,8 +1313,9 @@ def _judge_head(head: bytes) -> tuple[int, int]:
     return status, int(value)
 
 
-class LoadBalancer:
-    """One worker's proxy: a listening socket, the upstreams and their pools, the sweeper."""
+class Proxy:
+    """One worker's proxy: a listening socket, the upstreams and their pools, the sweeper.
+    `policy` picks the upstream of each try (round-robin unless given)."""
 
     def __init__(
         self,
@@ -1322,7 +1326,7 @@ class LoadBalancer:
     ) -> None:
         self.config = config
         self.upstreams: list[Upstream] = [parse_upstream(u) for u in config.upstreams]
-        self.policy = policy or make_policy(config.policy, self.upstreams, config.hash_on)
+        self.policy = policy if policy is not None else self.default_policy(self.upstreams)
         if policy is not None:
             policy.set_upstreams(self.upstreams)
         for u in self.upstreams:
@@ -1342,11 +1346,13 @@ class LoadBalancer:
         self.requests = 0  # tries ended
         self.retry_rate = RetryRate(config.retry_percent, config.retry_per_second)
         self.surplus = 0  # upstream connections closed for bytes after an answer
-        # log lines start with who serves: `podkit sidecar tls` -> "sidecar tls"
-        self.log_name = config.name.removeprefix("podkit ")
         self.unreported = 0  # failed answers not logged yet
         self.last_failure = ""  # the newest of them (status: detail)
         self.next_report = 0.0  # when they may be logged
+
+    def default_policy(self, upstreams: list[Upstream]) -> Policy:
+        """The policy when none is given: round-robin."""
+        return RoundRobin(upstreams)
 
     def report_failure(self, status: int, detail: str) -> None:
         """Count an answer of 5xx the balancer gave itself; log it now unless one was
@@ -1373,7 +1379,7 @@ class LoadBalancer:
         )
 
     def log(self, message: str) -> None:
-        print(f"{self.log_name}: {message}", file=sys.stderr, flush=True)
+        log(self.config.name, message)
 
     def surplus_answer(self, upstream: str, size: int) -> None:
         """An upstream sent bytes after a complete answer, or while idle: its connection
@@ -1497,6 +1503,11 @@ class LoadBalancer:
         for u in self.upstreams:
             if u.pool is not None:
                 u.pool.close()
+
+
+def log(name: str, message: str) -> None:
+    """One line on stderr, led by who serves (`podkit sidecar tls` -> "sidecar tls:")."""
+    print(f"{name.removeprefix('podkit ')}: {message}", file=sys.stderr, flush=True)
 
 
 def listen_socket(

@@ -34,9 +34,9 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from podkit.lb.policy import Upstream
-    from podkit.lb.proxy import Exchange
     from podkit.net.http import ResponseHead
+    from podkit.net.proxy.engine import Exchange
+    from podkit.net.proxy.upstream import Upstream
 
 
 class BodyObserver(Protocol):

@@ -1,4 +1,4 @@
-"""Worker processes: N copies of the proxy sharing one port through SO_REUSEPORT.
+"""Worker processes: N copies of a proxy sharing one port through SO_REUSEPORT.
 
 First the ports are checked (`ListenError` names the one that cannot be bound), the
 proxy's without SO_REUSEPORT, so a port another process holds is refused rather than
@@ -11,7 +11,9 @@ workers to drain.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import gc
 import multiprocessing
 import os
@@ -25,11 +27,12 @@ from ssl import SSLContext
 from typing import Protocol
 
 from podkit.aio import run_async, stop_event
-from podkit.lb.hooks import Filter
-from podkit.lb.proxy import LoadBalancer, ProxyConfig, listen_socket
 from podkit.net.listen import ListenError
+from podkit.net.proxy.engine import Proxy, ProxyConfig, listen_socket, log
+from podkit.net.proxy.hooks import Filter
 
 FilterFactory = Callable[[ProxyConfig], Sequence[Filter]]
+ProxyFactory = Callable[..., Proxy]  # (config, *, filters) -> Proxy: a class or a partial
 
 
 class WorkerFeatures(Protocol):
@@ -38,7 +41,7 @@ class WorkerFeatures(Protocol):
     filters: Sequence[Filter]
     ssl: SSLContext | None
 
-    async def start(self, lb: LoadBalancer) -> None: ...
+    async def start(self, lb: Proxy) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -53,11 +56,13 @@ async def run_worker(
     sock: socket.socket | None = None,
     features: FeaturesFactory | None = None,
     index: int = 0,
+    proxy: ProxyFactory = Proxy,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain for up to `grace` seconds."""
+    """Serve until SIGTERM or SIGINT, then drain for up to `grace` seconds. `proxy` makes
+    the worker's proxy (`Proxy`, a subclass, or a partial with a policy)."""
     extra = features(config, index) if features else None
     chain = [*(filters(config) if filters else ()), *(extra.filters if extra else ())]
-    lb = LoadBalancer(config, filters=chain)
+    lb = proxy(config, filters=chain)
     await lb.start(sock, ssl=extra.ssl if extra else None)
     if extra is not None:
         await extra.start(lb)
@@ -78,10 +83,13 @@ def _worker_main(
     sock: socket.socket | None,
     features: FeaturesFactory | None = None,
     index: int = 0,
+    proxy: ProxyFactory = Proxy,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM stops us
     with contextlib.suppress(KeyboardInterrupt):
-        run_async(run_worker(config, filters, sock=sock, features=features, index=index))
+        run_async(
+            run_worker(config, filters, sock=sock, features=features, index=index, proxy=proxy)
+        )
 
 
 def probe_port(host: str, port: int, flag: str = "") -> int:
@@ -99,10 +107,12 @@ def serve(
     filters: FilterFactory | None = None,
     features: FeaturesFactory | None = None,
     ready: Callable[[], None] | None = None,
+    proxy: ProxyFactory = Proxy,
 ) -> int:
-    """Run `config.workers` proxies on the port until signalled; return an exit code.
-    `features(config, i)` is called in worker i (0-based) to add its filters and tasks;
-    `ready()` once the ports are known to be free. A port in use raises ListenError."""
+    """Run `config.workers` proxies (made by `proxy`) on the port until signalled; return
+    an exit code. `features(config, i)` is called in worker i (0-based) to add its filters
+    and tasks; `ready()` once the ports are known to be free. A port in use raises
+    ListenError."""
     shared: socket.socket | None = None
     if config.reuse_port:  # port 0: every worker takes the one the system gives here
         config.port = probe_port(config.host, config.port)
@@ -118,7 +128,7 @@ def serve(
     if ready is not None:
         ready()
     if config.workers <= 1:
-        run_async(run_worker(config, filters, sock=shared, features=features))
+        run_async(run_worker(config, filters, sock=shared, features=features, proxy=proxy))
         return 0
     ctx = multiprocessing.get_context("fork")
     procs: list[multiprocessing.process.BaseProcess] = []
@@ -127,7 +137,7 @@ def serve(
     def start(i: int) -> multiprocessing.process.BaseProcess:
         p = ctx.Process(
             target=_worker_main,
-            args=(config, filters, shared, features, i),
+            args=(config, filters, shared, features, i, proxy),
             name=f"lb-worker-{i}",
         )
         p.start()
@@ -169,3 +179,34 @@ def serve(
                 time.sleep(0.1)
                 procs[i] = start(i)
     return 0
+
+
+class TLSTermination:
+    """What each worker of a TLS-terminating proxy adds: the certificate's context,
+    reloaded when its files change (checked each second; a pair that does not load is
+    logged and the last good one kept)."""
+
+    filters: Sequence[Filter] = ()
+
+    def __init__(
+        self, cert: str | os.PathLike[str], key: str | os.PathLike[str], name: str
+    ) -> None:
+        from podkit.net.tls import ReloadingContext
+
+        self._tls = ReloadingContext(cert, key, log=functools.partial(log, name))
+        self.ssl: SSLContext | None = self._tls.context
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, lb: Proxy) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._tls.run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def tls_termination(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> FeaturesFactory:
+    """`serve(..., features=tls_termination(cert, key))`: every worker speaks TLS."""
+    return lambda config, index: TLSTermination(cert, key, config.name)
