@@ -11,12 +11,8 @@ from hypothesis import strategies as st
 
 from podkit.lb.balancer import LoadBalancer
 from podkit.net.http import HTTPError, ResponseHead, ResponseParser
-from podkit.net.proxy.engine import (
-    ProxyConfig,
-    UpstreamConnection,
-    _chunked_end,
-    _judge_head,
-)
+from podkit.net.proxy.engine import ProxyConfig
+from podkit.net.proxy.upstreamconn import UpstreamConnection, _chunked_end, _judge_head
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked"
 

@@ -123,7 +123,7 @@ async def test_an_uncacheable_url_passes_through_the_fast_path() -> None:
 
     import aiohttp
 
-    from podkit.net.proxy.engine import UpstreamConnection
+    from podkit.net.proxy.upstreamconn import UpstreamConnection
 
     feats = Features(cache_bytes=1 << 20)
     full = 0

@@ -26,14 +26,9 @@ from aiohttp import web
 
 from podkit.lb.balancer import LoadBalancer
 from podkit.lb.policy import Upstream, parse_upstream
-from podkit.net.proxy.engine import (
-    BACKOFF_BASE,
-    BACKOFF_MAX,
-    Exchange,
-    ProxyConfig,
-    retry_backoff,
-)
+from podkit.net.proxy.engine import Exchange, ProxyConfig
 from podkit.net.proxy.hooks import BaseFilter, observes_responses
+from podkit.net.proxy.retry import BACKOFF_BASE, BACKOFF_MAX, retry_backoff
 from podkit.net.tls import self_signed, server_context
 from support import free_port
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from podkit.net.http import ResponseHead
-    from podkit.net.proxy.engine import Exchange
+    from podkit.net.proxy.exchange import Exchange
     from podkit.net.proxy.upstream import Upstream
 
 

@@ -6,6 +6,8 @@
   `allow(now, tries) -> bool`, `exempt()`; counters `allowed`, `refused`, `exempted`.
   The engine keeps one per worker, always on: retries add at most `percent` to the
   requests of the last window, plus `per_second`.
+- `retry_backoff(tries, draw) -> float`: the jittered wait before a retry to an upstream
+  already tried.
 """
 
 from __future__ import annotations
@@ -16,6 +18,16 @@ from typing import Final
 
 IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 RETRY_HEADER: Final = b"x-podkit-retry"
+BACKOFF_BASE: Final = 0.025  # a retry to an upstream already tried waits about this, doubling
+BACKOFF_MAX: Final = 0.25
+
+
+def retry_backoff(tries: int, draw: float) -> float:
+    """Seconds to wait after `tries` tries before a retry to an upstream already tried:
+    `BACKOFF_BASE * 2**(tries - 1)`, capped at `BACKOFF_MAX`, then between half and all
+    of it (`draw` in [0, 1) picks where)."""
+    ceiling = min(BACKOFF_MAX, BACKOFF_BASE * 2.0 ** max(0, tries - 1))
+    return ceiling * (0.5 + 0.5 * draw)
 
 
 class RetryRate:
