@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -176,6 +177,54 @@ async def test_http_source(tmp_path: Path) -> None:
     assert (await wq.stats()).depth == 4
     await src.close()
     await wq.close()
+
+
+async def _raw(port: int, data: bytes) -> bytes:
+    """Send `data` on a new connection; everything the server says until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return answer
+
+
+async def test_http_source_takes_a_chunked_body_and_refuses_a_bad_length(
+    tmp_path: Path,
+) -> None:
+    wq = await WorkQueue.open(f"sqlite:///{tmp_path / 'q.db'}", "web")
+    src = sources.HTTPSource(wq, port=0)
+    await src.start()
+    try:
+        chunked = await _raw(
+            src.port,
+            b"POST /enqueue HTTP/1.1\r\nHost: q\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n4\r\n[1, \r\n5\r\n2, 3]\r\n0\r\n\r\n",
+        )
+        assert chunked.startswith(b"HTTP/1.1 202 ")
+        assert (await wq.stats()).depth == 3  # every item of the chunked body enqueued
+        for bad in (b"Content-Length: 1x", b"Content-Length: -1",
+                    b"Content-Length: 3\r\nContent-Length: 4"):  # fmt: skip
+            answer = await _raw(
+                src.port, b"POST /enqueue HTTP/1.1\r\nHost: q\r\n%b\r\n\r\n[1]" % bad
+            )
+            assert answer.startswith(b"HTTP/1.1 400 "), (bad, answer)
+            assert b"Content-Length" in answer and b"Connection: close" in answer
+        huge = await _raw(
+            src.port, b"POST /enqueue HTTP/1.1\r\nHost: q\r\nContent-Length: 99999999\r\n\r\n"
+        )
+        assert huge.startswith(b"HTTP/1.1 413 ")
+        # two pipelined requests, then a malformed one: both answered, then the 400
+        two = await _raw(
+            src.port,
+            b"POST /enqueue HTTP/1.1\r\nHost: q\r\nContent-Length: 1\r\n\r\n7"
+            b"GET /enqueue HTTP/1.1\r\nHost: q\r\n\r\nBAD\r\n\r\n",
+        )
+        assert re.findall(rb"HTTP/1.1 (\d+) ", two) == [b"202", b"405", b"400"]
+        assert (await wq.stats()).depth == 4  # nothing accepted was lost, nothing more added
+    finally:
+        await src.close()
+        await wq.close()
 
 
 def test_http_worker(tmp_path: Path) -> None:

@@ -1,16 +1,16 @@
-"""A small JSON-over-HTTP/1.1 server for control and admin endpoints (GET only)."""
+"""A small JSON-over-HTTP/1.1 server for control and admin endpoints (GET only), on
+`podkit.net.server.HTTPServer`."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from podkit.aio import wait_for
+from podkit.net.server import HTTPServer, Request, Response
 
 Handler = Callable[[], Awaitable[tuple[int, Any]] | tuple[int, Any]]
-REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+TEXT = b"text/plain; version=0.0.4; charset=utf-8"  # Prometheus exposition
 
 
 class JSONServer:
@@ -20,23 +20,27 @@ class JSONServer:
 
     def __init__(self, routes: dict[str, Handler], host: str = "127.0.0.1", port: int = 0) -> None:
         self.routes = routes
-        self.host = host
-        self.port = port
-        self._server: asyncio.Server | None = None
+        self._http = HTTPServer(self._handle, host, port)
+
+    @property
+    def host(self) -> str:
+        return self._http.host
+
+    @property
+    def port(self) -> int:
+        return self._http.port
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return self._http.url
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
+        await self._http.start()
 
     async def _answer(self, method: bytes, path: str) -> tuple[int, Any]:
-        route = path.split("?", 1)[0]
-        handler = self.routes.get(route)
+        handler = self.routes.get(path)
         if handler is None:
-            if route == "/":  # an index, for whoever tries the bare address
+            if path == "/":  # an index, for whoever tries the bare address
                 return 200, {"paths": sorted(self.routes)}
             return 404, {"error": f"not found: {path}", "paths": sorted(self.routes)}
         if method not in (b"GET", b"HEAD"):
@@ -46,35 +50,11 @@ class JSONServer:
             result = await result
         return result
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-                line = head.split(b"\r\n", 1)[0].split(b" ")
-                if len(line) != 3:
-                    status, body = 400, {"error": "malformed request line"}
-                    keep = False
-                else:
-                    status, body = await self._answer(line[0], line[1].decode("latin-1"))
-                    keep = b"connection: close" not in head.lower() and line[2] == b"HTTP/1.1"
-                if isinstance(body, bytes):  # text as it is (Prometheus exposition)
-                    data, ctype = body, "text/plain; version=0.0.4; charset=utf-8"
-                else:
-                    data, ctype = json.dumps(body).encode(), "application/json"
-                writer.write(
-                    f"HTTP/1.1 {status} {REASONS.get(status, 'Bad Request')}\r\n"
-                    f"Content-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
-                    f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n".encode()
-                    + data
-                )
-                await writer.drain()
-                if not keep:
-                    return
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
+    async def _handle(self, req: Request) -> Response:
+        status, body = await self._answer(req.method, req.path)
+        if isinstance(body, bytes):
+            return Response(status, body, TEXT)
+        return Response(status, json.dumps(body).encode())
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        await self._http.close()

@@ -285,7 +285,10 @@ class _Headers:
         if self._error is not None:
             return self._error
         ctx = exc.__context__
-        if ctx is not None and not isinstance(ctx, HTTPError):
+        if isinstance(ctx, HTTPError):  # a handler refused the message (a body too large)
+            self._error = ctx
+            return ctx
+        if ctx is not None:
             raise ctx  # a bug in a handler: surface it, do not disguise it as bad input
         reason = str(exc.args[0]) if exc.args else type(exc).__name__
         if "PRI" in reason:  # llhttp stops at the HTTP/2 preface

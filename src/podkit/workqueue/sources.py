@@ -15,6 +15,7 @@ from typing import Any
 
 from podkit.aio import wait_for
 from podkit.backends import open_kv
+from podkit.net.server import HTTPServer, Request, Response
 from podkit.workqueue.core import WorkQueue
 
 Log = Callable[[str], None]
@@ -192,60 +193,42 @@ def _str(value: bytes | str) -> str:
 
 class HTTPSource:
     """`POST /enqueue` with a JSON body (an item, or a list of items) adds them; an
-    `Idempotency-Key` header dedupes a single item. Answers 202 with the ids."""
+    `Idempotency-Key` header dedupes a single item. Answers 202 with the ids. Bodies may
+    be chunked; malformed requests get 400 (and 413 over 16 MiB), then the connection
+    closes (`podkit.net.server`)."""
 
     def __init__(self, wq: WorkQueue, host: str = "127.0.0.1", port: int = 8090) -> None:
         self.wq = wq
-        self.host = host
-        self.port = port
+        self._http = HTTPServer(self._handle, host, port, name="podkit queue source http")
+
+    @property
+    def host(self) -> str:
+        return self._http.host
+
+    @property
+    def port(self) -> int:
+        return self._http.port
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
+        await self._http.start()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-            lines_ = head.decode("latin-1").split("\r\n")
-            method, path, _ = [*lines_[0].split(" "), "", "", ""][:3]
-            headers = {
-                k.strip().lower(): v.strip()
-                for k, v in (ln.split(":", 1) for ln in lines_[1:] if ":" in ln)
-            }
-            length = int(headers.get("content-length", "0"))
-            if length > 16 << 20:
-                status, body = 413, {"error": "body over 16 MiB"}
-            else:
-                data = await wait_for(reader.readexactly(length), 30)
-                status, body = await self._answer(method, path, headers, data)
-            payload = json.dumps(body).encode()
-            writer.write(
-                f"HTTP/1.1 {status} {'Accepted' if status == 202 else 'Error'}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-                "Connection: close\r\n\r\n".encode()
-                + payload
-            )
-            await writer.drain()
-        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
+    async def _handle(self, req: Request) -> Response:
+        status, body = await self._answer(req)
+        return Response(status, json.dumps(body).encode())
 
-    async def _answer(
-        self, method: str, path: str, headers: dict[str, str], data: bytes
-    ) -> tuple[int, Any]:
-        if path != "/enqueue":
+    async def _answer(self, req: Request) -> tuple[int, Any]:
+        if req.path != "/enqueue":
             return 404, {"error": "POST /enqueue"}
-        if method != "POST":
+        if req.method != b"POST":
             return 405, {"error": "POST /enqueue"}
         try:
-            item = json.loads(data)
+            item = json.loads(req.body)
         except ValueError as exc:
             return 400, {"error": f"body is not JSON: {exc}"}
         if isinstance(item, list):
             return 202, {"ids": await self.wq.enqueue_many(item)}
-        key = headers.get("idempotency-key")
-        return 202, {"ids": [await self.wq.enqueue(item, key=key)]}
+        key = req.header(b"idempotency-key")
+        return 202, {"ids": [await self.wq.enqueue(item, key=_str(key) if key else None)]}
 
     async def close(self) -> None:
-        self._server.close()
+        await self._http.close()
