@@ -28,6 +28,7 @@ from podkit.backends.base import (
     Topic,
     UnsupportedURL,
 )
+from podkit.backends.cas import cas_update
 from podkit.backends.url import BackendURL, mask
 
 # scheme -> (module, which Protocols it offers)
@@ -102,6 +103,7 @@ __all__ = [
     "Subscription",
     "Topic",
     "UnsupportedURL",
+    "cas_update",
     "mask",
     "open_kv",
     "open_queue",

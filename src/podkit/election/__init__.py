@@ -3,6 +3,7 @@
 from podkit.election import LeaderElection, Lock, FencedResource
 """
 
+from podkit.backends.cas import cas_update  # here too: election began with it
 from podkit.election.core import (
     PREFIX,
     FencedResource,
@@ -13,7 +14,6 @@ from podkit.election.core import (
     Lock,
     Session,
     StaleToken,
-    cas_update,
 )
 
 __all__ = [
