@@ -28,6 +28,7 @@ COMPILED = [
     "src/podkit/net/proxy/engine.py",
     "src/podkit/net/proxy/retry.py",
     "src/podkit/net/proxy/upstream.py",
+    "src/podkit/ring.py",
     "src/podkit/lb/balancer.py",
     "src/podkit/lb/policy.py",
     "src/podkit/lb/breaker.py",

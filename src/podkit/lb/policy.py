@@ -11,22 +11,21 @@ flip that flag, the policies only read it.
   beside a weight 1, interleaved rather than in bursts.
 - `LeastRequests`: power of two choices: two upstreams at random, the one with fewer
   requests in flight (per unit of weight) wins. Near-best balance, O(1), no herding.
-- `ConsistentHash`: a hash ring keyed on a header, a cookie or the client IP. Each upstream
-  owns `160 * weight` points placed by hashing its own name, so a replica that leaves
-  moves only the keys it owned (to the next points on the ring) and one that joins takes
-  only keys from its neighbours. A key on an unavailable upstream walks on to the next
-  available one, and comes back when the upstream does.
+- `ConsistentHash`: a hash ring (`podkit.ring`) keyed on a header, a cookie or the client
+  IP. Each upstream owns `160 * weight` points placed by hashing its own name, so a
+  replica that leaves moves only the keys it owned (to the next points on the ring) and
+  one that joins takes only keys from its neighbours. A key on an unavailable upstream
+  walks on to the next available one, and comes back when the upstream does.
 """
 
 from __future__ import annotations
 
-import bisect
-import hashlib
 import random
 from collections.abc import Iterable
 
 from podkit.net.http import RequestHead
 from podkit.net.proxy.upstream import Policy, RoundRobin, Upstream, parse_upstream
+from podkit.ring import Ring
 
 __all__ = [
     "POLICIES",
@@ -103,10 +102,6 @@ class LeastRequests(RoundRobin):
         return a if a.inflight * b.weight <= b.inflight * a.weight else b
 
 
-def _hash64(data: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
-
-
 class ConsistentHash:
     """A hash ring keyed on `header:NAME`, `cookie:NAME` or `ip` (the client address).
 
@@ -124,19 +119,12 @@ class ConsistentHash:
         self.kind = kind
         self.key_name = arg.strip().lower().encode()
         self.upstreams: list[Upstream] = []
-        self._points: list[int] = []
-        self._owners: list[Upstream] = []
+        self.ring: Ring[Upstream] = Ring()
         self.set_upstreams(list(upstreams))
 
     def set_upstreams(self, upstreams: list[Upstream]) -> None:
         self.upstreams = list(upstreams)
-        ring: list[tuple[int, str, Upstream]] = []
-        for u in self.upstreams:
-            for i in range(self.POINTS * u.weight):
-                ring.append((_hash64(f"{u.name}#{i}".encode()), u.name, u))
-        ring.sort(key=lambda p: (p[0], p[1]))
-        self._points = [p[0] for p in ring]
-        self._owners = [p[2] for p in ring]
+        self.ring = Ring(((u, u.name, u.weight) for u in self.upstreams), self.POINTS)
 
     def key(self, head: RequestHead, client: str) -> bytes:
         if self.kind == "header":
@@ -155,21 +143,9 @@ class ConsistentHash:
 
     def owner(self, key: bytes, exclude: set[Upstream] | None = None) -> Upstream | None:
         """The available upstream owning `key` on the ring."""
-        points = self._points
-        n = len(points)
-        if not n:
-            return None
-        owners = self._owners
-        i = bisect.bisect_left(points, _hash64(key))
-        seen: set[Upstream] = set()
-        for j in range(n):
-            u = owners[(i + j) % n]
-            if u.available and (exclude is None or u not in exclude):
-                return u
-            seen.add(u)
-            if len(seen) == len(self.upstreams):
-                break
-        return None
+        if exclude is None:
+            return self.ring.owner(key, _available)
+        return self.ring.owner(key, lambda u: u.available and u not in exclude)
 
     def pick(
         self, head: RequestHead, client: str, exclude: set[Upstream] | None = None
@@ -178,6 +154,10 @@ class ConsistentHash:
 
 
 POLICIES = ("round-robin", "weighted", "least-requests", "consistent-hash")
+
+
+def _available(u: Upstream) -> bool:
+    return u.available
 
 
 def make_policy(name: str, upstreams: list[Upstream], hash_on: str | None = None) -> Policy:
