@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean wheel
 
 $(BIN)/podkit: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,11 +19,20 @@ demo: venv
 
 ## lint, type-check and run the whole test suite against real servers
 test: venv
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
+## a platform wheel with the request path compiled by mypyc, from a fresh build venv, in dist/
+wheel:
+	rm -rf .build-venv dist
+	$(PY) -m venv .build-venv
+	.build-venv/bin/pip install -q --upgrade pip 'setuptools>=77' wheel 'mypy==2.4.1' types-PyYAML
+	.build-venv/bin/pip install -q '.[all]'
+	PODKIT_COMPILE=1 .build-venv/bin/pip wheel -q --no-deps --no-build-isolation --wheel-dir dist .
+	$(PY) tools/check_wheel.py dist/podkit-*.whl
+
 clean:
-	rm -rf $(VENV) .podkit
+	rm -rf $(VENV) .podkit .build-venv dist build

@@ -229,3 +229,41 @@ async def test_port_0_serves_every_worker_on_the_port_it_prints() -> None:
         proc.terminate()
         proc.wait(10)
         await runner.cleanup()
+
+
+async def test_the_admin_port_serves_metrics_per_worker(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    runner, app_port = await app_server()
+    cert, key = self_signed(tmp_path, ["localhost", "127.0.0.1"])
+    port, admin = free_port(), free_port()
+    proc = subprocess.Popen(
+        [*PODKIT, "sidecar", "tls", "--upstream", str(app_port), "--listen",
+         f"127.0.0.1:{port}", "--cert", str(cert), "--key", str(key),
+         "--admin-port", str(admin)],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await wait_listening(port, proc)
+        await wait_listening(admin, proc)
+        ctx = client_ctx(cert)
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):
+                async with s.get(f"https://127.0.0.1:{port}/x", ssl=ctx) as r:
+                    assert r.status == 200
+            async with s.get(f"http://127.0.0.1:{admin}/metrics") as r:
+                text = await r.text()
+            async with s.get(f"http://127.0.0.1:{admin}/healthz") as r:
+                assert r.status == 200
+        samples = {
+            (m.name, tuple(sorted(m.labels.items()))): m.value
+            for fam in text_string_to_metric_families(text)
+            for m in fam.samples
+        }
+        assert samples[("podkit_sidecar_tls_tries_total", ())] == 3
+        up = (("upstream", f"127.0.0.1:{app_port}"),)
+        assert samples[("podkit_sidecar_tls_upstream_available", up)] == 1.0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        await runner.cleanup()

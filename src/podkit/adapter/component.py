@@ -243,8 +243,8 @@ def health(
     from pydantic import ValidationError
 
     from podkit.adapter.health import CheckConfig, HealthConfig, HealthMonitor
-    from podkit.net.admin import Handler, JSONServer
     from podkit.net.listen import listening, run_server
+    from podkit.observe.admin import AdminServer, Handler
     from podkit.yamlpos import Position, load_yaml_file, validation_problems
 
     try:
@@ -274,7 +274,7 @@ def health(
             "/readyz": lambda: monitor.report("ready"),
             "/healthz": lambda: monitor.report("live"),
         }
-        server = JSONServer(routes, host, port)
+        server = AdminServer(routes, host, port)
         await listening(server.start(), "--port", host, port)
         monitor.start()
         names = ", ".join(CheckConfig.model_validate(c).label for c in cfg.checks)
@@ -311,8 +311,8 @@ def metrics(
         RedisSource,
         Source,
     )
-    from podkit.net.admin import Handler, JSONServer
     from podkit.net.listen import ListenError, listening, run_server
+    from podkit.observe.admin import AdminServer, Handler
     from podkit.yamlpos import load_yaml_file, validation_problems
 
     given = [x for x in (redis, postgres, json_url) if x]
@@ -355,7 +355,7 @@ def metrics(
             return 200, text
 
         routes: dict[str, Handler] = {"/metrics": scrape}
-        server = JSONServer(routes, host, port)
+        server = AdminServer(routes, host, port)
         try:
             await listening(server.start(), "--port", host, port)
         except ListenError:

@@ -33,15 +33,15 @@ def _split_log(message: str) -> None:
 
 
 async def _run_broker(broker: Broker, admin_port: int | None) -> int:
-    from podkit.net.admin import JSONServer
     from podkit.net.listen import listening
+    from podkit.observe.admin import AdminServer
 
     admin = None
     try:
         await listening(broker.start(), "--listen", broker.host, broker.port)
         _log(f"listening on {broker.host}:{broker.port}")
         if admin_port is not None:
-            admin = JSONServer(
+            admin = AdminServer(
                 {
                     "/status": lambda: (200, broker.status()),
                     "/healthz": lambda: (200, {"ok": True}),

@@ -250,7 +250,8 @@ class SplitMetrics(BaseFilter):
 async def split_admin(
     policy: SplitPolicy, metrics: SplitMetrics, host: str, port: int, log: Any
 ) -> Any:
-    """The admin port: GET /status, GET /metrics, GET /weights, PUT /weights {arm: w}."""
+    """The admin port: GET /status, /metrics, /healthz, /readyz, /weights; PUT /weights
+    {arm: w}."""
     import json
 
     from aiohttp import web
@@ -277,8 +278,12 @@ async def split_admin(
         log(f"weights now {policy.splitter.weights()}")
         return web.json_response(policy.splitter.weights())
 
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
     app = web.Application()
-    app.add_routes([web.get("/status", status), web.get("/metrics", prometheus),
+    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", healthz),
+                    web.get("/status", status), web.get("/metrics", prometheus),
                     web.get("/weights", get_weights), web.put("/weights", put_weights),
                     web.post("/weights", put_weights)])  # fmt: skip
     runner = web.AppRunner(app, access_log=None)

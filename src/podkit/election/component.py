@@ -26,7 +26,7 @@ import typer
 from podkit.aio import run_async, stop_event
 from podkit.backends import BackendError, open_kv
 from podkit.election.core import Election, LeaderElection, LeadershipLost
-from podkit.net.admin import JSONServer
+from podkit.observe.admin import AdminServer
 from podkit.proc import parent_death_signal, stop_group
 
 
@@ -53,7 +53,7 @@ class Elector:
         self.config = config
         self.election = election
         self.child: asyncio.subprocess.Process | None = None
-        self.http = JSONServer(
+        self.http = AdminServer(
             {"/leader": self.leader, "/me": self.me, "/healthz": lambda: (200, {"ok": True})},
             config.host,
             config.port,

@@ -294,14 +294,21 @@ class AdminServer:
             return 200, "text/plain; version=0.0.4; charset=utf-8", text
         if path == "/status" and method in ("GET", "HEAD"):
             return 200, "application/json", json.dumps(status(self.worker), indent=1).encode()
+        if path == "/healthz" and method in ("GET", "HEAD"):
+            return 200, "application/json", b'{"ok": true}'
+        if path == "/readyz" and method in ("GET", "HEAD"):  # some upstream takes requests
+            lb = self.worker.lb
+            ready = lb is not None and any(u.available for u in lb.upstreams)
+            return (200 if ready else 503), "application/json", json.dumps({"ok": ready}).encode()
         if path == "/purge" and method in ("GET", "POST"):
             code, ctype, body = self._purge(query)
             if alone or code != 200:
                 return code, ctype, body
             return await self._purge_siblings(url.query, json.loads(body)["purged"])
-        if path in ("/metrics", "/status", "/purge"):
+        paths = ["/healthz", "/metrics", "/purge", "/readyz", "/status"]
+        if path in paths:
             return 405, "application/json", b'{"error": "method not allowed"}'
-        doc = {"error": f"not found: {path}", "paths": ["/metrics", "/status", "/purge"]}
+        doc = {"error": f"not found: {path}", "paths": paths}
         return 404, "application/json", json.dumps(doc).encode()
 
     def _purge(self, query: dict[str, list[str]]) -> tuple[int, str, bytes]:

@@ -11,7 +11,7 @@ import shlex
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -34,8 +34,8 @@ def _tls_log(message: str) -> None:
 
 async def _run_config(sync: ConfigSync, admin_port: int | None, once: bool) -> int:
     from podkit.aio import stop_task
-    from podkit.net.admin import JSONServer
     from podkit.net.listen import ListenError, listening
+    from podkit.observe.admin import AdminServer
     from podkit.sidecar.config import SourceError
 
     if once:
@@ -49,7 +49,7 @@ async def _run_config(sync: ConfigSync, admin_port: int | None, once: bool) -> i
         return 0 if sync.status.rejected == 0 else 1
     admin = None
     if admin_port is not None:
-        admin = JSONServer(
+        admin = AdminServer(
             {
                 "/status": lambda: (200, sync.status.as_dict()),
                 "/healthz": lambda: (200, {"ok": True}),
@@ -182,6 +182,10 @@ def tls(
     ] = False,
     workers: Annotated[int, typer.Option(help="Worker processes sharing the port.")] = 1,
     idle_timeout: Annotated[float, typer.Option(help="Seconds a client may idle.")] = 60.0,
+    admin_port: Annotated[
+        int | None,
+        typer.Option(help="Loopback port for /metrics, /healthz, /readyz, /status (worker i: +i)."),
+    ] = None,
 ) -> None:
     """HTTPS in front of a plain-HTTP app: TLS 1.2+, modern ciphers, keep-alive both
     ways, X-Forwarded-For/-Proto, WebSocket upgrades passed through."""
@@ -190,7 +194,7 @@ def tls(
 
     from podkit.net.listen import ListenError
     from podkit.net.proxy.config import proxy_config
-    from podkit.net.proxy.workers import serve, tls_termination
+    from podkit.net.proxy.workers import probe_port, serve
     from podkit.net.tls import pair_problem
     from podkit.net.tls import self_signed as make_self_signed
 
@@ -218,7 +222,14 @@ def tls(
     if problem is not None:
         _tls_log(f"--cert, --key: {problem}")
         raise typer.Exit(2)
-    features = tls_termination(cert, key)
+    try:
+        admin_ports = [] if admin_port is None else [admin_port + i for i in range(workers)]
+        for port in admin_ports:
+            probe_port("127.0.0.1", port, "--admin-port")
+    except ListenError as exc:
+        _tls_log(str(exc))
+        raise typer.Exit(1) from None
+    features = _tls_workers(cert, key, admin_port)
     try:
         code = serve(
             config,
@@ -232,3 +243,41 @@ def tls(
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     raise typer.Exit(code)
+
+
+def _tls_workers(cert: Path, key: Path, admin_port: int | None) -> Any:
+    """What each worker of the TLS sidecar adds: TLS, and the admin server on
+    `admin_port + index` when asked."""
+    from podkit.net.proxy.workers import TLSTermination
+
+    class Worker(TLSTermination):
+        def __init__(self, config: Any, index: int) -> None:
+            super().__init__(cert, key, config.name)
+            self.index = index
+            self.port = None if admin_port is None else admin_port + index
+            self.admin: Any = None
+
+        async def start(self, lb: Any) -> None:
+            await super().start(lb)
+            if self.port is None:
+                return
+            from prometheus_client import CollectorRegistry
+
+            from podkit.observe.admin import AdminServer
+            from podkit.observe.engine import EngineMetrics
+
+            registry = CollectorRegistry()
+            registry.register(EngineMetrics(lb, "sidecar_tls"))
+            status = {"worker": self.index, "upstreams": [u.name for u in lb.upstreams]}
+            self.admin = AdminServer(
+                {"/status": lambda: (200, status)}, "127.0.0.1", self.port, registry=registry
+            )
+            await self.admin.start()
+            _tls_log(f"admin on http://127.0.0.1:{self.port} (worker {self.index})")
+
+        async def close(self) -> None:
+            if self.admin is not None:
+                await self.admin.close()
+            await super().close()
+
+    return Worker

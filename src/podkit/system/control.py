@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from podkit.net.admin import JSONServer
+from podkit.observe.admin import AdminServer
 from podkit.system.runtime import Runtime
 
 
@@ -25,7 +25,7 @@ class ControlServer:
 
     def __init__(self, runtime: Runtime, host: str = "127.0.0.1", port: int = 0) -> None:
         self.runtime = runtime
-        self.http = JSONServer(
+        self.http = AdminServer(
             {"/status": lambda: (200, runtime.status()), "/healthz": lambda: (200, {"ok": True})},
             host,
             port,

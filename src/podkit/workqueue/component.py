@@ -216,7 +216,7 @@ def scaler(
     podkit_queue_desired_replicas) or KEDA's metrics-api (GET /desired: JSON)."""
     from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-    from podkit.net.admin import Handler, JSONServer
+    from podkit.observe.admin import AdminServer, Handler
     from podkit.workqueue.scaling import Demand, DemandMeter, ScalePolicy, read_progress
 
     registry = CollectorRegistry()
@@ -253,7 +253,7 @@ def scaler(
         wq = await WorkQueue.open(queue, name)
         kv = await open_kv(queue)
         routes: dict[str, Handler] = {"/desired": desired, "/healthz": healthz, "/metrics": metrics}
-        server = JSONServer(routes, host, port)
+        server = AdminServer(routes, host, port)
         await server.start()
         log(f"scaler for {name!r} on {server.url}/desired and /metrics")
         stop = stop_event()

@@ -1,5 +1,11 @@
-"""A small JSON-over-HTTP/1.1 server for control and admin endpoints (GET only), on
-`podkit.net.server.HTTPServer`."""
+"""The admin server every component runs: `AdminServer`, on `podkit.net.server`.
+
+Routes are GET only; a handler returns (status, body): bytes go out as text/plain,
+anything else as JSON. Unless a component routes them itself, every admin server has
+`/metrics` (Prometheus text format: the registry given, or the process's default one,
+which carries the process and GC metrics of prometheus-client), `/healthz` and
+`/readyz` (200 while the process serves), and `/` lists the paths.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,41 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+
 from podkit.net.server import HTTPServer, Request, Response
 
 Handler = Callable[[], Awaitable[tuple[int, Any]] | tuple[int, Any]]
 TEXT = b"text/plain; version=0.0.4; charset=utf-8"  # Prometheus exposition
 
 
-class JSONServer:
-    """Serves `GET <path>` from `routes`: each handler returns (status, body); a body of
-    bytes goes out as text/plain, anything else as JSON. `/`, unless routed, lists the
-    paths."""
+def _ok() -> tuple[int, Any]:
+    return 200, {"ok": True}
 
-    def __init__(self, routes: dict[str, Handler], host: str = "127.0.0.1", port: int = 0) -> None:
-        self.routes = routes
-        self._http = HTTPServer(self._handle, host, port)
+
+class AdminServer:
+    """Serves `GET <path>` from `routes`, and the default paths (see the module doc)."""
+
+    def __init__(
+        self,
+        routes: dict[str, Handler],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        registry: CollectorRegistry | None = None,
+        name: str = "podkit admin",
+    ) -> None:
+        self.registry = registry if registry is not None else REGISTRY
+        self.routes: dict[str, Handler] = {
+            "/metrics": self._metrics,
+            "/healthz": _ok,
+            "/readyz": _ok,
+            **routes,
+        }
+        self._http = HTTPServer(self._handle, host, port, name=name)
+
+    def _metrics(self) -> tuple[int, Any]:
+        return 200, generate_latest(self.registry)
 
     @property
     def host(self) -> str:
