@@ -43,6 +43,9 @@ def argv(component: str, admin: int, tmp: Path) -> list[str]:
                 "--port", str(admin)]  # fmt: skip
     if component == "adapter health":
         return ["adapter", "health", "--command", "true", "--port", str(admin)]
+    if component == "queue work":
+        return ["queue", "work", "--queue", f"sqlite:///{tmp / 'q.db'}", "--exec", "true",
+                "--admin-port", str(admin)]  # fmt: skip
     if component == "queue scaler":
         return ["queue", "scaler", "--queue", f"sqlite:///{tmp / 'q.db'}", "--port", str(admin)]
     raise ValueError(component)
@@ -58,6 +61,7 @@ OWN = {
     "elect": None,
     "adapter health": None,
     "queue scaler": "podkit_queue",
+    "queue work": "podkit_queue_work_items_done",
 }
 
 

@@ -318,3 +318,40 @@ def test_cli_sources_feed_the_queue_and_stop_on_sigterm(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "enqueued 1 file(s)" in err
+
+
+def test_cli_work_counts_items_on_its_admin_port(tmp_path: Path) -> None:
+    """`--admin-port`: /metrics counts what the worker did, done and failed apart."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    assert podkit("queue", "enqueue", "a", "bad", "b", "--queue", url).returncode == 0
+    admin = free_port()
+    proc = subprocess.Popen(
+        [PY, "-m", "podkit", "queue", "work", "--queue", url, "--exec",
+         f"{PY} -c \"import sys; sys.exit(sys.argv[1] == 'bad')\" {{}}",
+         "--max-attempts", "1", "--admin-port", str(admin)],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        samples: dict[str, float] = {}
+        while samples.get("podkit_queue_work_items_done_total", 0) < 2:
+            assert time.monotonic() < deadline, samples
+            time.sleep(0.2)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=2) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue
+            samples = {
+                s.name: s.value
+                for fam in text_string_to_metric_families(text)
+                for s in fam.samples
+                if s.labels.get("queue") == "default"
+            }
+        assert samples["podkit_queue_work_items_done_total"] == 2
+        assert samples["podkit_queue_work_items_failed_total"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(10)

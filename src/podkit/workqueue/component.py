@@ -39,9 +39,11 @@ def log(message: str) -> None:
 
 
 def _run(coro: Any) -> None:
+    from podkit.net.listen import ListenError
+
     try:
         run_async(coro)
-    except BackendError as exc:
+    except (BackendError, ListenError) as exc:
         log(str(exc))
         raise typer.Exit(1) from None
 
@@ -73,6 +75,10 @@ def work(
         bool, typer.Option(help="Report progress for autoscaling (needs a KV backend).")
     ] = True,
     grace: Annotated[float, typer.Option(help="Seconds to finish items on SIGTERM.")] = 30.0,
+    admin_port: Annotated[
+        int | None,
+        typer.Option(help="Loopback port for /metrics, /healthz, /readyz, /status."),
+    ] = None,
 ) -> None:
     """Process items with a command (exit 0 acks) or an HTTP endpoint (2xx acks)."""
     if (exec_ is None) == (http is None):
@@ -106,11 +112,17 @@ def work(
             if reporter is not None:
                 reporter.done = stats.done
 
+        counts = WorkerStats()
+        admin = None
+        if admin_port is not None:
+            admin = await _work_admin(counts, name, queue, admin_port)
         log(f"working on '{name}' ({queue}) with concurrency {concurrency}")
         stats = await wq.run(
             handler, concurrency=concurrency, drain=drain, grace=grace, then=after,
-            on_done=progress, prefetch=prefetch,
+            on_done=progress, prefetch=prefetch, stats=counts,
         )  # fmt: skip
+        if admin is not None:
+            await admin.close()
         if reporter is not None:
             await reporter.close()
             await reporter.kv.close()
@@ -123,6 +135,42 @@ def work(
 
     mode_: Mode = mode  # type: ignore[assignment]
     _run(main())
+
+
+async def _work_admin(counts: WorkerStats, name: str, queue: str, port: int) -> Any:
+    """The admin server of `queue work`: its counts as podkit_queue_work_* metrics."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, Metric
+    from prometheus_client.registry import Collector
+
+    from podkit.backends import mask
+    from podkit.net.listen import listening
+    from podkit.observe.admin import AdminServer
+
+    class Counts(Collector):
+        def collect(self) -> Any:
+            out: list[Metric] = []
+            for what, value, doc in (
+                ("items_done", counts.done, "Items whose handler returned (acked)."),
+                ("items_failed", counts.failed, "Handler errors (retried or dead-lettered)."),
+                ("items_returned", counts.returned, "Items handed back unfinished on stop."),
+                ("backend_outages", counts.outages, "Dequeues the backend did not answer."),
+            ):
+                family = CounterMetricFamily(f"podkit_queue_work_{what}", doc, labels=["queue"])
+                family.add_metric([name], float(value))
+                out.append(family)
+            return out
+
+    registry = CollectorRegistry()
+    registry.register(Counts())
+
+    def status() -> tuple[int, Any]:
+        return 200, {"queue": name, "backend": mask(queue), "done": counts.done,
+                     "failed": counts.failed, "rate": round(counts.rate, 2)}  # fmt: skip
+
+    admin = AdminServer({"/status": status}, "127.0.0.1", port, registry=registry)
+    await listening(admin.start(), "--admin-port", "127.0.0.1", port)
+    return admin
 
 
 @cli.command()

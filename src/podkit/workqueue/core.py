@@ -207,6 +207,7 @@ class WorkQueue:
         on_done: Callable[[WorkerStats], None] | None = None,
         then: WorkQueue | None = None,
         prefetch: int = 0,
+        stats: WorkerStats | None = None,
     ) -> WorkerStats:
         """Process items until `stop()` (or, with `drain`, until the queue is empty).
 
@@ -216,12 +217,15 @@ class WorkQueue:
         On stop, running items get `grace` seconds to finish; the rest are returned.
         With `then`, each result is enqueued there (a chain's next step) before the item
         is acked, keyed by the item's id, so a retried step forwards it only once.
+        The counts go into `stats` when given (read it while the pool runs).
         """
         if prefetch < 0:
             raise ValueError(f"prefetch must be 0 or more, not {prefetch}")
         marked: int = getattr(handler, "__podkit_concurrency__", 8)
         limit = concurrency if concurrency is not None else marked
         pool = _Pool(self, handler, limit, on_done, then, prefetch)
+        if stats is not None:
+            pool.stats = stats
         return await pool.run(drain=drain, grace=grace)
 
     async def close(self) -> None:
