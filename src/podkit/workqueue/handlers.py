@@ -19,9 +19,8 @@ import tempfile
 from pathlib import PurePath
 from typing import Any, Literal
 
-import aiohttp
-
 from podkit.aio import wait_for
+from podkit.net.client import ClientError, HTTPClient
 from podkit.proc import parent_death_signal, signal_group
 
 Mode = Literal["arg", "stdin", "file"]
@@ -144,27 +143,24 @@ class HTTPHandler:
 
     def __init__(self, url: str, *, timeout: float = 30.0) -> None:
         self.url = url
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
-        self._session: aiohttp.ClientSession | None = None
+        self.timeout = timeout
+        self._client = HTTPClient(timeout=timeout)
 
     async def __call__(self, item: Any) -> Any:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self.timeout)
         body = item if isinstance(item, bytes) else json.dumps(item).encode()
         try:
-            async with self._session.post(
-                self.url, data=body, headers={"Content-Type": "application/json"}
-            ) as resp:
-                text = await resp.text()
-                if resp.status // 100 != 2:
-                    raise HandlerFailed(f"POST {self.url} answered {resp.status}: {text[-500:]}")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise HandlerFailed(f"POST {self.url} failed: {exc!r}") from None
+            resp = await self._client.post(
+                self.url, body, headers=[(b"Content-Type", b"application/json")]
+            )
+        except (ClientError, TimeoutError) as exc:
+            raise HandlerFailed(f"POST {self.url} failed: {exc}") from None
+        text = resp.text()
+        if resp.status // 100 != 2:
+            raise HandlerFailed(f"POST {self.url} answered {resp.status}: {text[-500:]}")
         try:
             return json.loads(text)
         except ValueError:
             return text
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._client.close()

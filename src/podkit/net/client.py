@@ -1,0 +1,385 @@
+"""A pooled HTTP/1.1 client on podkit's own parser (`podkit.net.http.ResponseParser`).
+
+    async with HTTPClient() as client:
+        resp = await client.request("GET", "http://127.0.0.1:8080/items", timeout=2.0)
+        resp.status, resp.header(b"content-type"), resp.body
+        async with client.stream("GET", "http://127.0.0.1:8080/big") as resp:
+            async for piece in resp.iter_body():
+                ...
+
+- **Pools.** Idle keep-alive connections per host:port, reused last in, first out, at
+  most `max_idle` per host. A connection goes back only when its answer ended exactly
+  where its bytes did (bytes after an answer, or on an idle connection, close it), the
+  server kept it alive, and its body was read to the end.
+- **Deadlines.** `timeout` covers the whole request: connect, send, the head and the
+  body. A request that times out or is cancelled closes its connection, so a late
+  answer can never be read by the next request (this is what lets a fan-out cancel its
+  losers).
+- **A stale keep-alive connection** (closed by the server while idle) is retried once on
+  a new connection when nothing of the answer came, for any method: the request never
+  reached a live server.
+- **TLS.** `https://` URLs verify the server's certificate against the system's CAs.
+- **Errors.** `ConnectError` (refused, unreachable, connect timeout), `ProtocolError`
+  (an answer that is not valid HTTP/1.1, or a connection closed mid-answer), and
+  `TimeoutError` for the deadline; each names the URL.
+- **Streaming.** `stream()` hands the answer over at its head; `iter_body()` yields the
+  body as it comes, and reading pauses while more than 256 KiB wait unread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+from podkit.net.http import HTTPError, ResponseHead, ResponseParser
+
+MAX_BUFFER = 256 * 1024  # unread body bytes of a streamed answer before reading pauses
+HeaderPairs = Iterable[tuple[str | bytes, str | bytes]]
+
+
+class ClientError(Exception):
+    """A request failed; the message names the URL and what happened."""
+
+
+class ConnectError(ClientError):
+    """The server could not be reached."""
+
+
+class ProtocolError(ClientError):
+    """The answer was not valid HTTP/1.1, or the connection ended in the middle of it."""
+
+
+class Response:
+    """A whole answer: `status`, `reason`, `headers` (as sent), `body`."""
+
+    __slots__ = ("body", "headers", "reason", "status")
+
+    def __init__(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first header called `name` (lowercase), or None."""
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to a server; parses the answer to the request in hand."""
+
+    def __init__(self, key: tuple[str, int, bool]) -> None:
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = ResponseParser(self)
+        self.head: ResponseHead | None = None
+        self.parts: list[bytes] = []
+        self.buffered = 0
+        self.busy = False  # a request is in hand
+        self.received = False  # some bytes of the answer came
+        self.complete = False
+        self.error: ClientError | None = None
+        self.changed: asyncio.Event = asyncio.Event()  # head, body, end or error
+        self.paused = False
+        self.used = False  # served a request before (a stale keep-alive is possible)
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy:  # an idle connection must stay silent
+            self.close()
+            return
+        self.received = True
+        try:
+            self.parser.feed(data)
+        except HTTPError as exc:
+            self._fail(ProtocolError(exc.detail))
+            self.close()
+        self.changed.set()
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.busy and not self.complete:
+            head = self.head
+            if head is not None and head.until_close:
+                self.complete = True  # its body ends when the connection does
+            else:
+                where = "in the middle of the answer" if self.received else "before answering"
+                self._fail(ProtocolError(f"the server closed the connection {where}"))
+        self.changed.set()
+
+    # ResponseParser callbacks
+    def on_response(self, head: ResponseHead) -> None:
+        if head.status >= 200:
+            self.head = head
+
+    def on_body(self, data: bytes) -> None:
+        self.parts.append(data)
+        self.buffered += len(data)
+        if self.buffered > MAX_BUFFER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def on_response_end(self) -> None:
+        self.complete = True
+
+    # helpers
+    def _fail(self, error: ClientError) -> None:
+        if self.error is None:
+            self.error = error
+
+    def take(self) -> bytes:
+        """The body read so far, handed over (reading resumes if it was paused)."""
+        data = b"".join(self.parts) if len(self.parts) != 1 else self.parts[0]
+        self.parts = []
+        self.buffered = 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+    @property
+    def reusable(self) -> bool:
+        head = self.head
+        t = self.transport
+        return (
+            self.complete
+            and self.error is None
+            and not self.parser.surplus
+            and head is not None
+            and head.keep_alive
+            and not head.until_close
+            and t is not None
+            and not t.is_closing()
+        )
+
+    def start(self, request: bytes, method: bytes) -> None:
+        assert self.transport is not None
+        self.busy = True
+        self.received = self.complete = False
+        self.head = None
+        self.error = None
+        self.parts = []
+        self.buffered = 0
+        self.parser.expect(method)
+        self.transport.write(request)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _header_bytes(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("latin-1")
+
+
+class HTTPClient:
+    """Pooled keep-alive connections per host; see the module doc."""
+
+    def __init__(
+        self, *, timeout: float = 30.0, connect_timeout: float = 5.0, max_idle: int = 64
+    ) -> None:
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
+        self._tls: ssl.SSLContext | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> HTTPClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every idle connection; the client takes no more requests."""
+        self._closed = True
+        for conns in self._idle.values():
+            for c in conns:
+                c.close()
+        self._idle.clear()
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: HeaderPairs = (),
+        body: bytes = b"",
+        timeout: float | None = None,
+    ) -> Response:
+        """Send one request and read its whole answer within `timeout` seconds."""
+        async with self.stream(method, url, headers=headers, body=body, timeout=timeout) as r:
+            data = b"".join([piece async for piece in r.iter_body()])
+        return Response(r.status, r.reason, r.headers, data)
+
+    async def get(self, url: str, **kw: Any) -> Response:
+        return await self.request("GET", url, **kw)
+
+    async def post(self, url: str, body: bytes = b"", **kw: Any) -> Response:
+        return await self.request("POST", url, body=body, **kw)
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: HeaderPairs = (),
+        body: bytes = b"",
+        timeout: float | None = None,
+    ) -> AsyncIterator[StreamResponse]:
+        """The answer at its head; read the body with `iter_body()` inside the block
+        (what is left unread when the block ends closes the connection)."""
+        if self._closed:
+            raise ClientError(f"{url}: the client is closed")
+        key, wire, m = _encode(method, url, headers, body)
+        deadline = asyncio.get_running_loop().time() + (
+            self.timeout if timeout is None else timeout
+        )
+        conn: _Connection | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                conn = await self._send(key, wire, m, url)
+                resp = StreamResponse(conn, url)
+                yield resp
+            if conn.reusable and resp.finished:
+                conn.busy = False
+                self._release(conn)
+                conn = None
+        except TimeoutError:
+            raise TimeoutError(f"{url}: no whole answer within the deadline") from None
+        finally:
+            if conn is not None:
+                conn.close()  # cut short: never read again by another request
+
+    async def _send(
+        self, key: tuple[str, int, bool], wire: bytes, method: bytes, url: str
+    ) -> _Connection:
+        """A connection with the request sent and the answer's head in."""
+        for _ in range(2):
+            conn = self._take(key) or await self._connect(key, url)
+            conn.start(wire, method)
+            while conn.head is None and conn.error is None:
+                conn.changed.clear()
+                await conn.changed.wait()
+            if conn.error is None:
+                return conn
+            if conn.used and not conn.received:  # a keep-alive closed while idle: once more
+                conn.close()
+                continue
+            conn.close()
+            raise type(conn.error)(f"{url}: {conn.error}")
+        raise ProtocolError(f"{url}: the server closed the connection before answering")
+
+    def _take(self, key: tuple[str, int, bool]) -> _Connection | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            t = conn.transport
+            if t is not None and not t.is_closing():
+                return conn
+        return None
+
+    async def _connect(self, key: tuple[str, int, bool], url: str) -> _Connection:
+        loop = asyncio.get_running_loop()
+        host, port, tls = key
+        context = None
+        if tls:
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            context = self._tls
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(key), host, port, ssl=context
+                )
+        except TimeoutError:
+            raise ConnectError(
+                f"{url}: no connection to {host}:{port} within {self.connect_timeout} s"
+            ) from None
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise ConnectError(f"{url}: cannot connect to {host}:{port}: {reason}") from None
+        return conn
+
+    def _release(self, conn: _Connection) -> None:
+        conn.used = True
+        idle = self._idle.setdefault(conn.key, [])
+        if self._closed or len(idle) >= self.max_idle:
+            conn.close()
+        else:
+            idle.append(conn)
+
+
+class StreamResponse:
+    """An answer whose body is still coming: `status`, `reason`, `headers`,
+    `iter_body()`."""
+
+    def __init__(self, conn: _Connection, url: str) -> None:
+        head = conn.head
+        assert head is not None
+        self._conn = conn
+        self.url = url
+        self.status = head.status
+        self.reason = head.reason
+        self.headers = head.headers
+        self.finished = False  # the body was read to its end
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        while True:
+            if conn.parts:
+                yield conn.take()
+                continue
+            if conn.error is not None:
+                raise ProtocolError(f"{self.url}: {conn.error}")
+            if conn.complete:
+                self.finished = True
+                return
+            conn.changed.clear()
+            await conn.changed.wait()
+
+
+def _encode(
+    method: str, url: str, headers: HeaderPairs, body: bytes
+) -> tuple[tuple[str, int, bool], bytes, bytes]:
+    """(host, port, TLS), the request's bytes, and its method."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ClientError(f"{url}: expected an http:// or https:// URL with a host")
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    m = method.upper().encode()
+    host = parts.netloc.rsplit("@", 1)[-1].encode()
+    lines = [b"%b %b HTTP/1.1\r\nHost: %b\r\n" % (m, target.encode(), host)]
+    for k, v in headers:
+        lines.append(b"%b: %b\r\n" % (_header_bytes(k), _header_bytes(v)))
+    if body or m in (b"POST", b"PUT", b"PATCH"):
+        lines.append(b"Content-Length: %d\r\n" % len(body))
+    lines.append(b"\r\n")
+    lines.append(body)
+    return (parts.hostname, port, tls), b"".join(lines), m
