@@ -205,14 +205,11 @@ class _Check:
         return f"{role}, {info.get('connected_slaves', 0)} replicas"
 
     async def _http(self) -> str:
-        import aiohttp
+        from podkit.net.client import HTTPClient
 
-        timeout = aiohttp.ClientTimeout(total=self.timeout)
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(self.cfg.http or "", allow_redirects=False) as r,
-        ):
-            body = await r.text(errors="replace")
+        async with HTTPClient(timeout=self.timeout) as client:  # a new connection each check
+            r = await client.get(self.cfg.http or "")
+        body = r.text()
         wanted = self.cfg.status
         if (wanted is None and not 200 <= r.status < 300) or (wanted and r.status != wanted):
             raise CheckFailed(f"HTTP {r.status}: {body[:200]!r}")

@@ -319,15 +319,13 @@ class JSONSource:
         self.timeout = timeout
 
     async def collect(self) -> list[Sample]:
-        import aiohttp
+        from podkit.net.client import ClientError, HTTPClient
 
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as s,
-            s.get(self.url) as r,
-        ):
-            r.raise_for_status()
-            data = await r.json(content_type=None)
-        return map_json(data, self.mapping)
+        async with HTTPClient(timeout=self.timeout) as client:
+            r = await client.get(self.url)
+        if r.status >= 400:
+            raise ClientError(f"{self.url}: answered {r.status} {r.reason.decode()}")
+        return map_json(r.json(), self.mapping)
 
     async def close(self) -> None:
         return None
