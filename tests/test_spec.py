@@ -252,7 +252,7 @@ def test_with_keys_are_checked_against_the_component_options() -> None:
         "admin_port, once",
         "spec.yaml:15:34: pods[0].containers[2].with.workerz: unknown option 'workerz' of "
         "component 'sidecar.tls' (did you mean 'workers'?); known: upstream, listen, cert, key, "
-        "self_signed, workers, idle_timeout",
+        "self_signed, workers, idle_timeout, admin_port",
     ]
 
 
