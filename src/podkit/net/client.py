@@ -95,6 +95,9 @@ class _Connection(asyncio.Protocol):
         self.changed: asyncio.Event = asyncio.Event()  # head, body, end or error
         self.paused = False
         self.used = False  # served a request before (a stale keep-alive is possible)
+        # `request()`'s wait: resolved when the answer is whole or failed (stream() uses
+        # `changed` instead)
+        self.waiter: asyncio.Future[None] | None = None
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -110,7 +113,12 @@ class _Connection(asyncio.Protocol):
         except HTTPError as exc:
             self._fail(ProtocolError(exc.detail))
             self.close()
-        self.changed.set()
+        waiter = self.waiter
+        if waiter is not None:
+            if (self.complete or self.error is not None) and not waiter.done():
+                waiter.set_result(None)
+        else:
+            self.changed.set()
 
     def eof_received(self) -> bool | None:
         return False
@@ -124,6 +132,9 @@ class _Connection(asyncio.Protocol):
             else:
                 where = "in the middle of the answer" if self.received else "before answering"
                 self._fail(ProtocolError(f"the server closed the connection {where}"))
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         self.changed.set()
 
     # ResponseParser callbacks
@@ -187,6 +198,11 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError("no whole answer within the deadline"))
+
+
 def _header_bytes(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode("latin-1")
 
@@ -228,9 +244,49 @@ class HTTPClient:
         timeout: float | None = None,
     ) -> Response:
         """Send one request and read its whole answer within `timeout` seconds."""
-        async with self.stream(method, url, headers=headers, body=body, timeout=timeout) as r:
-            data = b"".join([piece async for piece in r.iter_body()])
-        return Response(r.status, r.reason, r.headers, data)
+        if self._closed:
+            raise ClientError(f"{url}: the client is closed")
+        key, wire, m = _encode(method, url, headers, body)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.timeout if timeout is None else timeout)
+        for attempt in range(2):
+            conn = self._take(key)
+            if conn is None:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        conn = await self._connect(key, url)
+                except TimeoutError:
+                    raise TimeoutError(f"{url}: no connection within the deadline") from None
+            waiter = conn.waiter = loop.create_future()
+            timer = loop.call_at(deadline, _expire, waiter)
+            conn.start(wire, m)
+            try:
+                await waiter
+            except BaseException as exc:  # the deadline, or the caller cancelled: cut short
+                conn.waiter = None
+                conn.close()
+                if isinstance(exc, TimeoutError):
+                    raise TimeoutError(f"{url}: no whole answer within the deadline") from None
+                raise
+            finally:
+                timer.cancel()
+            conn.waiter = None
+            error = conn.error
+            if error is None:
+                head = conn.head
+                assert head is not None
+                resp = Response(head.status, head.reason, head.headers, conn.take())
+                if conn.reusable:
+                    conn.busy = False
+                    self._release(conn)
+                else:
+                    conn.close()
+                return resp
+            conn.close()
+            if not (attempt == 0 and conn.used and not conn.received):
+                raise type(error)(f"{url}: {error}")
+            # else a keep-alive the server closed while idle: once more, on a new one
+        raise AssertionError("unreachable")
 
     async def get(self, url: str, **kw: Any) -> Response:
         return await self.request("GET", url, **kw)
@@ -363,23 +419,39 @@ class StreamResponse:
             await conn.changed.wait()
 
 
-def _encode(
-    method: str, url: str, headers: HeaderPairs, body: bytes
-) -> tuple[tuple[str, int, bool], bytes, bytes]:
-    """(host, port, TLS), the request's bytes, and its method."""
+_URLS: dict[str, tuple[tuple[str, int, bool], bytes, bytes]] = {}  # parsed URLs, by text
+
+
+def _parse_url(url: str) -> tuple[tuple[str, int, bool], bytes, bytes]:
+    """(host, port, TLS), the request target and the Host value of `url` (memoised)."""
+    known = _URLS.get(url)
+    if known is not None:
+        return known
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ClientError(f"{url}: expected an http:// or https:// URL with a host")
     tls = parts.scheme == "https"
     port = parts.port or (443 if tls else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    m = method.upper().encode()
     host = parts.netloc.rsplit("@", 1)[-1].encode()
-    lines = [b"%b %b HTTP/1.1\r\nHost: %b\r\n" % (m, target.encode(), host)]
+    parsed = (parts.hostname, port, tls), target.encode(), host
+    if len(_URLS) >= 1024:
+        _URLS.clear()
+    _URLS[url] = parsed
+    return parsed
+
+
+def _encode(
+    method: str, url: str, headers: HeaderPairs, body: bytes
+) -> tuple[tuple[str, int, bool], bytes, bytes]:
+    """(host, port, TLS), the request's bytes, and its method."""
+    key, target, host = _parse_url(url)
+    m = method.upper().encode()
+    lines = [b"%b %b HTTP/1.1\r\nHost: %b\r\n" % (m, target, host)]
     for k, v in headers:
         lines.append(b"%b: %b\r\n" % (_header_bytes(k), _header_bytes(v)))
     if body or m in (b"POST", b"PUT", b"PATCH"):
         lines.append(b"Content-Length: %d\r\n" % len(body))
     lines.append(b"\r\n")
     lines.append(body)
-    return (parts.hostname, port, tls), b"".join(lines), m
+    return key, b"".join(lines), m
