@@ -93,12 +93,7 @@ def work(
             queue, name, max_attempts=max_attempts, visibility=visibility,
             retry=RetryPolicy(base=retry_base),
         )  # fmt: skip
-        handler: Any
-        if exec_ is not None:
-            handler = ExecHandler(exec_, mode=mode_, timeout=timeout)
-        else:
-            assert http is not None
-            handler = HTTPHandler(http)
+        handler = _handler(exec_, http, mode_, timeout)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, wq.stop)
@@ -113,9 +108,7 @@ def work(
                 reporter.done = stats.done
 
         counts = WorkerStats()
-        admin = None
-        if admin_port is not None:
-            admin = await _work_admin(counts, name, queue, admin_port)
+        admin = None if admin_port is None else await _work_admin(counts, name, queue, admin_port)
         log(f"working on '{name}' ({queue}) with concurrency {concurrency}")
         stats = await wq.run(
             handler, concurrency=concurrency, drain=drain, grace=grace, then=after,
@@ -135,6 +128,14 @@ def work(
 
     mode_: Mode = mode  # type: ignore[assignment]
     _run(main())
+
+
+def _handler(exec_: str | None, http: str | None, mode: Mode, timeout: float | None) -> Any:
+    """`queue work`'s handler: the command (`--exec`) or the URL (`--http`)."""
+    if exec_ is not None:
+        return ExecHandler(exec_, mode=mode, timeout=timeout)
+    assert http is not None
+    return HTTPHandler(http)
 
 
 async def _work_admin(counts: WorkerStats, name: str, queue: str, port: int) -> Any:
