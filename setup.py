@@ -33,6 +33,7 @@ COMPILED = [
     "src/podkit/lb/policy.py",
     "src/podkit/lb/breaker.py",
     "src/podkit/lb/cache.py",
+    "src/podkit/lb/cachecontrol.py",
     "src/podkit/lb/filters.py",
     "src/podkit/lb/health.py",
     "src/podkit/lb/ratelimit.py",

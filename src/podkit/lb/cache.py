@@ -28,7 +28,7 @@ API:
 - `CachedResponse.status`, `.body`, `.size`, `.age(now) -> int`, `.fresh(now) -> bool`,
   `.headers_at(now) -> list[tuple[bytes, bytes]]` (stored headers, Age, X-Cache: HIT).
 - `parse_cache_control(value) -> CacheControl` and `parse_http_date(value) -> float | None`
-  never raise.
+  never raise (they live in `podkit.lb.cachecontrol`, with the other header reading).
 
 Rules (a shared cache):
 - Stored: answers to GET with status in `CACHEABLE_STATUS` and explicit freshness
@@ -58,23 +58,42 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC
-from email.utils import parsedate_to_datetime
-from functools import lru_cache
 from types import TracebackType
 
 from podkit.clock import Clock, WallClock
+from podkit.lb.cachecontrol import (
+    NO_DIRECTIVES,
+    CacheControl,
+    Headers,
+    Secondary,
+    delta_seconds,
+    joined,
+    parse_cache_control,
+    parse_http_date,
+    request_directives,
+    secondary_key,
+)
 
-Headers = Sequence[tuple[bytes, bytes]]
-Secondary = tuple[bytes | None, ...]
+__all__ = [
+    "CACHEABLE_STATUS",
+    "SAFE_METHODS",
+    "X_CACHE_HIT",
+    "X_CACHE_MISS",
+    "CacheControl",
+    "CacheStats",
+    "CachedResponse",
+    "Fill",
+    "ResponseCache",
+    "Wait",
+    "parse_cache_control",
+    "parse_http_date",
+]
 
 X_CACHE_HIT = (b"X-Cache", b"HIT")
 X_CACHE_MISS = (b"X-Cache", b"MISS")
 CACHEABLE_STATUS = frozenset({200, 203, 204, 300, 301, 302, 307, 308, 404, 405, 410, 414, 501})
 SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
-MAX_DELTA = 2**31  # RFC 9111 1.2.2: larger delta-seconds are taken as this
 # Not stored with a response: they describe one connection or are set again when serving.
 _NOT_STORED = frozenset(
     {
@@ -91,139 +110,6 @@ _NOT_STORED = frozenset(
         b"content-length",
     }
 )
-
-
-@dataclass(frozen=True, slots=True)
-class CacheControl:
-    """The Cache-Control directives this cache acts on (None: absent)."""
-
-    max_age: int | None = None
-    s_maxage: int | None = None
-    min_fresh: int | None = None
-    no_store: bool = False
-    no_cache: bool = False
-    private: bool = False
-    public: bool = False
-    must_revalidate: bool = False
-    proxy_revalidate: bool = False
-
-
-NO_DIRECTIVES = CacheControl()
-
-
-def _directives(text: str) -> list[tuple[str, str | None]]:
-    """`name[=token|"quoted"]` pairs separated by commas; junk is skipped, never raised."""
-    out: list[tuple[str, str | None]] = []
-    i, n = 0, len(text)
-    while i < n:
-        j = i
-        while j < n and text[j] != "," and text[j] != "=":
-            j += 1
-        name = text[i:j].strip().lower()
-        value: str | None = None
-        if j < n and text[j] == "=":
-            j += 1
-            while j < n and text[j] in " \t":
-                j += 1
-            if j < n and text[j] == '"':
-                j += 1
-                buf: list[str] = []
-                while j < n and text[j] != '"':
-                    if text[j] == "\\" and j + 1 < n:
-                        j += 1
-                    buf.append(text[j])
-                    j += 1
-                value = "".join(buf)
-                while j < n and text[j] != ",":
-                    j += 1
-            else:
-                k = j
-                while j < n and text[j] != ",":
-                    j += 1
-                value = text[k:j].strip()
-        if name:
-            out.append((name, value))
-        i = j + 1
-    return out
-
-
-def _delta(value: str | None) -> int:
-    """delta-seconds; an invalid value counts as 0 (stale), a huge one as MAX_DELTA."""
-    if value is None or not value.isascii() or not value.isdigit():
-        return 0
-    return min(int(value), MAX_DELTA)
-
-
-@lru_cache(maxsize=512)
-def parse_cache_control(value: bytes | str) -> CacheControl:
-    """The directives of a Cache-Control value; the first of repeated directives wins."""
-    text = value.decode("latin-1") if isinstance(value, bytes) else value
-    seen: dict[str, str | None] = {}
-    for name, arg in _directives(text):
-        seen.setdefault(name, arg)
-    if not seen:
-        return NO_DIRECTIVES
-    return CacheControl(
-        max_age=_delta(seen["max-age"]) if "max-age" in seen else None,
-        s_maxage=_delta(seen["s-maxage"]) if "s-maxage" in seen else None,
-        min_fresh=_delta(seen["min-fresh"]) if "min-fresh" in seen else None,
-        no_store="no-store" in seen,
-        no_cache="no-cache" in seen,
-        private="private" in seen,
-        public="public" in seen,
-        must_revalidate="must-revalidate" in seen,
-        proxy_revalidate="proxy-revalidate" in seen,
-    )
-
-
-def parse_http_date(value: bytes | str) -> float | None:
-    """Seconds since the epoch of an HTTP date (IMF-fixdate, RFC 850, asctime), or None."""
-    text = value.decode("latin-1") if isinstance(value, bytes) else value
-    try:
-        when = parsedate_to_datetime(text.strip())
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    try:
-        return when.timestamp()
-    except (OverflowError, OSError, ValueError):
-        return None
-
-
-def _join(headers: Headers, name: bytes) -> bytes | None:
-    """Every value of header `name` (lowercase) joined by ", ", or None when absent."""
-    found: bytes | None = None
-    size = len(name)
-    for k, v in headers:
-        if len(k) == size and k.lower() == name:
-            found = v.strip() if found is None else found + b", " + v.strip()
-    return found
-
-
-def _request_directives(headers: Headers) -> tuple[CacheControl, bool, bool]:
-    """A request's Cache-Control, whether it has Authorization, whether it asks to reload."""
-    cc_value = pragma = None
-    auth = False
-    for k, v in headers:
-        size = len(k)
-        if size == 13:
-            lk = k.lower()
-            if lk == b"cache-control":
-                cc_value = v if cc_value is None else cc_value + b", " + v
-            elif lk == b"authorization":
-                auth = True
-        elif size == 6 and k.lower() == b"pragma":
-            pragma = v
-    if cc_value is None:
-        reload = pragma is not None and b"no-cache" in pragma.lower()
-        return NO_DIRECTIVES, auth, reload
-    cc = parse_cache_control(cc_value)
-    return cc, auth, cc.no_cache
-
-
-def _secondary(names: tuple[bytes, ...], headers: Headers) -> Secondary:
-    return tuple(_join(headers, name) for name in names)
 
 
 class CachedResponse:
@@ -395,7 +281,7 @@ class Fill:
             self._release()
             return False
         self._plan = plan
-        length = _join(headers, b"content-length")
+        length = joined(headers, b"content-length")
         if length is not None:
             self._expected = int(length) if length.isdigit() else -1
             if self._expected > self._cache.max_entry_bytes or self._expected < 0:
@@ -507,7 +393,7 @@ class ResponseCache:
         if method != b"GET" and method != b"HEAD":
             self.misses += 1
             return Fill(self, url, headers, store=False, invalidate=method not in SAFE_METHODS)
-        cc, auth, reload = _request_directives(headers)
+        cc, auth, reload = request_directives(headers)
         found, secondary = (None, ()) if reload else self._find(url, headers, cc, auth)
         if found is not None:
             self.hits += 1
@@ -567,7 +453,7 @@ class ResponseCache:
         variants = self._urls.get(url)
         if variants is None:
             return None, ()
-        secondary = _secondary(variants.names, headers) if variants.names else ()
+        secondary = secondary_key(variants.names, headers) if variants.names else ()
         entry = variants.by_key.get(secondary)
         if entry is None:
             return None, secondary
@@ -585,7 +471,7 @@ class ResponseCache:
         return entry, secondary
 
     def _after_wait(self, url: bytes, headers: Headers) -> CachedResponse | Fill:
-        cc, auth, _ = _request_directives(headers)
+        cc, auth, _ = request_directives(headers)
         found, _ = self._find(url, headers, cc, auth)
         if found is not None:
             self.hits += 1
@@ -627,14 +513,14 @@ class ResponseCache:
         """How to store this response, or None when it may not be stored."""
         if status not in CACHEABLE_STATUS:
             return None
-        cc_value = _join(headers, b"cache-control")
+        cc_value = joined(headers, b"cache-control")
         cc = parse_cache_control(cc_value) if cc_value is not None else NO_DIRECTIVES
         if cc.no_store or cc.private or cc.no_cache:
             return None
         auth_ok = cc.public or cc.s_maxage is not None or cc.must_revalidate
         if auth and not auth_ok:
             return None
-        vary_value = _join(headers, b"vary")
+        vary_value = joined(headers, b"vary")
         names: tuple[bytes, ...] = ()
         if vary_value is not None:
             parts = {p.strip().lower() for p in vary_value.split(b",")}
@@ -643,14 +529,14 @@ class ResponseCache:
                 return None
             names = tuple(sorted(parts))
         now = self.clock.now()
-        date_value = _join(headers, b"date")
+        date_value = joined(headers, b"date")
         date = parse_http_date(date_value) if date_value is not None else None
         if cc.s_maxage is not None:
             lifetime = float(cc.s_maxage)
         elif cc.max_age is not None:
             lifetime = float(cc.max_age)
         else:
-            expires_value = _join(headers, b"expires")
+            expires_value = joined(headers, b"expires")
             if expires_value is None:
                 return None  # no explicit freshness: no heuristics here
             expires = parse_http_date(expires_value)
@@ -658,8 +544,8 @@ class ResponseCache:
                 return None  # an invalid Expires means already expired
             lifetime = expires - (date if date is not None else now)
         # RFC 9111 4.2.3: the age the response had when it arrived.
-        age_value = _join(headers, b"age")
-        age = _delta(age_value.decode("latin-1")) if age_value is not None else 0
+        age_value = joined(headers, b"age")
+        age = delta_seconds(age_value.decode("latin-1")) if age_value is not None else 0
         apparent_age = max(0.0, now - date) if date is not None else 0.0
         corrected_age = age + max(0.0, now - request_time)
         initial_age = max(apparent_age, corrected_age)
@@ -672,7 +558,7 @@ class ResponseCache:
                 return None
             if lk not in _NOT_STORED:
                 kept.append((k, v))
-        secondary = _secondary(names, req_headers)
+        secondary = secondary_key(names, req_headers)
         return _Plan(status, kept, now - initial_age, lifetime, auth_ok, names, secondary)
 
     def _insert(
