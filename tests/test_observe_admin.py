@@ -1,5 +1,6 @@
 """podkit.observe.admin.AdminServer: routes, the default /metrics, /healthz and /readyz,
-an index at /, 404 and 405 that list the paths."""
+an index at /, 404 and 405 that list the paths, a Route's query and methods, HEAD and
+keep-alive on one connection."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
+from typing import Any
 
-from podkit.observe.admin import AdminServer
+from podkit.net.server import Request
+from podkit.observe.admin import AdminServer, Route
 
 
 def fetch(url: str, method: str = "GET") -> tuple[int, str, bytes]:
@@ -63,4 +66,50 @@ async def test_every_admin_server_has_metrics_and_health() -> None:
             status, _, body = await asyncio.to_thread(fetch, server.url + path)
             assert (status, json.loads(body)) == (200, {"ok": True})
     finally:
+        await server.close()
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes]]:
+    """One answer's head from a kept-alive connection: status line and headers."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    status, *lines = head[:-4].split(b"\r\n")
+    return status, {k.lower(): v.strip() for k, _, v in (x.partition(b":") for x in lines)}
+
+
+async def test_one_connection_serves_a_head_then_gets_and_a_route_reads_its_query() -> None:
+    """A scraper's kept-alive connection: HEAD answers the head alone (a body after it
+    would be read as the next answer), then a GET and a POST; a Route sees the query and
+    allows its own methods."""
+    seen: list[str] = []
+
+    def purge(req: Request) -> tuple[int, Any]:
+        seen.append(req.query)
+        return 200, {"purged": 1}
+
+    server = AdminServer({"/purge": Route(purge, methods=(b"GET", b"POST"))})
+    await server.start()
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    body = b""
+    try:
+        for method, target in (
+            ("HEAD", "/metrics"),
+            ("GET", "/healthz"),
+            ("POST", "/purge?url=a%20b"),
+        ):
+            writer.write(
+                f"{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode()
+            )
+            status, headers = await read_head(reader)
+            assert status == b"HTTP/1.1 200 OK", (method, target, status)
+            size = int(headers[b"content-length"])
+            if method == "HEAD":
+                assert size > 0 and headers[b"content-type"].startswith(b"text/plain")
+                continue  # no body follows: the next answer starts right after the head
+            body = await reader.readexactly(size)
+        assert json.loads(body) == {"purged": 1} and seen == ["url=a%20b"]
+        writer.write(b"HEAD /purge HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers = await read_head(reader)
+        assert status.startswith(b"HTTP/1.1 405") and headers[b"allow"] == b"GET, POST"
+    finally:
+        writer.close()
         await server.close()

@@ -9,7 +9,8 @@ whole (up to `max_body`).
     await server.start()          # server.port is the one bound
 
 Framing is `podkit.net.http.RequestParser`'s: keep-alive and pipelining, bodies by
-Content-Length or chunked, and bad input answered with its status (400 malformed or
+Content-Length or chunked (an answer to HEAD is its head alone, with the Content-Length
+of the body a GET would get), and bad input answered with its status (400 malformed or
 an invalid Content-Length, 413 a body over `max_body`, 431 headers too large, 501 a
 transfer coding other than chunked, 505 HTTP/2) and a one-line body naming what was
 wrong, then the connection closes. A handler that raises gets a 500, logged.
@@ -44,6 +45,12 @@ class Request:
     def path(self) -> str:
         """The target without its query, as text."""
         return self.target.split(b"?", 1)[0].decode("latin-1")
+
+    @property
+    def query(self) -> str:
+        """The target's query (after `?`) as text, still encoded; "" when there is none."""
+        parts = self.target.split(b"?", 1)
+        return parts[1].decode("latin-1") if len(parts) == 2 else ""
 
     def header(self, name: bytes) -> bytes | None:
         """The first header called `name` (lowercase), or None."""
@@ -92,8 +99,9 @@ class _Reader:
         self.head = None
 
 
-def response_bytes(resp: Response, *, close: bool, server: bytes) -> bytes:
-    """The response as sent: status line, Content-Type, Content-Length, its headers."""
+def response_bytes(resp: Response, *, close: bool, server: bytes, body: bool = True) -> bytes:
+    """The response as sent: status line, Content-Type, Content-Length, its headers, and
+    its body unless `body` is False (the answer to HEAD: the head alone)."""
     lines = [
         b"HTTP/1.1 %d %b\r\n" % (resp.status, REASONS.get(resp.status, b"Unknown")),
         b"Server: %b\r\nContent-Type: %b\r\nContent-Length: %d\r\n"
@@ -102,7 +110,9 @@ def response_bytes(resp: Response, *, close: bool, server: bytes) -> bytes:
     lines += [b"%b: %b\r\n" % (k, v) for k, v in resp.headers]
     if close:
         lines.append(b"Connection: close\r\n")
-    lines += [b"\r\n", resp.body]
+    lines.append(b"\r\n")
+    if body:
+        lines.append(resp.body)
     return b"".join(lines)
 
 
@@ -172,7 +182,9 @@ class HTTPServer:
                 except Exception as exc:  # a bug in a handler must not end the server
                     print(f"{self.name}: {req.path}: {exc!r}", file=sys.stderr, flush=True)
                     resp = Response(500, f"{self.name}: internal error\n".encode(), b"text/plain")
-                writer.write(response_bytes(resp, close=not req.keep_alive, server=server))
+                head_only = req.method == b"HEAD"
+                close = not req.keep_alive
+                writer.write(response_bytes(resp, close=close, server=server, body=not head_only))
                 await writer.drain()
                 if not req.keep_alive:
                     return

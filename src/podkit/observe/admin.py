@@ -1,36 +1,51 @@
 """The admin server every component runs: `AdminServer`, on `podkit.net.server`.
 
-Routes are GET only; a handler returns (status, body): bytes go out as text/plain,
-anything else as JSON. Unless a component routes them itself, every admin server has
-`/metrics` (Prometheus text format: the registry given, or the process's default one,
-which carries the process and GC metrics of prometheus-client), `/healthz` and
-`/readyz` (200 while the process serves), and `/` lists the paths.
+A route is a handler that takes nothing and answers GET and HEAD, or a `Route`: a
+handler that reads the request (its query, its body) and the methods it allows. A
+handler returns (status, body): bytes go out as text/plain, anything else as JSON.
+Unless a component routes them itself, every admin server has `/metrics` (Prometheus
+text format: the registry given, or the process's default one, which carries the
+process and GC metrics of prometheus-client), `/healthz` and `/readyz` (200 while the
+process serves), and `/` lists the paths. Connections are kept alive (a scraper reuses
+one), and an answer to HEAD is the head alone.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 from podkit.net.server import HTTPServer, Request, Response
 
-Handler = Callable[[], Awaitable[tuple[int, Any]] | tuple[int, Any]]
+Answer = tuple[int, Any]
+Handler = Callable[[], Awaitable[Answer] | Answer]
 TEXT = b"text/plain; version=0.0.4; charset=utf-8"  # Prometheus exposition
+READ = (b"GET", b"HEAD")
 
 
-def _ok() -> tuple[int, Any]:
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A handler given the request, and the methods it answers (others get a 405)."""
+
+    handler: Callable[[Request], Awaitable[Answer] | Answer]
+    methods: tuple[bytes, ...] = READ
+
+
+def _ok() -> Answer:
     return 200, {"ok": True}
 
 
 class AdminServer:
-    """Serves `GET <path>` from `routes`, and the default paths (see the module doc)."""
+    """Serves the `routes` (path -> Handler or Route), and the default paths (see the
+    module doc)."""
 
     def __init__(
         self,
-        routes: dict[str, Handler],
+        routes: Mapping[str, Handler | Route],
         host: str = "127.0.0.1",
         port: int = 0,
         *,
@@ -38,7 +53,7 @@ class AdminServer:
         name: str = "podkit admin",
     ) -> None:
         self.registry = registry if registry is not None else REGISTRY
-        self.routes: dict[str, Handler] = {
+        self.routes: dict[str, Handler | Route] = {
             "/metrics": self._metrics,
             "/healthz": _ok,
             "/readyz": _ok,
@@ -46,7 +61,7 @@ class AdminServer:
         }
         self._http = HTTPServer(self._handle, host, port, name=name)
 
-    def _metrics(self) -> tuple[int, Any]:
+    def _metrics(self) -> Answer:
         return 200, generate_latest(self.registry)
 
     @property
@@ -64,24 +79,29 @@ class AdminServer:
     async def start(self) -> None:
         await self._http.start()
 
-    async def _answer(self, method: bytes, path: str) -> tuple[int, Any]:
-        handler = self.routes.get(path)
-        if handler is None:
+    async def _answer(self, req: Request) -> tuple[int, Any, tuple[bytes, ...]]:
+        """(status, body, the methods the path allows) for one request."""
+        path = req.path
+        route = self.routes.get(path)
+        if route is None:
             if path == "/":  # an index, for whoever tries the bare address
-                return 200, {"paths": sorted(self.routes)}
-            return 404, {"error": f"not found: {path}", "paths": sorted(self.routes)}
-        if method not in (b"GET", b"HEAD"):
-            return 405, {"error": "only GET is allowed"}
-        result = handler()
+                return 200, {"paths": sorted(self.routes)}, READ
+            return 404, {"error": f"not found: {path}", "paths": sorted(self.routes)}, ()
+        methods = route.methods if isinstance(route, Route) else READ
+        if req.method not in methods:
+            allowed = ", ".join(m.decode() for m in methods)
+            return 405, {"error": f"{path} allows {allowed} only"}, methods
+        result = route.handler(req) if isinstance(route, Route) else route()
         if not isinstance(result, tuple):
             result = await result
-        return result
+        return result[0], result[1], methods
 
     async def _handle(self, req: Request) -> Response:
-        status, body = await self._answer(req.method, req.path)
+        status, body, methods = await self._answer(req)
+        headers = [(b"Allow", b", ".join(methods))] if status == 405 else []
         if isinstance(body, bytes):
-            return Response(status, body, TEXT)
-        return Response(status, json.dumps(body).encode())
+            return Response(status, body, TEXT, headers)
+        return Response(status, json.dumps(body).encode(), headers=headers)
 
     async def close(self) -> None:
         await self._http.close()
