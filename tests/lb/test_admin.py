@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -403,3 +404,64 @@ async def test_a_rate_limit_holds_for_all_workers_together() -> None:
         assert sum(per_worker) == admitted
         # both workers answered: each limited some, or admitted some
         assert all(seen[str(i)] + per_worker[i] > 0 for i in (0, 1)), (seen, per_worker)
+
+
+async def test_a_scraper_keeps_one_connection_and_readyz_follows_the_upstreams() -> None:
+    """One kept-alive connection serves GET and HEAD /metrics, /status, a POST /purge and
+    /readyz in turn; /readyz is 503 while no upstream takes requests."""
+    feats = Features(cache_bytes=1 << 20, admin_port=0)
+    async with backends(1) as bs, balancer(feats, [bs[0].url]) as (lb, w):
+        assert w.admin is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", w.admin.port)
+
+        async def ask(method: str, target: str) -> tuple[int, dict[str, str], bytes]:
+            writer.write(f"{method} {target} HTTP/1.1\r\nHost: admin\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            status, *lines = head.decode("latin-1").split("\r\n")[:-2]
+            hdrs = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
+            size = 0 if method == "HEAD" else int(hdrs["content-length"])
+            return int(status.split(" ")[1]), hdrs, await reader.readexactly(size)
+
+        try:
+            code, hdrs, body = await ask("GET", "/metrics")
+            assert code == 200 and hdrs["content-type"].startswith("text/plain; version=0.0.4")
+            assert b"podkit_lb_upstream_available" in body
+            code, hdrs, _ = await ask("HEAD", "/metrics")
+            assert code == 200 and int(hdrs["content-length"]) > 0
+            code, _, body = await ask("GET", "/status")
+            assert code == 200 and json.loads(body)["upstreams"][0]["state"] == "healthy"
+            code, _, body = await ask("POST", f"/purge?url=127.0.0.1:{lb.port}/cached")
+            assert (code, json.loads(body)) == (200, {"purged": 0})
+            assert (await ask("GET", "/readyz"))[::2] == (200, b'{"ok": true}')
+            for u in lb.upstreams:
+                u.available = False
+            assert (await ask("GET", "/readyz"))[::2] == (503, b'{"ok": false}')
+            code, hdrs, _ = await ask("DELETE", "/purge?url=x")
+            assert code == 405 and hdrs["allow"] == "GET, POST"
+        finally:
+            writer.close()
+
+
+async def test_the_siblings_are_asked_on_kept_alive_connections() -> None:
+    """Scrapes of every worker's metrics reuse one connection to each sibling."""
+    connections = []
+
+    async def sibling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        body = b"# TYPE podkit_lb_retries counter\npodkit_lb_retries_total 3.0\n"
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+
+    server = await asyncio.start_server(sibling, "127.0.0.1", 0)
+    try:
+        async with backends(1) as bs, balancer(Features(admin_port=0), [bs[0].url]) as (_, w):
+            assert w.admin is not None
+            w.admin.siblings = {1: server.sockets[0].getsockname()[1]}
+            for _ in range(3):
+                m = await scrape(w.admin.port)
+                assert m[("podkit_lb_retries_total", (("worker", "1"),))] == 3.0
+                assert m[("podkit_lb_admin_worker_up", (("worker", "1"),))] == 1
+    finally:
+        server.close()
+    assert len(connections) == 1

@@ -1,4 +1,6 @@
-"""The admin port of `podkit lb`: /metrics, /status and /purge, loopback by default.
+"""The admin port of `podkit lb`: /metrics, /status, /purge, /healthz and /readyz,
+loopback by default, on the admin server every component runs (`podkit.observe.admin`:
+keep-alive for scrapers, HEAD, 404 and 405 that name the paths and methods).
 
 - `GET /metrics`: Prometheus text. Requests by upstream and status class, latency
   histograms per upstream, availability and requests in flight per upstream, ejections,
@@ -9,14 +11,17 @@
   every URL starting with it. URL is the cache key, Host and target
   (`127.0.0.1:8080/products`); a `http://` or `https://` in front is ignored. Answers
   `{"purged": N}`.
+- `GET /healthz`: 200 while the worker serves; `GET /readyz`: 200 while some upstream
+  takes requests, else 503.
 
 Each worker process has its own proxy and cache (host health and rate limits are
 shared), and serves its own admin port: worker i listens on `admin_port + i`. With
 several workers, any of these ports answers for all of them: /metrics gathers every
 worker's samples (each with a `worker` label, and `podkit_lb_admin_worker_up` saying
 which workers answered) and /purge purges every worker's cache (502 naming the workers
-that did not answer). `?local=1` asks one worker alone. /status is always the one
-worker's.
+that did not answer), asking the others through podkit's pooled client
+(`podkit.net.client`), whose connections stay open between scrapes. `?local=1` asks one
+worker alone. /status is always the one worker's.
 """
 
 from __future__ import annotations
@@ -27,9 +32,8 @@ import contextlib
 import json
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
-import aiohttp
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -39,21 +43,16 @@ from prometheus_client.core import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
-from yarl import URL
 
-from podkit.aio import wait_for
 from podkit.lb.policy import Upstream
+from podkit.net.client import ClientError, HTTPClient
+from podkit.net.server import Request
+from podkit.observe import admin
+from podkit.observe.admin import Answer, Route
 
 if TYPE_CHECKING:
     from podkit.lb.features import Worker
 
-REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    502: "Bad Gateway",
-}
 SIBLING_TIMEOUT = 2.0  # seconds a worker waits for another worker's admin answer
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.0005,
@@ -118,9 +117,6 @@ class Metrics:
                 cumulative.append((str(bound) if bound != float("inf") else "+Inf", total))
             lat.add_metric([name], cumulative, sum_value=hist[-1])
         yield lat
-
-    def text(self) -> bytes:
-        return generate_latest(self.registry)
 
 
 class _Live(Collector):
@@ -258,8 +254,9 @@ def status(worker: Worker) -> dict[str, Any]:
     return doc
 
 
-class AdminServer:
-    """A small HTTP/1.1 server for the admin endpoints (one request per connection)."""
+class AdminServer(admin.AdminServer):
+    """One worker's admin server: the shared one (`podkit.observe.admin`) with the
+    balancer's routes, the siblings' answers fetched through a pooled client."""
 
     def __init__(
         self,
@@ -270,79 +267,74 @@ class AdminServer:
     ) -> None:
         self.worker = worker
         self.metrics = Metrics(worker)
-        self.host = host
-        self.port = port
         self.siblings = siblings or {}  # the other workers' admin ports, by worker index
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._client: HTTPClient | None = None
+        routes: dict[str, admin.Handler | Route] = {
+            "/metrics": Route(self._all_or_local),
+            "/status": lambda: (200, status(worker)),
+            "/readyz": self._ready,
+            "/purge": Route(self._purge_all, methods=(b"GET", b"POST")),
+        }
+        super().__init__(routes, host, port, registry=self.metrics.registry, name="podkit lb")
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        await super().close()
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
-    async def answer(self, method: str, target: str) -> tuple[int, str, bytes]:
-        """(status, content type, body) for one request."""
-        url = urlsplit(target)
-        path = url.path
-        query = parse_qs(url.query)
-        alone = not self.siblings or query.get("local", ["0"])[0] in ("1", "true", "yes")
-        if path == "/metrics" and method in ("GET", "HEAD"):
-            text = self.metrics.text() if alone else await self._all_metrics()
-            return 200, "text/plain; version=0.0.4; charset=utf-8", text
-        if path == "/status" and method in ("GET", "HEAD"):
-            return 200, "application/json", json.dumps(status(self.worker), indent=1).encode()
-        if path == "/healthz" and method in ("GET", "HEAD"):
-            return 200, "application/json", b'{"ok": true}'
-        if path == "/readyz" and method in ("GET", "HEAD"):  # some upstream takes requests
-            lb = self.worker.lb
-            ready = lb is not None and any(u.available for u in lb.upstreams)
-            return (200 if ready else 503), "application/json", json.dumps({"ok": ready}).encode()
-        if path == "/purge" and method in ("GET", "POST"):
-            code, ctype, body = self._purge(query)
-            if alone or code != 200:
-                return code, ctype, body
-            return await self._purge_siblings(url.query, json.loads(body)["purged"])
-        paths = ["/healthz", "/metrics", "/purge", "/readyz", "/status"]
-        if path in paths:
-            return 405, "application/json", b'{"error": "method not allowed"}'
-        doc = {"error": f"not found: {path}", "paths": paths}
-        return 404, "application/json", json.dumps(doc).encode()
+    def _alone(self, query: dict[str, list[str]]) -> bool:
+        return not self.siblings or query.get("local", ["0"])[0] in ("1", "true", "yes")
 
-    def _purge(self, query: dict[str, list[str]]) -> tuple[int, str, bytes]:
+    def _ready(self) -> Answer:
+        """200 while some upstream takes requests, else 503."""
+        lb = self.worker.lb
+        ready = lb is not None and any(u.available for u in lb.upstreams)
+        return (200 if ready else 503), {"ok": ready}
+
+    async def _all_or_local(self, req: Request) -> Answer:
+        if self._alone(parse_qs(req.query)):
+            return self._metrics()
+        return 200, await self._all_metrics()
+
+    async def _purge_all(self, req: Request) -> Answer:
+        query = parse_qs(req.query)
+        code, doc = self._purge(query)
+        if self._alone(query) or code != 200:
+            return code, doc
+        return await self._purge_siblings(req.query, doc["purged"])
+
+    def _purge(self, query: dict[str, list[str]]) -> Answer:
         cache = self.worker.cache
         if cache is None:
-            return 404, "application/json", b'{"error": "no cache: start with --cache-bytes"}'
+            return 404, {"error": "no cache: start with --cache-bytes"}
         urls = query.get("url")
         if not urls or not urls[0]:
-            return 400, "application/json", b'{"error": "purge needs ?url=HOST/PATH"}'
+            return 400, {"error": "purge needs ?url=HOST/PATH"}
         url = urls[0]
         for scheme in ("http://", "https://"):
             if url.startswith(scheme):
                 url = url[len(scheme) :]
         prefix = query.get("prefix", ["0"])[0] in ("1", "true", "yes")
-        n = cache.cache.purge(url.encode("latin-1"), prefix=prefix)
-        return 200, "application/json", json.dumps({"purged": n}).encode()
+        return 200, {"purged": cache.cache.purge(url.encode("latin-1"), prefix=prefix)}
 
     async def _from_siblings(self, target: str) -> dict[int, bytes | str]:
         """Each sibling's answer body to GET `target`, or why there is none."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        timeout = aiohttp.ClientTimeout(total=SIBLING_TIMEOUT)
+        client = self._client
+        if client is None:  # kept: its connections to the siblings stay open between scrapes
+            client = self._client = HTTPClient(timeout=SIBLING_TIMEOUT)
 
-        async def ask(s: aiohttp.ClientSession, port: int) -> bytes:
-            url = URL(f"http://{host}:{port}{target}", encoded=True)  # the query as given
-            async with s.get(url) as resp:
-                if resp.status != 200:
-                    raise OSError(f"answered {resp.status} {resp.reason}")
-                return await resp.read()
+        async def ask(port: int) -> bytes:
+            resp = await client.get(f"http://{host}:{port}{target}")  # the query as given
+            if resp.status != 200:
+                raise ClientError(f"answered {resp.status} {resp.reason.decode('latin-1')}")
+            return resp.body
 
         indices = sorted(self.siblings)
-        async with aiohttp.ClientSession(timeout=timeout) as s:
-            answers = await asyncio.gather(
-                *(ask(s, self.siblings[i]) for i in indices), return_exceptions=True
-            )
+        answers = await asyncio.gather(
+            *(ask(self.siblings[i]) for i in indices), return_exceptions=True
+        )
         out: dict[int, bytes | str] = {}
         for i, a in zip(indices, answers, strict=True):
             if isinstance(a, BaseException):
@@ -383,7 +375,7 @@ class AdminServer:
         merged[up.name] = up
         return generate_latest(_Fixed(list(merged.values())))
 
-    async def _purge_siblings(self, query: str, purged: int) -> tuple[int, str, bytes]:
+    async def _purge_siblings(self, query: str, purged: int) -> Answer:
         failed: list[str] = []
         for answer in (await self._from_siblings(f"/purge?{query}&local=1")).values():
             if isinstance(answer, str):
@@ -396,27 +388,4 @@ class AdminServer:
         doc: dict[str, Any] = {"purged": purged, "workers": len(self.siblings) + 1}
         if failed:
             doc["failed"] = failed
-        return (502 if failed else 200), "application/json", json.dumps(doc).encode()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            line = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-            if len(line) != 3:
-                code, ctype, body = 400, "application/json", b'{"error": "malformed request"}'
-                method = "GET"
-            else:
-                method = line[0]
-                code, ctype, body = await self.answer(method, line[1])
-            writer.write(
-                f"HTTP/1.1 {code} {REASONS.get(code, 'Error')}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + (body if method != "HEAD" else b"")
-            )
-            await writer.drain()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+        return (502 if failed else 200), doc
