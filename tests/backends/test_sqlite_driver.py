@@ -185,7 +185,7 @@ async def test_watch_sees_another_process(tmp_path: Path) -> None:
 async def test_watch_from_a_pruned_revision_fails_clearly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(driver, "HISTORY", 5)
+    monkeypatch.setattr(driver.kv, "HISTORY", 5)  # the KV module reads it
     kv = await open_kv(f"sqlite:///{tmp_path / 'state.db'}")
     for i in range(10):
         await kv.put(f"k{i}", b"v")
