@@ -43,6 +43,8 @@ def argv(component: str, admin: int, tmp: Path) -> list[str]:
                 "--port", str(admin)]  # fmt: skip
     if component == "adapter health":
         return ["adapter", "health", "--command", "true", "--port", str(admin)]
+    if component == "adapter logs":
+        return ["adapter", "logs", "--file", str(tmp / "app.log"), "--admin-port", str(admin)]
     if component == "queue work":
         return ["queue", "work", "--queue", f"sqlite:///{tmp / 'q.db'}", "--exec", "true",
                 "--admin-port", str(admin)]  # fmt: skip
@@ -60,6 +62,7 @@ OWN = {
     "ambassador split": "podkit_split_weight",
     "elect": None,
     "adapter health": None,
+    "adapter logs": "podkit_adapter_logs_lines_read",
     "queue scaler": "podkit_queue",
     "queue work": "podkit_queue_work_items_done",
 }

@@ -7,14 +7,16 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from podkit.adapter.logs import LogParser, parse_line
-from support import podkit_error
+from support import free_port, podkit_error, port_in_use
 
 PODKIT = [sys.executable, "-m", "podkit"]
 KEYS = {"time", "level", "message", "format", "parsed", "fields"}
@@ -248,3 +250,45 @@ def test_a_command_that_cannot_run_is_a_one_line_error() -> None:
         127,
         "adapter: cannot run '/nonexistent/cmd': No such file or directory",
     )
+
+
+def test_the_admin_port_counts_lines_read_written_and_unparsed(tmp_path: Path) -> None:
+    """APP_LOG's 6 lines make 3 records (a traceback joins its record), 1 of them raw."""
+    log = tmp_path / "app.log"
+    log.write_text(APP_LOG)
+    admin = free_port()
+    proc = subprocess.Popen([*PODKIT, "adapter", "logs", "--file", str(log), "--from-start",
+                             "--output", str(tmp_path / "out.jsonl"), "--admin-port", str(admin)],
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    get = urllib.request.build_opener(urllib.request.ProxyHandler({})).open
+    want = {"lines_read": 6, "lines_written": 3, "lines_unparsed": 1}
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with get(f"http://127.0.0.1:{admin}/metrics", timeout=2) as resp:
+                    text = resp.read().decode()
+                samples = {s.name: s.value for f in text_string_to_metric_families(text)
+                           for s in f.samples}  # fmt: skip
+                got = {k: samples[f"podkit_adapter_logs_{k}_total"] for k in want}
+                if got == want:
+                    break
+            except OSError:
+                got = None
+            assert time.monotonic() < deadline, got
+            time.sleep(0.1)
+        with get(f"http://127.0.0.1:{admin}/status", timeout=2) as resp:
+            assert json.loads(resp.read()) == {"source": str(log), **want}
+        with get(f"http://127.0.0.1:{admin}/readyz", timeout=2) as resp:
+            assert resp.status == 200
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+
+
+def test_an_admin_port_in_use_is_a_one_line_error() -> None:
+    with port_in_use() as port:
+        assert podkit_error(["adapter", "logs", "--admin-port", str(port)]) == (
+            1,
+            f"adapter: cannot listen on 127.0.0.1:{port} (--admin-port): Address already in use",
+        )

@@ -18,7 +18,7 @@ from typing import Annotated, Any, TextIO
 
 import typer
 
-from podkit.aio import run_async, stop_event, wait_for
+from podkit.aio import stop_event, wait_for
 
 cli = typer.Typer(
     help="Adapters: logs, metrics and health in standard shapes.", no_args_is_help=True
@@ -36,18 +36,32 @@ LINE_LIMIT = 1 << 20  # bytes: a longer line is passed on in pieces
 
 
 class _Writer:
+    """Writes records as JSON lines, and counts the lines read (by `_pump`), the lines
+    written (one a record) and the lines no format took (written whole, `raw`)."""
+
     def __init__(self, out: TextIO, source: str) -> None:
         self.out = out
         self.source = source
-        self.count = 0
+        self.read = 0
+        self.written = 0
+        self.unparsed = 0
 
     def write(self, records: list[dict[str, Any]]) -> None:
         for r in records:
             r["source"] = self.source
             self.out.write(json.dumps(r, ensure_ascii=False) + "\n")
-            self.count += 1
+            self.written += 1
+            if not r["parsed"]:
+                self.unparsed += 1
         if records:
             self.out.flush()
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "lines_read": self.read,
+            "lines_written": self.written,
+            "lines_unparsed": self.unparsed,
+        }
 
 
 async def _pump(lines: asyncio.Queue[str | None], writer: _Writer) -> None:
@@ -64,6 +78,7 @@ async def _pump(lines: asyncio.Queue[str | None], writer: _Writer) -> None:
         if line is None:
             writer.write(parser.flush())
             return
+        writer.read += 1
         writer.write(parser.feed(line))
 
 
@@ -152,73 +167,129 @@ async def _follow(path: Path, lines: asyncio.Queue[str | None], stop: asyncio.Ev
         handle.close()
 
 
+LOG_COUNTS = {
+    "lines_read": "Lines read from the source.",
+    "lines_written": "JSON lines written: one a record (a traceback joins the record before it).",
+    "lines_unparsed": "Lines no format took, written whole as format raw.",
+}
+
+
+async def _logs_admin(writer: _Writer, port: int) -> Any:
+    """The admin server of `adapter logs`: its counts as podkit_adapter_logs_* metrics."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, Metric
+    from prometheus_client.registry import Collector
+
+    from podkit.net.listen import listening
+    from podkit.observe.admin import AdminServer
+
+    class Counts(Collector):
+        def collect(self) -> list[Metric]:
+            counts = writer.counts()
+            return [
+                CounterMetricFamily(f"podkit_adapter_logs_{what}", doc, value=counts[what])
+                for what, doc in LOG_COUNTS.items()
+            ]
+
+    def status() -> tuple[int, Any]:
+        return 200, {"source": writer.source, **writer.counts()}
+
+    registry = CollectorRegistry()
+    registry.register(Counts())
+    admin = AdminServer({"/status": status}, "127.0.0.1", port, registry=registry)
+    await listening(admin.start(), "--admin-port", "127.0.0.1", port)
+    log(f"admin on {admin.url}")
+    return admin
+
+
+async def _run_command(
+    command: list[str], lines: asyncio.Queue[str | None], stop: asyncio.Event
+) -> int:
+    """Run the app, its stdout and stderr into `lines`; its exit status (127: not run)."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+    except OSError as exc:  # like a shell: 127, the command did not run
+        log(f"cannot run {command[0]!r}: {exc.strerror or exc}")
+        return 127
+    assert proc.stdout is not None
+    reader = asyncio.create_task(_read_stream(proc.stdout, lines))
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if waiter in done:  # pass the stop on to the app, then read what it still says
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+    await reader
+    waiter.cancel()
+    return await proc.wait()
+
+
+async def _read_stdin(lines: asyncio.Queue[str | None], stop: asyncio.Event) -> None:
+    """Standard input into `lines`, until its end or a stop."""
+    fd = 0  # sys.stdin is None when podkit started with descriptor 0 closed
+    if _is_stream(fd):
+        loop = asyncio.get_running_loop()
+        stream = asyncio.StreamReader(limit=LINE_LIMIT)
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stream), os.fdopen(fd, "rb")
+        )
+        source = _read_stream(stream, lines)
+    else:
+        source = _read_file(fd, lines)
+    reader = asyncio.create_task(source)
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    reader.cancel()
+    waiter.cancel()
+
+
+async def _adapt(
+    writer: _Writer, file: Path | None, command: list[str], from_start: bool, admin_port: int | None
+) -> int:
+    """Read the file, the command or stdin through the parser into `writer`; the exit
+    status."""
+    admin = None if admin_port is None else await _logs_admin(writer, admin_port)
+    lines: asyncio.Queue[str | None] = asyncio.Queue(maxsize=10_000)
+    stop = stop_event()
+    pump = asyncio.create_task(_pump(lines, writer))
+    code = 0
+    if file is not None:
+        await _follow(file, lines, stop, from_start)
+    elif command:
+        code = await _run_command(command, lines, stop)
+    else:
+        await _read_stdin(lines, stop)
+    await lines.put(None)
+    await pump
+    if admin is not None:
+        await admin.close()
+    return code
+
+
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def logs(
     ctx: typer.Context,
     file: Annotated[Path | None, typer.Option(help="Follow this log file (like tail -F).")] = None,
     from_start: Annotated[bool, typer.Option(help="With --file: read it from the start.")] = False,
     output: Annotated[Path | None, typer.Option(help="Append JSON lines here, not stdout.")] = None,
+    admin_port: Annotated[
+        int | None,
+        typer.Option(help="Loopback port for /metrics, /healthz, /readyz, /status."),
+    ] = None,
 ) -> None:
     """Turn log lines into JSON lines with one schema: from a file, from a command run as
     `podkit adapter logs -- CMD ARGS` (its stdout and stderr), or from stdin."""
+    from podkit.net.listen import run_server
+
     command = list(ctx.args)
     if file is not None and command:
         log("give --file or a command, not both")
         raise typer.Exit(2)
     out = open(output, "a", encoding="utf-8") if output else sys.stdout  # noqa: SIM115
-
-    async def main() -> int:
-        lines: asyncio.Queue[str | None] = asyncio.Queue(maxsize=10_000)
-        stop = stop_event()
-        code = 0
-        if file is not None:
-            writer = _Writer(out, str(file))
-            pump = asyncio.create_task(_pump(lines, writer))
-            await _follow(file, lines, stop, from_start)
-        elif command:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-                )
-            except OSError as exc:  # like a shell: 127, the command did not run
-                log(f"cannot run {command[0]!r}: {exc.strerror or exc}")
-                return 127
-            writer = _Writer(out, command[0])
-            pump = asyncio.create_task(_pump(lines, writer))
-            assert proc.stdout is not None
-            reader = asyncio.create_task(_read_stream(proc.stdout, lines))
-            waiter = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if waiter in done:  # pass the stop on to the app, then read what it still says
-                with contextlib.suppress(ProcessLookupError):
-                    proc.terminate()
-            await reader
-            waiter.cancel()
-            code = await proc.wait()
-        else:
-            writer = _Writer(out, "stdin")
-            pump = asyncio.create_task(_pump(lines, writer))
-            fd = 0  # sys.stdin is None when podkit started with descriptor 0 closed
-            if _is_stream(fd):
-                loop = asyncio.get_running_loop()
-                stream = asyncio.StreamReader(limit=LINE_LIMIT)
-                await loop.connect_read_pipe(
-                    lambda: asyncio.StreamReaderProtocol(stream), os.fdopen(fd, "rb")
-                )
-                source = _read_stream(stream, lines)
-            else:
-                source = _read_file(fd, lines)
-            reader = asyncio.create_task(source)
-            waiter = asyncio.create_task(stop.wait())
-            await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            reader.cancel()
-            waiter.cancel()
-        await lines.put(None)
-        await pump
-        return code
-
+    source = str(file) if file is not None else command[0] if command else "stdin"
     try:
-        code = run_async(main())
+        code = run_server(_adapt(_Writer(out, source), file, command, from_start, admin_port), log)
     finally:
         if out is not sys.stdout:
             out.close()
