@@ -234,14 +234,10 @@ def k8s(
 
 
 def _register_components() -> None:
-    import importlib
+    from podkit.system.components import command_app, commands
 
-    from podkit.system.components import COMPONENT_MODULES
-
-    for command, module_name in COMPONENT_MODULES.items():
-        module = importlib.import_module(module_name)
-        sub: typer.Typer = module.cli
-        app.add_typer(sub, name=command)
+    for command, target in commands().items():
+        app.add_typer(command_app(target), name=command)
 
 
 def open_standard_fds() -> None:

@@ -12,29 +12,36 @@ warning. Nothing is dropped without a word.
 - Backend URLs reach containers from the Secret `<spec>-backends` (one key per backend),
   which is referenced and never written, except with `--with-backends`, where Redis,
   NATS JetStream and etcd StatefulSets are added and the Secret points at them.
-- `election:` becomes a Lease with a ServiceAccount, and a Role that may only get and
-  update that one Lease (the Lease is rendered, so nobody needs `create`).
-- `autoscale:` becomes a `podkit queue scaler` Deployment, which publishes the replica
-  count the queue needs, and an HPA on that external metric or a KEDA ScaledObject.
+- The patterns' hooks add what their fields mean (`election:` a Lease and its RBAC,
+  `autoscale:` a scaler and an HPA or KEDA ScaledObject, `lb:` a balancer Deployment),
+  through the contexts `PodContext` and `ServiceContext`.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import shlex
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel
 
 from podkit import __version__
-from podkit.system.components import _REGISTRY, to_flags
+from podkit.contract import Loc, Obj, PodHook, ServiceHook, pod_hooks, service_hooks, whole_seconds
+from podkit.system.components import command_words, to_flags
+from podkit.system.k8sctx import (
+    UID,
+    PodContext,
+    ServiceContext,
+    env_name,
+    hardened,
+    pod_security,
+)
 from podkit.system.spec import (
     Container,
     ExecProbe,
@@ -45,20 +52,13 @@ from podkit.system.spec import (
     Spec,
     TCPProbe,
     _model_in,
-    flag_value,
 )
-
-Loc = tuple[str | int, ...]
-Obj = dict[str, Any]
 
 DEFAULT_PODKIT_IMAGE = f"ghcr.io/podkit/podkit:{__version__}"
 DEFAULT_KUBE_VERSION = "1.33"
 NATIVE_SIDECARS = (1, 29)  # init containers with restartPolicy: Always, on by default
 EMBEDDED = ("memory", "sqlite")
-UID = 10001  # the podkit image's user
-SCALER_PORT = 9464
 BUILTIN_GROUPS = ("apps", "batch", "autoscaling", "policy")
-METRIC = "podkit_queue_desired_replicas"
 SERVER_IMAGES = {
     "redis": "redis:7.4-alpine",
     "nats": "nats:2.10-alpine",
@@ -77,20 +77,6 @@ FIELDS: dict[str, str] = {
     "pods[].restart": "Always: Deployment or StatefulSet; OnFailure/Never: a Job's restartPolicy",
     "pods[].grace_period": "terminationGracePeriodSeconds (rounded up)",
     "pods[].volumes": "emptyDir volumes of the pod",
-    "pods[].election": "the elector container, a Lease, ServiceAccount, Role, RoleBinding",
-    "pods[].election.name": "the Lease's name",
-    "pods[].election.backend": "embedded: a Kubernetes Lease; redis/nats/etcd: used as is",
-    "pods[].election.ttl": "the elector's --ttl",
-    "pods[].election.port": "the elector's containerPort and --port",
-    "pods[].election.exec": "the elector's --exec",
-    "pods[].autoscale": "a scaler Deployment and Service plus an HPA or KEDA ScaledObject",
-    "pods[].autoscale.queue": "the scaler's --name and the metric's queue label",
-    "pods[].autoscale.backend": "the scaler's --queue (from the Secret)",
-    "pods[].autoscale.min": "minReplicas (HPA: at least 1) / minReplicaCount",
-    "pods[].autoscale.max": "maxReplicas / maxReplicaCount",
-    "pods[].autoscale.target_drain": "the scaler's --target-drain",
-    "pods[].autoscale.cooldown_up": "behavior.scaleUp.stabilizationWindowSeconds",
-    "pods[].autoscale.cooldown_down": "behavior.scaleDown.stabilizationWindowSeconds",
     "pods[].containers": "containers (components: native sidecars from 1.29)",
     "pods[].containers[].name": "the container's name",
     "pods[].containers[].image": "the container's image (a component's too: one that reads "
@@ -120,39 +106,10 @@ FIELDS: dict[str, str] = {
     "services[].target": "the Service's targetPort",
     "services[].host": "local only (the address `podkit up` binds): a warning if set",
     "services[].policy": "round-robin: kube-proxy's balancing",
-    "services[].lb": "a `podkit lb` Deployment `<service>-lb` (2 replicas) behind the "
-    "Service, following the pod's ready replicas through the headless Service `<pod>-pods`",
-    "services[].lb.policy": "--policy",
-    "services[].lb.hash_on": "--hash-on",
-    "services[].lb.workers": "--workers",
-    "services[].lb.tries": "--tries",
-    "services[].lb.retry_budget": "--retry-budget",
-    "services[].lb.upstream_timeout": "--upstream-timeout",
-    "services[].lb.request_timeout": "--request-timeout",
-    "services[].lb.breaker": "circuit breaking: --max-connections, --max-pending, --max-requests",
-    "services[].lb.breaker.max_connections": "--max-connections",
-    "services[].lb.breaker.max_pending": "--max-pending",
-    "services[].lb.breaker.max_requests": "--max-requests",
-    "services[].lb.health": "active checks: the --health-* flags",
-    "services[].lb.health.path": "--health-path",
-    "services[].lb.health.interval": "--health-interval",
-    "services[].lb.health.timeout": "--health-timeout",
-    "services[].lb.health.healthy_threshold": "--healthy-threshold",
-    "services[].lb.health.unhealthy_threshold": "--unhealthy-threshold",
-    "services[].lb.cache": "the response cache: --cache-bytes, --cache-entry-bytes",
-    "services[].lb.cache.max_bytes": "--cache-bytes",
-    "services[].lb.cache.max_entry_bytes": "--cache-entry-bytes",
-    "services[].lb.rate_limit": "token buckets: --rate-limit, --rate-limit-by, --global-rate-limit",
-    "services[].lb.rate_limit.rate": "--rate-limit",
-    "services[].lb.rate_limit.by": "--rate-limit-by",
-    "services[].lb.rate_limit.global": "--global-rate-limit",
-    "services[].lb.tls": "TLS at the edge",
-    "services[].lb.tls.cert": "the Secret `<service>-tls` (kubernetes.io/tls), referenced and "
-    "mounted read-only: --tls-cert",
-    "services[].lb.tls.key": "the same Secret: --tls-key",
-    "services[].lb.tls.self_signed": "--self-signed",
-    "services[].lb.admin_port": "--admin-port on the pod IP, a containerPort named admin",
 }
+# ... and the fields the patterns' hooks add
+_HOOKS: list[PodHook | ServiceHook] = [*pod_hooks(), *service_hooks()]
+FIELDS |= {k: v for hook in _HOOKS for k, v in hook.fields.items()}
 
 
 @dataclass(frozen=True)
@@ -226,7 +183,7 @@ def to_yaml(objects: list[Obj]) -> str:
 
 def render(spec: Spec, options: RenderOptions | None = None) -> Rendered:
     """Render `spec`; raise `RenderError` naming every field that cannot be rendered."""
-    return _Renderer(spec, options or RenderOptions()).run()
+    return Renderer(spec, options or RenderOptions()).run()
 
 
 def kube_version(text: str) -> tuple[int, int]:
@@ -244,16 +201,8 @@ def _path(loc: Loc) -> str:
     return out
 
 
-def _env_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]", "_", name).upper()
-
-
 def _scheme(url: str) -> str:
     return url.split("://", 1)[0]
-
-
-def _seconds(value: float) -> int:
-    return math.ceil(value)
 
 
 def _mentions(container: Container, var: str) -> bool:
@@ -262,7 +211,7 @@ def _mentions(container: Container, var: str) -> bool:
     return any(f"$({var})" in t for t in texts)
 
 
-class _Renderer:
+class Renderer:
     def __init__(self, spec: Spec, opts: RenderOptions) -> None:
         self.spec = spec
         self.opts = opts
@@ -359,8 +308,6 @@ class _Renderer:
     def _state_user(self) -> Loc | None:
         """The first field that needs the implicit `state` backend, if any does."""
         for i, pod in enumerate(self.spec.pods):
-            if pod.autoscale is not None and pod.autoscale.backend == "state":
-                return ("pods", i, "autoscale", "backend")
             for j, c in enumerate(pod.containers):
                 if _mentions(c, "PODKIT_BACKEND_STATE"):
                     return ("pods", i, "containers", j)
@@ -375,16 +322,13 @@ class _Renderer:
         base: Loc = ("pods", i)
         stable = any(_mentions(c, "REPLICA") for c in pod.containers)
         job = pod.restart != "Always"
-        lease = self.election(i, pod)
-        template = self.template(i, pod, lease, stable and job)
+        kind = "Job" if job else "StatefulSet" if stable else "Deployment"
+        ctx = PodContext(self, pod, base, kind)
+        for hook, options in pod.hooks():
+            hook.render_before(ctx, options)
+        template = self.template(ctx, stable and job)
         meta = self.meta(pod.name, "workload")
         if job:
-            if pod.autoscale is not None:
-                self.refuse(
-                    (*base, "autoscale"),
-                    f"pod '{pod.name}' is a Job (restart: {pod.restart}); autoscale needs "
-                    "restart: Always",
-                )
             spec: Obj = {
                 "completions": pod.replicas,
                 "parallelism": pod.replicas,
@@ -395,9 +339,8 @@ class _Renderer:
             spec["template"] = template
             self.add({"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec})
             return
-        kind = "StatefulSet" if stable else "Deployment"
         spec = {}
-        if pod.autoscale is None:
+        if not ctx.scaled:
             spec["replicas"] = pod.replicas
         spec["selector"] = {"matchLabels": self.selector(pod.name)}
         if stable:
@@ -405,17 +348,18 @@ class _Renderer:
             spec["podManagementPolicy"] = "Parallel"
         spec["template"] = template
         self.add({"apiVersion": "apps/v1", "kind": kind, "metadata": meta, "spec": spec})
-        if pod.autoscale is not None:
-            self.autoscale(i, pod, kind)
+        for hook, options in pod.hooks():
+            hook.render_after(ctx, options)
 
-    def template(self, i: int, pod: Pod, lease: str | None, indexed_job: bool) -> Obj:
-        base: Loc = ("pods", i)
+    def template(self, ctx: PodContext, indexed_job: bool) -> Obj:
+        pod = ctx.pod
         sidecars: list[Obj] = []
         main: list[Obj] = []
-        for j, c in enumerate(pod.all_containers()):
-            loc: Loc = (*base, "election") if c.name == "elector" and pod.election else (
-                *base, "containers", j)  # fmt: skip
-            rendered = self.container(loc, pod, c, lease, indexed_job)
+        for j, c in enumerate(pod.containers):
+            rendered = self.container((*ctx.loc, "containers", j), pod, c, indexed_job)
+            (sidecars if c.component is not None else main).append(rendered)
+        for hook, added, c in pod.added(ctx):
+            rendered = self.container((*ctx.loc, hook.key), pod, c, indexed_job, added.app_image)
             (sidecars if c.component is not None else main).append(rendered)
         native = self.version >= NATIVE_SIDECARS and main and sidecars
         spec: Obj = {}
@@ -427,34 +371,30 @@ class _Renderer:
         else:
             spec["containers"] = main + sidecars
         spec["restartPolicy"] = pod.restart
-        spec["terminationGracePeriodSeconds"] = _seconds(pod.grace_period)
+        spec["terminationGracePeriodSeconds"] = whole_seconds(pod.grace_period)
         spec["enableServiceLinks"] = False  # the spec's services are set explicitly
-        if lease is not None:
-            spec["serviceAccountName"] = f"{pod.name}-elector"
+        if ctx.service_account is not None:
+            spec["serviceAccountName"] = ctx.service_account
         else:
             spec["automountServiceAccountToken"] = False
-        spec["securityContext"] = _pod_security(UID)
+        spec["securityContext"] = pod_security(UID)
         if pod.volumes:
             spec["volumes"] = [{"name": v, "emptyDir": {}} for v in pod.volumes]
         return {"metadata": {"labels": self.selector(pod.name)}, "spec": spec}
 
     def container(
-        self, loc: Loc, pod: Pod, c: Container, lease: str | None, indexed_job: bool
+        self, loc: Loc, pod: Pod, c: Container, indexed_job: bool, runs_app: bool = False
     ) -> Obj:
+        """One container; a component that `runs_app` (a program of the app's) gets the
+        app's image."""
         out: Obj = {"name": c.name}
         if c.component is not None:
-            # an elector that runs a command of the app's needs the app's image
-            runs_app = c.name == "elector" and pod.election is not None and pod.election.exec
             if c.image:  # a component that reads files of the spec's directory
                 out["image"] = c.image
             else:
                 out["image"] = self.image(loc, c) if runs_app else self.opts.podkit_image
-            options = dict(c.with_)
-            if c.name == "elector" and lease is not None:
-                options["backend"] = "k8s://$(POD_NAMESPACE)"
-                options["name"] = lease
-            out["command"] = ["podkit", *_REGISTRY[c.component]]
-            out["args"] = to_flags(options)
+            out["command"] = ["podkit", *command_words(c.component)]
+            out["args"] = to_flags(dict(c.with_))
         else:
             out["image"] = self.image(loc, c)
             assert c.command is not None
@@ -481,7 +421,7 @@ class _Renderer:
             if probe is not None:
                 out[key] = self.probe((*loc, kind), probe, kind)
         # podkit's own code writes nothing to its filesystem
-        out["securityContext"] = _hardened(read_only=out["image"] == self.opts.podkit_image)
+        out["securityContext"] = hardened(read_only=out["image"] == self.opts.podkit_image)
         return out
 
     def image(self, loc: Loc, c: Container) -> str:
@@ -512,14 +452,14 @@ class _Renderer:
         env.append({"name": "PYTHONUNBUFFERED", "value": "1"})
         for name in sorted(self.backends):
             ref = {"secretKeyRef": {"name": self.secret, "key": name}}
-            env.append({"name": f"PODKIT_BACKEND_{_env_name(name)}", "valueFrom": ref})
+            env.append({"name": f"PODKIT_BACKEND_{env_name(name)}", "valueFrom": ref})
         for svc in self.spec.services:
-            env.append({"name": f"{_env_name(svc.name)}_SERVICE_HOST", "value": svc.name})
-            env.append({"name": f"{_env_name(svc.name)}_SERVICE_PORT", "value": str(svc.port)})
+            env.append({"name": f"{env_name(svc.name)}_SERVICE_HOST", "value": svc.name})
+            env.append({"name": f"{env_name(svc.name)}_SERVICE_PORT", "value": str(svc.port)})
         for vol, mount in c.volumes.items():
-            env.append({"name": f"VOLUME_{_env_name(vol)}", "value": mount})
+            env.append({"name": f"VOLUME_{env_name(vol)}", "value": mount})
         for port_name, number in c.ports.items():
-            env.append({"name": f"PORT_{_env_name(port_name)}", "value": str(number)})
+            env.append({"name": f"PORT_{env_name(port_name)}", "value": str(number)})
         for key, value in c.env.items():
             env.append({"name": key, "value": value})
         return env
@@ -536,10 +476,10 @@ class _Renderer:
         elif p.exec is not None:
             out["exec"] = {"command": list(p.exec.command)}
         if p.initial_delay:
-            out["initialDelaySeconds"] = _seconds(p.initial_delay)
+            out["initialDelaySeconds"] = whole_seconds(p.initial_delay)
         for name, value, key in (("period", p.period, "periodSeconds"),
                                  ("timeout", p.timeout, "timeoutSeconds")):  # fmt: skip
-            whole = max(1, _seconds(value))
+            whole = max(1, whole_seconds(value))
             if whole != value:
                 self.warn(
                     (*loc, name),
@@ -556,180 +496,6 @@ class _Renderer:
         out["failureThreshold"] = p.failure_threshold
         return out
 
-    # -- election -------------------------------------------------------------------------
-
-    def election(self, i: int, pod: Pod) -> str | None:
-        """Render the Lease and its RBAC when the election needs one; return its name."""
-        e = pod.election
-        if e is None:
-            return None
-        url = self.spec.backends.get(e.backend)
-        if url is not None and _scheme(url) not in EMBEDDED and _scheme(url) != "k8s":
-            return None  # a network backend works across machines as it is
-        lease = e.name or pod.name
-        sa = f"{pod.name}-elector"
-        self.add(
-            {
-                "apiVersion": "coordination.k8s.io/v1",
-                "kind": "Lease",
-                "metadata": self.meta(lease, "election", pod.name),
-                "spec": {},
-            }
-        )
-        self.add(
-            {
-                "apiVersion": "v1",
-                "kind": "ServiceAccount",
-                "metadata": self.meta(sa, "election", pod.name),
-                "automountServiceAccountToken": True,
-            }
-        )
-        rule = {
-            "apiGroups": ["coordination.k8s.io"],
-            "resources": ["leases"],
-            "resourceNames": [lease],
-            "verbs": ["get", "update"],
-        }
-        self.add(
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "Role",
-                "metadata": self.meta(sa, "election", pod.name),
-                "rules": [rule],
-            }
-        )
-        subject: Obj = {"kind": "ServiceAccount", "name": sa}
-        if self.opts.namespace:
-            subject["namespace"] = self.opts.namespace
-        self.add(
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "RoleBinding",
-                "metadata": self.meta(sa, "election", pod.name),
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
-                "subjects": [subject],
-            }
-        )
-        return lease
-
-    # -- autoscaling ----------------------------------------------------------------------
-
-    def autoscale(self, i: int, pod: Pod, kind: str) -> None:
-        a = pod.autoscale
-        assert a is not None
-        loc: Loc = ("pods", i, "autoscale")
-        if a.backend not in self.backends:
-            return  # refused in resolve_backends
-        name = f"{pod.name}-scaler"
-        argv = [
-            "--queue", f"$(PODKIT_BACKEND_{_env_name(a.backend)})", "--name", a.queue,
-            "--min", str(a.min), "--max", str(a.max), "--target-drain", flag_value(a.target_drain),
-            "--host", "0.0.0.0", "--port", str(SCALER_PORT),
-        ]  # fmt: skip
-        probe = {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 5}
-        container: Obj = {
-            "name": "scaler",
-            "image": self.opts.podkit_image,
-            "command": ["podkit", "queue", "scaler"],
-            "args": argv,
-            "ports": [{"name": "metrics", "containerPort": SCALER_PORT, "protocol": "TCP"}],
-            "env": [
-                {
-                    "name": f"PODKIT_BACKEND_{_env_name(a.backend)}",
-                    "valueFrom": {"secretKeyRef": {"name": self.secret, "key": a.backend}},
-                }
-            ],
-            "readinessProbe": probe,
-            "securityContext": _hardened(read_only=True),
-        }
-        self.add(self.one_replica("Deployment", name, "scaler", container, UID, {}))
-        svc_meta = self.meta(name, "scaler")
-        svc_meta["annotations"] = {
-            "prometheus.io/scrape": "true",
-            "prometheus.io/port": str(SCALER_PORT),
-            "prometheus.io/path": "/metrics",
-        }
-        self.add(
-            {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": svc_meta,
-                "spec": {
-                    "selector": self.selector(name),
-                    "ports": [{"name": "metrics", "port": SCALER_PORT, "targetPort": "metrics"}],
-                },
-            }
-        )
-        behavior = {
-            "scaleUp": {"stabilizationWindowSeconds": _seconds(a.cooldown_up)},
-            "scaleDown": {"stabilizationWindowSeconds": _seconds(a.cooldown_down)},
-        }
-        target = {"apiVersion": "apps/v1", "kind": kind, "name": pod.name}
-        if self.opts.autoscaler == "hpa":
-            if a.min < 1:
-                self.refuse(
-                    (*loc, "min"),
-                    "a HorizontalPodAutoscaler cannot scale to 0: set min: 1, or render with "
-                    "--autoscaler keda",
-                )
-            labels = {"queue": a.queue, "app.kubernetes.io/instance": self.spec.name}
-            metric = {
-                "type": "External",
-                "external": {
-                    "metric": {"name": METRIC, "selector": {"matchLabels": labels}},
-                    "target": {"type": "AverageValue", "averageValue": "1"},
-                },
-            }
-            self.add(
-                {
-                    "apiVersion": "autoscaling/v2",
-                    "kind": "HorizontalPodAutoscaler",
-                    "metadata": self.meta(pod.name, "autoscaler"),
-                    "spec": {
-                        "scaleTargetRef": target,
-                        "minReplicas": max(1, a.min),
-                        "maxReplicas": a.max,
-                        "metrics": [metric],
-                        "behavior": behavior,
-                    },
-                }
-            )
-            return
-        namespace = self.opts.namespace or "default"
-        if not self.opts.namespace:
-            self.warn(
-                loc,
-                "KEDA reads the scaler from its own namespace: the URL assumes namespace "
-                "'default'; pass --namespace",
-            )
-        self.add(
-            {
-                "apiVersion": "keda.sh/v1alpha1",
-                "kind": "ScaledObject",
-                "metadata": self.meta(pod.name, "autoscaler"),
-                "spec": {
-                    "scaleTargetRef": target,
-                    "minReplicaCount": a.min,
-                    "maxReplicaCount": a.max,
-                    "pollingInterval": 5,
-                    "cooldownPeriod": _seconds(a.cooldown_down),
-                    "advanced": {"horizontalPodAutoscalerConfig": {"behavior": behavior}},
-                    "triggers": [
-                        {
-                            "type": "metrics-api",
-                            "metricType": "AverageValue",
-                            "metadata": {
-                                "url": f"http://{name}.{namespace}.svc:{SCALER_PORT}/desired",
-                                "format": "json",
-                                "valueLocation": "desired",
-                                "targetValue": "1",
-                            },
-                        }
-                    ],
-                },
-            }
-        )
-
     # -- services -------------------------------------------------------------------------
 
     def service(self, k: int, svc: Service) -> None:
@@ -739,8 +505,9 @@ class _Renderer:
                 f"{svc.host} is where `podkit up` binds; on Kubernetes the Service gets a "
                 "cluster IP",
             )
-        if svc.lb is not None:
-            self.balancer(k, svc)
+        hooked = svc.hook()
+        if hooked is not None:
+            hooked[0].render(ServiceContext(self, k, svc), hooked[1])
             return
         self.add(
             {
@@ -781,61 +548,6 @@ class _Renderer:
                 }
             )
         return name
-
-    def balancer(self, k: int, svc: Service) -> None:
-        """A `podkit lb` Deployment in front of the pod's replicas, and the Service."""
-        lb = svc.lb
-        assert lb is not None
-        pod = self.spec.pod(svc.pods)
-        port = svc.target
-        if isinstance(port, str):
-            port = next(p for c in pod.all_containers() for n, p in c.ports.items() if n == port)
-        name = f"{svc.name}-lb"
-        tls_dir = "/etc/podkit/tls" if lb.tls and lb.tls.cert else None
-        members = f"{self.headless(pod)}:{port}"
-        args = ["--listen", f"0.0.0.0:{svc.port}", "--members-dns", members]
-        args += lb.flags(tls_dir=tls_dir)
-        ports = [{"name": "http", "containerPort": svc.port, "protocol": "TCP"}]
-        if lb.admin_port:
-            args += ["--admin-host", "$(POD_IP)", "--admin-port", str(lb.admin_port)]
-            ports.append({"name": "admin", "containerPort": lb.admin_port, "protocol": "TCP"})
-        container: Obj = {
-            "name": "lb",
-            "image": self.opts.podkit_image,
-            "command": ["podkit", "lb"],
-            "args": args,
-            "ports": ports,
-            "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
-            "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 2},
-            "securityContext": _hardened(read_only=True),
-        }
-        workload = self.one_replica("Deployment", name, "lb", container, UID, {})
-        workload["spec"]["replicas"] = 2
-        if tls_dir is not None and lb.tls is not None:
-            container["volumeMounts"] = [{"name": "tls", "mountPath": tls_dir, "readOnly": True}]
-            workload["spec"]["template"]["spec"]["volumes"] = [
-                {"name": "tls", "secret": {"secretName": f"{svc.name}-tls"}}
-            ]
-            self.warn(
-                ("services", k, "lb", "tls", "cert"),
-                f"the certificate comes from the Secret '{svc.name}-tls' on Kubernetes: "
-                f"kubectl create secret tls {svc.name}-tls --cert {lb.tls.cert} "
-                f"--key {lb.tls.key}",
-            )
-        self.add(workload)
-        self.add(
-            {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": self.meta(svc.name, "service", name),
-                "spec": {
-                    "selector": self.selector(name),
-                    "ports": [
-                        {"name": "http", "port": svc.port, "targetPort": "http", "protocol": "TCP"}
-                    ],
-                },
-            }
-        )
 
     # -- --with-backends ------------------------------------------------------------------
 
@@ -887,7 +599,7 @@ class _Renderer:
             "ports": [{"name": kind, "containerPort": port, "protocol": "TCP"}],
             "readinessProbe": {"tcpSocket": {"port": kind}, "periodSeconds": 2},
             "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-            "securityContext": _hardened(read_only=True),
+            "securityContext": hardened(read_only=True),
         }
         if env:
             container["env"] = env
@@ -910,7 +622,7 @@ class _Renderer:
             "spec": {
                 "containers": [container],
                 "automountServiceAccountToken": False,
-                "securityContext": _pod_security(uid),
+                "securityContext": pod_security(uid),
             },
         }
         spec = {
@@ -924,28 +636,6 @@ class _Renderer:
             "metadata": self.meta(name, component),
             "spec": {**spec, **extra},
         }
-
-
-def _pod_security(uid: int) -> Obj:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": uid,
-        "runAsGroup": uid,
-        "fsGroup": uid,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
-def _hardened(read_only: bool) -> Obj:
-    """A container's securityContext: no privilege escalation, no capabilities."""
-    out: Obj = {
-        "allowPrivilegeEscalation": False,
-        "capabilities": {"drop": ["ALL"]},
-        "runAsNonRoot": True,
-    }
-    if read_only:
-        out["readOnlyRootFilesystem"] = True
-    return out
 
 
 def iter_fields(model: type[BaseModel] = Spec, prefix: str = "") -> Iterator[str]:

@@ -433,15 +433,16 @@ class Runtime:
         self._announced = False
         self._settling: asyncio.Task[None] | None = None
         self._exits_reported: set[str] = set()
-        self._scalers: list[asyncio.Task[None]] = []
+        self._controls: list[asyncio.Task[None]] = []
         self.scale_events: list[tuple[float, str, int, int]] = []
 
     def _default_proxy(self, svc: Service) -> ServiceProxy:
-        """`podkit lb` for a service with `lb:`, else the plain TCP forwarder."""
-        if svc.lb is not None:
-            from podkit.system.lbservice import LBService
+        """The program of the service's hook (`lb:`), else the plain TCP forwarder."""
+        hooked = svc.hook()
+        if hooked is not None:
+            from podkit.system.procservice import ProcessService
 
-            return LBService(svc, self)
+            return ProcessService(svc, *hooked, self)
         return TCPForwarder(svc.host, svc.port)
 
     async def start(self) -> None:
@@ -460,12 +461,13 @@ class Runtime:
             self.proxies[svc.name] = proxy
         for pod in self.spec.pods:
             count = pod.replicas
-            if pod.autoscale is not None:
-                count = max(pod.autoscale.min, min(pod.autoscale.max, count))
+            for hook, options in pod.hooks():
+                count = hook.initial_replicas(options, count)
             for _ in range(count):
                 self.add_replica(pod)
-            if pod.autoscale is not None:
-                self._scalers.append(asyncio.create_task(self._autoscale(pod)))
+            for hook, options in pod.hooks():
+                control = hook.control(LocalPodView(self, pod), options)
+                self._controls.append(asyncio.create_task(control))
 
     def add_replica(self, pod: Pod) -> PodReplica:
         """Start one more replica of `pod` (the next free index, a new address)."""
@@ -486,43 +488,20 @@ class Runtime:
         self.changed()
         await rep.stop()
 
-    async def _autoscale(self, pod: Pod) -> None:
-        """Every second: queue backlog and worker rate in, replica count out."""
-        from podkit.backends import open_kv, open_queue
-        from podkit.workqueue.scaling import ScalePolicy, Scaler, read_progress
+    @property
+    def stopping(self) -> bool:
+        """Whether the system is shutting down."""
+        return self._stopping
 
-        a = pod.autoscale
-        assert a is not None
-        url = self.backends[a.backend]
-        scaler = Scaler(ScalePolicy(a.min, a.max, a.target_drain, a.cooldown_up, a.cooldown_down))
-        queue = kv = None
-        while not self._stopping:
-            try:
-                if queue is None or kv is None:
-                    queue, kv = await open_queue(url, a.queue), await open_kv(url)
-                stats = await queue.stats()
-                done, workers = await read_progress(kv, a.queue)
-            except Exception as exc:  # the backend is away: keep the count, try again
-                self.log.event(f"autoscale {pod.name}: cannot read queue '{a.queue}': {exc}")
-                await self.clock.sleep(5)
-                continue
-            now = self.clock.now()
-            rate = scaler.observe(now, done, workers)
-            current = sum(1 for r in self.replicas if r.pod is pod)
-            backlog = stats.depth + stats.in_flight
-            want = scaler.desired(now, backlog, current)
-            if want != current:
-                per = f"{scaler.per_replica:.0f}/s" if scaler.per_replica else "unknown"
-                self.log.event(
-                    f"autoscale {pod.name}: {current} -> {want} replicas (backlog {backlog}, "
-                    f"rate {rate or 0:.0f}/s, per replica {per})"
-                )
-                self.scale_events.append((time.time(), pod.name, current, want))
-            for _ in range(current, want):
-                self.add_replica(pod)
-            for _ in range(want, current):
-                await self.remove_replica(pod)
-            await self.clock.sleep(1.0)
+    async def scale(self, pod: Pod, count: int) -> None:
+        """Start or stop replicas of `pod` until it has `count`."""
+        current = sum(1 for r in self.replicas if r.pod is pod)
+        if count != current:
+            self.scale_events.append((time.time(), pod.name, current, count))
+        for _ in range(current, count):
+            self.add_replica(pod)
+        for _ in range(count, current):
+            await self.remove_replica(pod)
 
     def changed(self) -> None:
         """A container's readiness or a service's routing changed: recompute every
@@ -596,7 +575,7 @@ class Runtime:
         self.log.event("stopping")
         if self._settling is not None:
             self._settling.cancel()
-        for task in self._scalers:
+        for task in self._controls:
             task.cancel()
         for proxy in self.proxies.values():
             await proxy.close()
@@ -637,3 +616,29 @@ class Runtime:
                 for s in self.spec.services
             ],
         }
+
+
+class LocalPodView:
+    """A pod as its hooks' control loops see it (`podkit.contract.LocalPod`)."""
+
+    def __init__(self, runtime: Runtime, pod: Pod) -> None:
+        self._runtime = runtime
+        self._pod = pod
+        self.name = pod.name
+        self.clock = runtime.clock
+
+    @property
+    def stopping(self) -> bool:
+        return self._runtime.stopping
+
+    def backend_url(self, name: str) -> str:
+        return self._runtime.backends[name]
+
+    def replicas(self) -> int:
+        return sum(1 for r in self._runtime.replicas if r.pod is self._pod)
+
+    async def scale(self, count: int) -> None:
+        await self._runtime.scale(self._pod, count)
+
+    def event(self, text: str) -> None:
+        self._runtime.log.event(text)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
-import shlex
 import types
 import typing
 from dataclasses import dataclass
@@ -17,17 +15,26 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from podkit.contract import (
+    Added,
+    KubePod,
+    PodHook,
+    PodInfo,
+    ServiceHook,
+    patterns,
+    pod_hooks,
+    service_hooks,
+)
+from podkit.spectypes import Model, Name, Port, PortRef, Seconds, Text
 from podkit.yamlpos import (
     YAMLSyntaxError,
     format_path,
@@ -35,41 +42,7 @@ from podkit.yamlpos import (
     nearest_position,
 )
 
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 BACKEND_SCHEMES = ("memory", "sqlite", "redis", "rediss", "nats", "etcd", "k8s")
-
-
-def _scalar_to_str(value: Any) -> Any:
-    """Numbers and booleans in commands and env are meant as text."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    return value
-
-
-def _dns_label(value: str) -> str:
-    if len(value) > 63 or not DNS_LABEL.match(value):
-        raise PydanticCustomError(
-            "dns_label",
-            "'{value}' is not a valid name: use lower-case letters, digits and '-', "
-            "starting and ending with a letter or digit, at most 63 characters",
-            {"value": value},
-        )
-    return value
-
-
-Text = Annotated[str, BeforeValidator(_scalar_to_str)]
-Name = Annotated[str, AfterValidator(_dns_label)]
-Port = Annotated[int, Field(ge=1, le=65535)]
-PortRef = Port | str
-Seconds = Annotated[float, Field(ge=0)]
-
-
-class Model(BaseModel):
-    """Base of every spec model: unknown fields are errors."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
 class HTTPProbe(Model):
@@ -152,212 +125,37 @@ class Container(Model):
         return self
 
 
-class Election(Model):
-    """Leader election among a pod's replicas: `podkit elect` runs beside the app."""
-
-    name: Name | None = None  # defaults to the pod's name
-    backend: Name = "state"
-    ttl: Annotated[float, Field(gt=0)] = 5.0
-    port: Port = 4040
-    exec: list[Text] | None = None  # run only while leading
-
-
-class Autoscale(Model):
-    """Scale a pod of queue workers between `min` and `max` replicas from the queue's
-    backlog and the workers' rate, to drain it within `target_drain` seconds."""
-
-    queue: str
-    backend: Name = "state"
-    min: Annotated[int, Field(ge=0, le=250)] = 1
-    max: Annotated[int, Field(ge=1, le=250)] = 8
-    target_drain: Annotated[float, Field(gt=0)] = 30.0
-    cooldown_up: Seconds = 5.0
-    cooldown_down: Seconds = 30.0
-
-    @model_validator(mode="after")
-    def _bounds(self) -> Autoscale:
-        if self.min > self.max:
-            raise PydanticCustomError(
-                "autoscale_bounds", "autoscale: min ({min}) is above max ({max})",
-                {"min": self.min, "max": self.max},
-            )  # fmt: skip
-        return self
-
-
-class Pod(Model):
-    """A group of containers that share an address and volumes, run as `replicas` copies."""
+class _PodHead(Model):
+    """A group of containers that share an address and volumes, run as `replicas` copies;
+    the patterns' pod hooks add fields (`election:`, `autoscale:`)."""
 
     name: Name
     replicas: Annotated[int, Field(ge=0, le=250)] = 1
     restart: Literal["Always", "OnFailure", "Never"] = "Always"
     grace_period: Seconds = 10.0
     volumes: list[Name] = []
-    election: Election | None = None
-    autoscale: Autoscale | None = None
-    containers: list[Container] = Field(min_length=1)
+
+    def hooks(self) -> list[tuple[PodHook, Any]]:
+        """The pod hooks this pod sets, each with its options."""
+        return [(h, o) for h in pod_hooks() if (o := getattr(self, h.key, None)) is not None]
+
+    def added(self, kube: KubePod | None = None) -> list[tuple[PodHook, Added, Container]]:
+        """The containers the pod's hooks add (for Kubernetes when `kube` is given)."""
+        return [
+            (hook, a, Container.model_validate(a.spec))
+            for hook, options in self.hooks()
+            for a in hook.containers(typing.cast(PodInfo, self), options, kube)
+        ]
 
     def all_containers(self) -> list[Container]:
-        """The declared containers, plus the elector when `election` is set."""
-        if self.election is None:
-            return list(self.containers)
-        e = self.election
-        options: dict[str, Any] = {
-            "backend": f"$(PODKIT_BACKEND_{e.backend.upper().replace('-', '_')})",
-            "name": e.name or self.name,
-            "identity": "$(POD_NAME)",
-            "ttl": e.ttl,
-            "host": "$(POD_IP)",
-            "port": e.port,
-        }
-        if e.exec:
-            options["exec"] = shlex.join(e.exec)
-        elector = Container(
-            name="elector",
-            component="elect",
-            ports={"elector": e.port},
-            readiness=Probe(http=HTTPProbe(path="/healthz", port="elector"), period=1.0),
-            **{"with": options},
-        )
-        return [*self.containers, elector]
+        """The declared containers, plus those the pod's hooks add (an elector...)."""
+        declared: list[Container] = getattr(self, "containers")  # noqa: B009
+        return [*declared, *(c for _, _, c in self.added())]
 
 
-class LBHealth(Model):
-    """Active HTTP health checks of each replica."""
-
-    path: str = "/healthz"
-    interval: Annotated[float, Field(gt=0)] = 5.0
-    timeout: Annotated[float, Field(gt=0)] = 1.0
-    healthy_threshold: Annotated[int, Field(ge=1)] = 2
-    unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
-
-
-class LBCache(Model):
-    """A response cache (Cache-Control, Expires, Vary), bounded in bytes."""
-
-    max_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
-    max_entry_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
-
-
-class LBRateLimit(Model):
-    """Token buckets: `rate` like '100/s burst 200' per client, `global` for everyone."""
-
-    rate: str | None = None
-    by: str = "ip"  # ip or header:NAME
-    global_: str | None = Field(default=None, alias="global")
-
-    @model_validator(mode="after")
-    def _something_to_limit(self) -> LBRateLimit:
-        if self.rate is None and self.global_ is None:
-            raise PydanticCustomError(
-                "lb_rate", "rate_limit: give 'rate' (per client), 'global', or both", {}
-            )
-        if self.by != "ip" and not (self.by.startswith("header:") and len(self.by) > 7):
-            raise PydanticCustomError(
-                "lb_rate", "rate_limit.by: 'ip' or 'header:NAME' (got {by!r})", {"by": self.by}
-            )
-        return self
-
-
-def flag_value(v: float) -> str:
-    """A flag's value as typed: 20 for 20.0, 0.25 as is, never 1e+06."""
-    return str(int(v)) if float(v).is_integer() else repr(float(v))
-
-
-class LBBreaker(Model):
-    """Circuit breaking per upstream: over a limit the request goes elsewhere, or gets 503."""
-
-    max_connections: Annotated[int, Field(ge=1)] | None = None
-    max_pending: Annotated[int, Field(ge=1)] | None = None
-    max_requests: Annotated[int, Field(ge=1)] | None = None
-
-
-class LBTLS(Model):
-    """TLS at the edge: a certificate and key (reloaded when they change), or self-signed."""
-
-    cert: str | None = None
-    key: str | None = None
-    self_signed: bool = False
-
-    @model_validator(mode="after")
-    def _one_source(self) -> LBTLS:
-        if self.self_signed == bool(self.cert or self.key) or bool(self.cert) != bool(self.key):
-            raise PydanticCustomError(
-                "lb_tls", "tls: give 'cert' and 'key', or 'self_signed: true'", {}
-            )
-        return self
-
-
-class LBOptions(Model):
-    """Run `podkit lb` for this service instead of the plain TCP forwarder."""
-
-    policy: Literal["round-robin", "weighted", "least-requests", "consistent-hash"] = "round-robin"
-    hash_on: str | None = None  # header:NAME, cookie:NAME or ip, for consistent-hash
-    workers: Annotated[int, Field(ge=1, le=64)] = 1
-    tries: Annotated[int, Field(ge=1, le=10)] = 3
-    retry_budget: Annotated[float, Field(ge=0, le=100)] | None = None  # percent
-    upstream_timeout: Annotated[float, Field(gt=0)] | None = None  # seconds, per try
-    request_timeout: Annotated[float, Field(gt=0)] | None = None  # seconds, tries included
-    breaker: LBBreaker | None = None
-    health: LBHealth | None = None
-    cache: LBCache | None = None
-    rate_limit: LBRateLimit | None = None
-    tls: LBTLS | None = None
-    admin_port: Port | None = None
-
-    def flags(self, *, tls_dir: str | None = None) -> list[str]:
-        """The `podkit lb` flags for these options (without --listen and membership);
-        with `tls_dir`, the certificate is read from there (`tls.crt`, `tls.key`)."""
-        argv = ["--policy", self.policy, "--workers", str(self.workers), "--tries", str(self.tries)]
-        if self.hash_on:
-            argv += ["--hash-on", self.hash_on]
-        b = self.breaker or LBBreaker()
-        numbers = {
-            "--retry-budget": self.retry_budget,
-            "--upstream-timeout": self.upstream_timeout,
-            "--request-timeout": self.request_timeout,
-            "--max-connections": b.max_connections,
-            "--max-pending": b.max_pending,
-            "--max-requests": b.max_requests,
-        }
-        argv += [x for flag, v in numbers.items() if v is not None for x in (flag, flag_value(v))]
-        if self.health:
-            h = self.health
-            argv += [
-                "--health-path", h.path, "--health-interval", flag_value(h.interval),
-                "--health-timeout", flag_value(h.timeout),
-                "--healthy-threshold", str(h.healthy_threshold),
-                "--unhealthy-threshold", str(h.unhealthy_threshold),
-            ]  # fmt: skip
-        if self.cache:
-            argv += ["--cache-bytes", str(self.cache.max_bytes),
-                     "--cache-entry-bytes", str(self.cache.max_entry_bytes)]  # fmt: skip
-        if self.rate_limit:
-            r = self.rate_limit
-            if r.rate:
-                argv += ["--rate-limit", r.rate, "--rate-limit-by", r.by]
-            if r.global_:
-                argv += ["--global-rate-limit", r.global_]
-        if self.tls:
-            if self.tls.self_signed:
-                argv += ["--self-signed"]
-            elif tls_dir is not None:
-                argv += ["--tls-cert", f"{tls_dir}/tls.crt", "--tls-key", f"{tls_dir}/tls.key"]
-            else:
-                argv += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
-        return argv
-
-    @model_validator(mode="after")
-    def _hash_needs_key(self) -> LBOptions:
-        if (self.policy == "consistent-hash") != (self.hash_on is not None):
-            raise PydanticCustomError(
-                "lb_hash", "lb: 'hash_on' goes with policy 'consistent-hash', and only with it",
-                {},
-            )  # fmt: skip
-        return self
-
-
-class Service(Model):
-    """A stable port that balances over the ready replicas of one pod."""
+class _ServiceFields(Model):
+    """A stable port that balances over the ready replicas of one pod; the patterns'
+    service hooks add fields (`lb:`) that put a program of theirs in front."""
 
     name: Name
     port: Port
@@ -365,7 +163,56 @@ class Service(Model):
     target: PortRef
     host: str = "127.0.0.1"
     policy: Literal["round-robin"] = "round-robin"
-    lb: LBOptions | None = None  # the HTTP load balancer, with its features
+
+    def hook(self) -> tuple[ServiceHook, Any] | None:
+        """The service hook this service sets (at most one), with its options."""
+        for h in service_hooks():
+            if (options := getattr(self, h.key, None)) is not None:
+                return h, options
+        return None
+
+    @model_validator(mode="after")
+    def _one_hook(self) -> _ServiceFields:
+        keys = [h.key for h in service_hooks() if getattr(self, h.key, None) is not None]
+        if len(keys) > 1:
+            raise PydanticCustomError(
+                "service_hooks", "a service takes one of {keys}, not several",
+                {"keys": ", ".join(repr(k) for k in keys)},
+            )  # fmt: skip
+        return self
+
+
+def tls_components() -> set[str]:
+    """Components whose ports serve TLS."""
+    return {c.name for p in patterns() for c in p.components if c.serves_tls}
+
+
+def _optional(model: type[BaseModel]) -> Any:
+    return (model | None, None)
+
+
+if typing.TYPE_CHECKING:
+
+    class Pod(_PodHead):
+        containers: list[Container]
+
+    class Service(_ServiceFields):
+        pass
+
+else:
+    Pod = create_model(
+        "Pod",
+        __base__=_PodHead,
+        __doc__=_PodHead.__doc__,
+        **{h.key: _optional(h.model) for h in pod_hooks()},
+        containers=(list[Container], Field(min_length=1)),
+    )
+    Service = create_model(
+        "Service",
+        __base__=_ServiceFields,
+        __doc__=_ServiceFields.__doc__,
+        **{h.key: _optional(h.model) for h in service_hooks()},
+    )
 
 
 class Spec(Model):
@@ -401,15 +248,15 @@ class Spec(Model):
         raise KeyError(name)
 
     def service_url(self, svc: Service) -> str:
-        """Where clients reach `svc`: https:// when it serves TLS, else http://. With `lb:`
-        the balancer answers (TLS with `tls:`); without, the target port does (TLS when a
-        `sidecar.tls` container has it)."""
-        if svc.lb is not None:
-            tls = svc.lb.tls is not None
+        """Where clients reach `svc`: https:// when it serves TLS, else http://. With a
+        service hook (`lb:`) its program answers; without, the target port does (TLS when
+        a component that serves TLS, such as `sidecar.tls`, has it)."""
+        if (hooked := svc.hook()) is not None:
+            tls = hooked[0].tls(hooked[1])
         else:
             pod = next((p for p in self.pods if p.name == svc.pods), None)
             tls = any(
-                c.component == "sidecar.tls"
+                c.component in tls_components()
                 and svc.target in (c.ports if isinstance(svc.target, str) else c.ports.values())
                 for c in (pod.all_containers() if pod is not None else [])
             )
@@ -509,84 +356,18 @@ def _describe(err: Any) -> str:
     return msg
 
 
-def _check_references(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
+Problems = list[tuple[tuple[str | int, ...], str]]
+
+
+def _check_references(spec: Spec) -> Problems:
     """Cross-field checks: names unique, references resolve, ports do not clash."""
-    problems: list[tuple[tuple[str | int, ...], str]] = []
+    problems: Problems = []
     pod_names: dict[str, int] = {}
     for i, pod in enumerate(spec.pods):
         if pod.name in pod_names:
             problems.append((("pods", i, "name"), f"pod name '{pod.name}' is used twice"))
         pod_names[pod.name] = i
-        seen_containers: set[str] = set()
-        port_owner: dict[int, str] = {}
-        port_names: dict[str, int] = {}
-        for j, c in enumerate(pod.containers):
-            base: tuple[str | int, ...] = ("pods", i, "containers", j)
-            if c.name in seen_containers:
-                problems.append(((*base, "name"), f"container name '{c.name}' is used twice"))
-            seen_containers.add(c.name)
-            for pname, number in c.ports.items():
-                if number in port_owner:
-                    problems.append(
-                        (
-                            (*base, "ports", pname),
-                            f"port {number} is already used by container "
-                            f"'{port_owner[number]}' of this pod",
-                        )
-                    )
-                if pname in port_names:
-                    problems.append(((*base, "ports", pname), f"port name '{pname}' is used twice"))
-                port_owner[number] = c.name
-                port_names[pname] = number
-            for vol in c.volumes:
-                if vol not in pod.volumes:
-                    problems.append(
-                        (
-                            (*base, "volumes", vol),
-                            f"volume '{vol}' is not declared in the pod's 'volumes' "
-                            f"(declared: {', '.join(pod.volumes) or 'none'})",
-                        )
-                    )
-        named = ["state", *spec.backends]
-        for field_name in ("autoscale", "election"):
-            user = getattr(pod, field_name)
-            if user is not None and user.backend not in named:
-                problems.append(
-                    (
-                        ("pods", i, field_name, "backend"),
-                        f"no backend named '{user.backend}' (backends: {', '.join(named)})",
-                    )
-                )
-        if pod.election is not None:
-            e = pod.election
-            if e.port in port_owner:
-                problems.append(
-                    (
-                        ("pods", i, "election", "port"),
-                        f"port {e.port} is already used by container '{port_owner[e.port]}'",
-                    )
-                )
-            if "elector" in seen_containers:
-                problems.append(
-                    (("pods", i, "election"), "a container is named 'elector': rename it")
-                )
-        for j, c in enumerate(pod.containers):
-            for kind in ("readiness", "liveness"):
-                probe: Probe | None = getattr(c, kind)
-                target = probe.http or probe.tcp if probe else None
-                if (
-                    target is not None
-                    and isinstance(target.port, str)
-                    and target.port not in port_names
-                ):
-                    sub = "http" if probe and probe.http else "tcp"
-                    problems.append(
-                        (
-                            ("pods", i, "containers", j, kind, sub, "port"),
-                            f"no port named '{target.port}' in pod '{pod.name}' "
-                            f"(named ports: {', '.join(port_names) or 'none'})",
-                        )
-                    )
+        problems += _check_pod(spec, i, pod)
     svc_ports: dict[tuple[str, int], str] = {}
     svc_names: set[str] = set()
     for k, svc in enumerate(spec.services):
@@ -601,25 +382,98 @@ def _check_references(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
                 )
             )
         svc_ports[svc.host, svc.port] = svc.name
-        if svc.pods not in pod_names:
-            problems.append(
-                (
-                    ("services", k, "pods"),
-                    f"no pod named '{svc.pods}' (pods: {', '.join(pod_names) or 'none'})",
-                )
-            )
-        elif isinstance(svc.target, str):
-            pod = spec.pods[pod_names[svc.pods]]
-            names = [n for c in pod.all_containers() for n in c.ports]
-            if svc.target not in names:
+        problems += _check_target(spec, k, svc, pod_names)
+    return problems
+
+
+def _check_pod(spec: Spec, i: int, pod: Pod) -> Problems:
+    """A pod's containers, ports, volumes, probes and hooks."""
+    problems: Problems = []
+    seen_containers: set[str] = set()
+    port_owner: dict[int, str] = {}
+    port_names: dict[str, int] = {}
+    for j, c in enumerate(pod.containers):
+        base: tuple[str | int, ...] = ("pods", i, "containers", j)
+        if c.name in seen_containers:
+            problems.append(((*base, "name"), f"container name '{c.name}' is used twice"))
+        seen_containers.add(c.name)
+        for pname, number in c.ports.items():
+            if number in port_owner:
                 problems.append(
                     (
-                        ("services", k, "target"),
-                        f"pod '{pod.name}' has no port named '{svc.target}' "
-                        f"(named ports: {', '.join(names) or 'none'})",
+                        (*base, "ports", pname),
+                        f"port {number} is already used by container "
+                        f"'{port_owner[number]}' of this pod",
+                    )
+                )
+            if pname in port_names:
+                problems.append(((*base, "ports", pname), f"port name '{pname}' is used twice"))
+            port_owner[number] = c.name
+            port_names[pname] = number
+        for vol in c.volumes:
+            if vol not in pod.volumes:
+                problems.append(
+                    (
+                        (*base, "volumes", vol),
+                        f"volume '{vol}' is not declared in the pod's 'volumes' "
+                        f"(declared: {', '.join(pod.volumes) or 'none'})",
+                    )
+                )
+    named = ["state", *spec.backends]
+    for hook, options in pod.hooks():
+        at = ("pods", i, hook.key)
+        for field_name, backend in hook.backends(options).items():
+            if backend not in named:
+                problems.append(
+                    (
+                        (*at, field_name),
+                        f"no backend named '{backend}' (backends: {', '.join(named)})",
+                    )
+                )
+        info = typing.cast(PodInfo, pod)
+        for loc, message in hook.check(info, options, port_owner, seen_containers):
+            problems.append(((*at, *loc), message))
+    for j, c in enumerate(pod.containers):
+        for kind in ("readiness", "liveness"):
+            probe: Probe | None = getattr(c, kind)
+            target = probe.http or probe.tcp if probe else None
+            if (
+                target is not None
+                and isinstance(target.port, str)
+                and target.port not in port_names
+            ):
+                sub = "http" if probe and probe.http else "tcp"
+                problems.append(
+                    (
+                        ("pods", i, "containers", j, kind, sub, "port"),
+                        f"no port named '{target.port}' in pod '{pod.name}' "
+                        f"(named ports: {', '.join(port_names) or 'none'})",
                     )
                 )
     return problems
+
+
+def _check_target(spec: Spec, k: int, svc: Service, pod_names: dict[str, int]) -> Problems:
+    """A service's pod exists and has the port it targets."""
+    if svc.pods not in pod_names:
+        return [
+            (
+                ("services", k, "pods"),
+                f"no pod named '{svc.pods}' (pods: {', '.join(pod_names) or 'none'})",
+            )
+        ]
+    if isinstance(svc.target, str):
+        pod = spec.pods[pod_names[svc.pods]]
+        names = [n for c in pod.all_containers() for n in c.ports]
+        if svc.target not in names:
+            return [
+                (
+                    ("services", k, "target"),
+                    f"pod '{pod.name}' has no port named '{svc.target}' "
+                    f"(named ports: {', '.join(names) or 'none'})",
+                )
+            ]
+    return []
 
 
 def _check_components(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
@@ -665,6 +519,11 @@ def _check_components(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...],
                         f"known: {', '.join(keys)}",
                     )
                 )
+            for key, value in given.items():
+                option = options.get(flags.get(option_flag(str(key)), ""))
+                why = option.problem(value) if option is not None else None
+                if why is not None:
+                    problems.append(((*base, "with", str(key)), why))
             set_keys = {flags[option_flag(k)] for k in given if option_flag(str(k)) in flags}
             for opt in options.values():
                 if opt.required and opt.key not in set_keys:

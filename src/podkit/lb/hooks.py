@@ -1,0 +1,261 @@
+"""`lb:` on a service of the spec: `podkit lb` in front of the pod's ready replicas.
+
+`podkit up` runs the balancer as a supervised process that follows a members file and is
+ready when every worker's admin `/readyz` answers 200; on Kubernetes it is a Deployment
+`<service>-lb` (2 replicas) behind the Service, following the pod's ready replicas
+through the headless Service `<pod>-pods`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from podkit.contract import KubeService, Process, ServiceHook, flag_value, podkit_command
+from podkit.spectypes import Model, Port
+
+
+class LBHealth(Model):
+    """Active HTTP health checks of each replica."""
+
+    path: str = "/healthz"
+    interval: Annotated[float, Field(gt=0)] = 5.0
+    timeout: Annotated[float, Field(gt=0)] = 1.0
+    healthy_threshold: Annotated[int, Field(ge=1)] = 2
+    unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
+
+
+class LBCache(Model):
+    """A response cache (Cache-Control, Expires, Vary), bounded in bytes."""
+
+    max_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    max_entry_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
+
+
+class LBRateLimit(Model):
+    """Token buckets: `rate` like '100/s burst 200' per client, `global` for everyone."""
+
+    rate: str | None = None
+    by: str = "ip"  # ip or header:NAME
+    global_: str | None = Field(default=None, alias="global")
+
+    @model_validator(mode="after")
+    def _something_to_limit(self) -> LBRateLimit:
+        if self.rate is None and self.global_ is None:
+            raise PydanticCustomError(
+                "lb_rate", "rate_limit: give 'rate' (per client), 'global', or both", {}
+            )
+        if self.by != "ip" and not (self.by.startswith("header:") and len(self.by) > 7):
+            raise PydanticCustomError(
+                "lb_rate", "rate_limit.by: 'ip' or 'header:NAME' (got {by!r})", {"by": self.by}
+            )
+        return self
+
+
+class LBBreaker(Model):
+    """Circuit breaking per upstream: over a limit the request goes elsewhere, or gets 503."""
+
+    max_connections: Annotated[int, Field(ge=1)] | None = None
+    max_pending: Annotated[int, Field(ge=1)] | None = None
+    max_requests: Annotated[int, Field(ge=1)] | None = None
+
+
+class LBTLS(Model):
+    """TLS at the edge: a certificate and key (reloaded when they change), or self-signed."""
+
+    cert: str | None = None
+    key: str | None = None
+    self_signed: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LBTLS:
+        if self.self_signed == bool(self.cert or self.key) or bool(self.cert) != bool(self.key):
+            raise PydanticCustomError(
+                "lb_tls", "tls: give 'cert' and 'key', or 'self_signed: true'", {}
+            )
+        return self
+
+
+class LBOptions(Model):
+    """Run `podkit lb` for this service instead of the plain TCP forwarder."""
+
+    policy: Literal["round-robin", "weighted", "least-requests", "consistent-hash"] = "round-robin"
+    hash_on: str | None = None  # header:NAME, cookie:NAME or ip, for consistent-hash
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    tries: Annotated[int, Field(ge=1, le=10)] = 3
+    retry_budget: Annotated[float, Field(ge=0, le=100)] | None = None  # percent
+    upstream_timeout: Annotated[float, Field(gt=0)] | None = None  # seconds, per try
+    request_timeout: Annotated[float, Field(gt=0)] | None = None  # seconds, tries included
+    breaker: LBBreaker | None = None
+    health: LBHealth | None = None
+    cache: LBCache | None = None
+    rate_limit: LBRateLimit | None = None
+    tls: LBTLS | None = None
+    admin_port: Port | None = None
+
+    def flags(self, *, tls_dir: str | None = None) -> list[str]:
+        """The `podkit lb` flags for these options (without --listen and membership);
+        with `tls_dir`, the certificate is read from there (`tls.crt`, `tls.key`)."""
+        argv = ["--policy", self.policy, "--workers", str(self.workers), "--tries", str(self.tries)]
+        if self.hash_on:
+            argv += ["--hash-on", self.hash_on]
+        b = self.breaker or LBBreaker()
+        numbers = {
+            "--retry-budget": self.retry_budget,
+            "--upstream-timeout": self.upstream_timeout,
+            "--request-timeout": self.request_timeout,
+            "--max-connections": b.max_connections,
+            "--max-pending": b.max_pending,
+            "--max-requests": b.max_requests,
+        }
+        argv += [x for flag, v in numbers.items() if v is not None for x in (flag, flag_value(v))]
+        if self.health:
+            h = self.health
+            argv += [
+                "--health-path", h.path, "--health-interval", flag_value(h.interval),
+                "--health-timeout", flag_value(h.timeout),
+                "--healthy-threshold", str(h.healthy_threshold),
+                "--unhealthy-threshold", str(h.unhealthy_threshold),
+            ]  # fmt: skip
+        if self.cache:
+            argv += ["--cache-bytes", str(self.cache.max_bytes),
+                     "--cache-entry-bytes", str(self.cache.max_entry_bytes)]  # fmt: skip
+        if self.rate_limit:
+            r = self.rate_limit
+            if r.rate:
+                argv += ["--rate-limit", r.rate, "--rate-limit-by", r.by]
+            if r.global_:
+                argv += ["--global-rate-limit", r.global_]
+        if self.tls:
+            if self.tls.self_signed:
+                argv += ["--self-signed"]
+            elif tls_dir is not None:
+                argv += ["--tls-cert", f"{tls_dir}/tls.crt", "--tls-key", f"{tls_dir}/tls.key"]
+            else:
+                argv += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
+        return argv
+
+    @model_validator(mode="after")
+    def _hash_needs_key(self) -> LBOptions:
+        if (self.policy == "consistent-hash") != (self.hash_on is not None):
+            raise PydanticCustomError(
+                "lb_hash", "lb: 'hash_on' goes with policy 'consistent-hash', and only with it",
+                {},
+            )  # fmt: skip
+        return self
+
+
+TLS_DIR = "/etc/podkit/tls"  # where the certificate's Secret is mounted on Kubernetes
+
+
+class LBHook(ServiceHook):
+    key = "lb"
+    model = LBOptions
+    fields = {
+        "services[].lb": "a `podkit lb` Deployment `<service>-lb` (2 replicas) behind the "
+        "Service, following the pod's ready replicas through the headless Service `<pod>-pods`",
+        "services[].lb.policy": "--policy",
+        "services[].lb.hash_on": "--hash-on",
+        "services[].lb.workers": "--workers",
+        "services[].lb.tries": "--tries",
+        "services[].lb.retry_budget": "--retry-budget",
+        "services[].lb.upstream_timeout": "--upstream-timeout",
+        "services[].lb.request_timeout": "--request-timeout",
+        "services[].lb.breaker": "circuit breaking: --max-connections, --max-pending, "
+        "--max-requests",
+        "services[].lb.breaker.max_connections": "--max-connections",
+        "services[].lb.breaker.max_pending": "--max-pending",
+        "services[].lb.breaker.max_requests": "--max-requests",
+        "services[].lb.health": "active checks: the --health-* flags",
+        "services[].lb.health.path": "--health-path",
+        "services[].lb.health.interval": "--health-interval",
+        "services[].lb.health.timeout": "--health-timeout",
+        "services[].lb.health.healthy_threshold": "--healthy-threshold",
+        "services[].lb.health.unhealthy_threshold": "--unhealthy-threshold",
+        "services[].lb.cache": "the response cache: --cache-bytes, --cache-entry-bytes",
+        "services[].lb.cache.max_bytes": "--cache-bytes",
+        "services[].lb.cache.max_entry_bytes": "--cache-entry-bytes",
+        "services[].lb.rate_limit": "token buckets: --rate-limit, --rate-limit-by, "
+        "--global-rate-limit",
+        "services[].lb.rate_limit.rate": "--rate-limit",
+        "services[].lb.rate_limit.by": "--rate-limit-by",
+        "services[].lb.rate_limit.global": "--global-rate-limit",
+        "services[].lb.tls": "TLS at the edge",
+        "services[].lb.tls.cert": "the Secret `<service>-tls` (kubernetes.io/tls), referenced "
+        "and mounted read-only: --tls-cert",
+        "services[].lb.tls.key": "the same Secret: --tls-key",
+        "services[].lb.tls.self_signed": "--self-signed",
+        "services[].lb.admin_port": "--admin-port on the pod IP, a containerPort named admin",
+    }
+
+    def tls(self, options: Any) -> bool:
+        return options.tls is not None
+
+    def process(
+        self, name: str, host: str, port: int, options: Any, free_ports: Callable[[int], int]
+    ) -> Process:
+        """`podkit lb` on `host:port`, its admin endpoints on the spec's port or on free
+        ones (worker i on the port plus i)."""
+        lb: LBOptions = options
+        admin = lb.admin_port or free_ports(lb.workers)
+
+        def argv(members: str) -> list[str]:
+            return podkit_command(
+                "lb", "--listen", f"{host}:{port}", "--members-file", members, *lb.flags(),
+                "--admin-host", host, "--admin-port", str(admin),
+            )  # fmt: skip
+
+        return Process(argv, [admin + i for i in range(lb.workers)], ready_host=host)
+
+    def render(self, kube: KubeService, options: Any) -> None:
+        """A `podkit lb` Deployment in front of the pod's replicas, and the Service."""
+        lb: LBOptions = options
+        name = f"{kube.name}-lb"
+        tls_dir = TLS_DIR if lb.tls and lb.tls.cert else None
+        members = f"{kube.pod_dns()}:{kube.target_port}"
+        args = ["--listen", f"0.0.0.0:{kube.port}", "--members-dns", members]
+        args += lb.flags(tls_dir=tls_dir)
+        ports = [{"name": "http", "containerPort": kube.port, "protocol": "TCP"}]
+        if lb.admin_port:
+            args += ["--admin-host", "$(POD_IP)", "--admin-port", str(lb.admin_port)]
+            ports.append({"name": "admin", "containerPort": lb.admin_port, "protocol": "TCP"})
+        container: dict[str, Any] = {
+            "name": "lb",
+            "image": kube.podkit_image,
+            "command": ["podkit", "lb"],
+            "args": args,
+            "ports": ports,
+            "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+            "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 2},
+            "securityContext": kube.hardened(read_only=True),
+        }
+        workload = kube.workload("Deployment", name, "lb", container)
+        workload["spec"]["replicas"] = 2
+        if tls_dir is not None and lb.tls is not None:
+            container["volumeMounts"] = [{"name": "tls", "mountPath": tls_dir, "readOnly": True}]
+            workload["spec"]["template"]["spec"]["volumes"] = [
+                {"name": "tls", "secret": {"secretName": f"{kube.name}-tls"}}
+            ]
+            kube.warn(
+                (*kube.loc, "lb", "tls", "cert"),
+                f"the certificate comes from the Secret '{kube.name}-tls' on Kubernetes: "
+                f"kubectl create secret tls {kube.name}-tls --cert {lb.tls.cert} "
+                f"--key {lb.tls.key}",
+            )
+        kube.add(workload)
+        kube.add(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": kube.meta(kube.name, "service", name),
+                "spec": {
+                    "selector": kube.selector(name),
+                    "ports": [
+                        {"name": "http", "port": kube.port, "targetPort": "http", "protocol": "TCP"}
+                    ],
+                },
+            }
+        )
