@@ -278,3 +278,39 @@ async def test_a_result_stored_before_the_watch_is_up_is_not_missed() -> None:
     await results.put(wq._result_key(item), encode(42))
     assert await waiting == 42
     await wq.close()
+
+
+async def test_heartbeats_run_on_the_injected_clock() -> None:
+    """With a manual clock nothing waits in real time: the item's visibility (30 s) is
+    extended every 10 s of that clock, so after 45 s another worker still gets nothing,
+    and once the item is done it is acked."""
+    from podkit.clock import ManualClock
+
+    clock = ManualClock()
+    url = f"memory://wq-{uuid.uuid4().hex}"
+    wq = await WorkQueue.open(url, "hb", visibility=30, clock=clock)
+    other = await WorkQueue.open(url, "hb", visibility=30, clock=clock)
+    await wq.enqueue("long")
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def handler(item: Any) -> None:
+        started.set()
+        await release.wait()
+
+    run = asyncio.create_task(wq.run(handler, concurrency=1))
+    await asyncio.wait_for(started.wait(), 5)
+    for _ in range(9):  # 45 s, 5 s at a time: heartbeats at 10, 20, 30 and 40
+        await clock.advance(5)
+        for _ in range(20):
+            await asyncio.sleep(0)
+    assert await other.queue.dequeue(1, visibility=30, wait=0) == []
+    assert (await wq.stats()).in_flight == 1
+    release.set()
+    for _ in range(50):
+        await clock.advance(0.1)  # the ack's batching waits on the clock too
+        await asyncio.sleep(0)
+        if (await wq.stats()).in_flight == 0:
+            break
+    assert (await wq.stats()).in_flight == 0 and (await wq.stats()).depth == 0
+    wq.stop()
+    await asyncio.wait_for(run, 5)

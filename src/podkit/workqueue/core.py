@@ -43,6 +43,7 @@ from podkit.backends import (
     open_kv,
     open_queue,
 )
+from podkit.clock import Clock, SystemClock
 
 Handler = Callable[[Any], Any]
 log = logging.getLogger("podkit.workqueue")
@@ -117,11 +118,13 @@ class WorkQueue:
         results: KV | None = None,
         visibility: float = 30.0,
         retry: RetryPolicy | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.queue = queue
         self.results = results
         self.visibility = visibility
         self.retry = retry or RetryPolicy()
+        self.clock: Clock = clock or SystemClock()  # heartbeats, ack batching, back-off
         self._stop = asyncio.Event()
 
     @classmethod
@@ -134,13 +137,16 @@ class WorkQueue:
         results: str | None = None,
         visibility: float = 30.0,
         retry: RetryPolicy | None = None,
+        clock: Clock | None = None,
         **options: Any,
     ) -> WorkQueue:
         """Open queue `name` at `url`; `results` is a KV URL to store handler results."""
         options.setdefault("visibility", visibility)  # NATS: the consumer's ack_wait
+        if clock is not None:  # the drivers that keep time themselves (memory, SQLite) too
+            options["clock"] = clock
         queue = await open_queue(url, name, max_attempts=max_attempts, **options)
         kv = await open_kv(results) if results else None
-        return cls(queue, results=kv, visibility=visibility, retry=retry)
+        return cls(queue, results=kv, visibility=visibility, retry=retry, clock=clock)
 
     @property
     def name(self) -> str:
@@ -395,7 +401,7 @@ class _Pool:
         linger = min(ACK_LINGER, self.wq.visibility / 10)
         while True:
             await self.ack_due.wait()
-            await asyncio.sleep(linger)
+            await self.wq.clock.sleep(linger)
             self.ack_due.clear()
             await self._flush_acks()
 
@@ -410,14 +416,14 @@ class _Pool:
             raise
         except Exception:
             self.acks = batch + self.acks  # the backend is away: try again later
-            await asyncio.sleep(0.2)
+            await self.wq.clock.sleep(0.2)
             self.ack_due.set()
 
     async def _heartbeat(self) -> None:
         """Extend the visibility of items in hand, every third of the visibility."""
         period = self.wq.visibility / 3
         while True:
-            await asyncio.sleep(period)
+            await self.wq.clock.sleep(period)
             for m in list(self.in_hand.values()):
                 with contextlib.suppress(Exception):
                     await self.wq.queue.extend(m, self.wq.visibility)
