@@ -154,7 +154,7 @@ def serve(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     procs.extend(start(i) for i in range(config.workers))
-    restarts: list[float] = []
+    budget = RestartBudget(5 * config.workers)
     while True:
         live = [p for p in procs if p.exitcode is None]
         if not live:
@@ -164,21 +164,38 @@ def serve(
             continue
         for i, p in enumerate(procs):
             if p.exitcode is not None:
-                now = time.monotonic()
-                restarts = [t for t in restarts if now - t < 10] + [now]
                 who = config.name.removeprefix("podkit ")
                 print(
                     f"{who}: worker {i} (pid {p.pid}) exited with {p.exitcode}; restarting",
                     file=sys.stderr,
                     flush=True,
                 )
-                if len(restarts) > 5 * config.workers:
+                if not budget.allow():
                     print(f"{who}: workers keep dying; giving up", file=sys.stderr, flush=True)
                     on_signal(signal.SIGTERM, None)
                     break
                 time.sleep(0.1)
                 procs[i] = start(i)
     return 0
+
+
+class RestartBudget:
+    """At most `limit` worker restarts within any `window` seconds of `now()`: past
+    that the workers keep dying and restarting them only hides it."""
+
+    def __init__(
+        self, limit: int, window: float = 10.0, now: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self.now = now
+        self._times: list[float] = []
+
+    def allow(self) -> bool:
+        """Count one restart; False when it is one too many."""
+        t = self.now()
+        self._times = [x for x in self._times if t - x < self.window] + [t]
+        return len(self._times) <= self.limit
 
 
 class TLSTermination:
