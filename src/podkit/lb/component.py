@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+from dataclasses import fields
 from typing import Annotated, Any
 
 import typer
@@ -17,9 +18,22 @@ import typer
 from podkit.lb.balancer import LoadBalancer
 from podkit.lb.features import Features
 from podkit.lb.policy import POLICIES, parse_upstream
-from podkit.net.listen import LISTEN_HELP, ListenError
+from podkit.net.listen import ListenError
 from podkit.net.proxy.config import parse_listen, proxy_config
 from podkit.net.proxy.engine import ProxyConfig
+from podkit.net.proxy.flags import (
+    BodyTimeout,
+    ConnectTimeout,
+    HeaderTimeout,
+    IdleTimeout,
+    Listen,
+    RequestTimeout,
+    ReusePort,
+    SendTimeout,
+    Tries,
+    UpstreamTimeout,
+    Workers,
+)
 from podkit.net.proxy.workers import serve
 
 
@@ -52,168 +66,194 @@ def build_config(
 
 cli = typer.Typer(help="HTTP load balancer.", no_args_is_help=True)
 
+# -- the balancer's own options (the engine's are in podkit.net.proxy.flags) -------------
+
+Upstreams = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--upstream",
+        help="An upstream, http://HOST:PORT with an optional ,weight=N; repeat for each.",
+    ),
+]
+PolicyName = Annotated[
+    str, typer.Option("--policy", help=f"Balancing policy: {', '.join(POLICIES)}.")
+]
+HashOn = Annotated[
+    str | None,
+    typer.Option("--hash-on", help="Key for consistent-hash: header:NAME, cookie:NAME or ip."),
+]
+HealthPath = Annotated[
+    str | None,
+    typer.Option("--health-path", help="Active checks: GET this path on every upstream."),
+]
+HealthInterval = Annotated[float, typer.Option("--health-interval", help="Seconds between checks.")]
+HealthTimeout = Annotated[float, typer.Option("--health-timeout", help="Seconds a check may take.")]
+HealthyThreshold = Annotated[
+    int, typer.Option("--healthy-threshold", help="Passes in a row to bring a host back.")
+]
+UnhealthyThreshold = Annotated[
+    int, typer.Option("--unhealthy-threshold", help="Failures in a row to take a host out.")
+]
+PassiveHealth = Annotated[
+    bool,
+    typer.Option(
+        "--passive-health/--no-passive-health",
+        help="Outlier ejection even without --health-path.",
+    ),
+]
+Consecutive5xx = Annotated[
+    int,
+    typer.Option(
+        "--consecutive-5xx", help="5xx or connect errors in a row that eject a host (0: off)."
+    ),
+]
+EjectionTime = Annotated[
+    float,
+    typer.Option("--ejection-time", help="Seconds of the first ejection; grows with repeats."),
+]
+MaxEjectionPercent = Annotated[
+    float,
+    typer.Option(
+        "--max-ejection-percent", help="Most hosts ejected at once, in percent (one always may)."
+    ),
+]
+CacheBytes = Annotated[
+    int, typer.Option("--cache-bytes", help="Response cache size in bytes (0: off).")
+]
+CacheEntryBytes = Annotated[
+    int, typer.Option("--cache-entry-bytes", help="Largest answer the cache stores, in bytes.")
+]
+RateLimit = Annotated[
+    str | None, typer.Option("--rate-limit", help="Per-client rate, e.g. '100/s burst 200'.")
+]
+RateLimitBy = Annotated[
+    str, typer.Option("--rate-limit-by", help="Client key of --rate-limit: ip or header:NAME.")
+]
+GlobalRateLimit = Annotated[
+    str | None, typer.Option("--global-rate-limit", help="One rate for all clients together.")
+]
+MaxConnections = Annotated[
+    int | None,
+    typer.Option("--max-connections", help="Circuit breaker: connections per upstream."),
+]
+MaxPending = Annotated[
+    int | None,
+    typer.Option("--max-pending", help="Circuit breaker: connects in progress per upstream."),
+]
+MaxRequests = Annotated[
+    int | None,
+    typer.Option("--max-requests", help="Circuit breaker: requests in flight per upstream."),
+]
+RetryBudgetPercent = Annotated[
+    float | None,
+    typer.Option(
+        "--retry-budget",
+        help="Retries of sent requests: at most this percent of the requests of the last "
+        "10 s, plus 10 a second (20). Also turns on the breaker's cap on retries in "
+        "flight, the same percent of the requests in flight.",
+    ),
+]
+TLSCert = Annotated[str | None, typer.Option("--tls-cert", help="TLS certificate chain (PEM).")]
+TLSKey = Annotated[str | None, typer.Option("--tls-key", help="TLS private key (PEM).")]
+SelfSigned = Annotated[
+    bool,
+    typer.Option(
+        "--self-signed/--no-self-signed", help="Serve TLS with a fresh self-signed certificate."
+    ),
+]
+AdminHost = Annotated[str, typer.Option("--admin-host", help="Admin address.")]
+AdminPort = Annotated[
+    int | None,
+    typer.Option(
+        "--admin-port",
+        help="Admin port (/metrics, /status, /purge); worker i uses PORT+i, and each "
+        "answers /metrics and /purge for all workers.",
+    ),
+]
+MembersFile = Annotated[
+    str | None, typer.Option("--members-file", help="Follow upstreams listed in this file.")
+]
+MembersKV = Annotated[
+    str | None,
+    typer.Option("--members-kv", help="Follow upstreams under a KV prefix (backend URL)."),
+]
+MembersPrefix = Annotated[str | None, typer.Option("--members-prefix", help="The KV prefix.")]
+MembersDNS = Annotated[
+    str | None,
+    typer.Option("--members-dns", help="Follow every address of NAME, as NAME:PORT."),
+]
+
 
 @cli.callback(invoke_without_command=True)
 def lb(
-    upstream: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="An upstream, http://HOST:PORT with an optional ,weight=N; repeat for each."
-        ),
-    ] = None,
-    listen: Annotated[str, typer.Option(help=f"Address to serve on: {LISTEN_HELP}")] = (
-        "127.0.0.1:8080"
-    ),
-    policy: Annotated[
-        str, typer.Option(help=f"Balancing policy: {', '.join(POLICIES)}.")
-    ] = "round-robin",
-    hash_on: Annotated[
-        str | None,
-        typer.Option(help="Key for consistent-hash: header:NAME, cookie:NAME or ip."),
-    ] = None,
-    workers: Annotated[
-        int, typer.Option(help="Worker processes sharing the port (SO_REUSEPORT).")
-    ] = 1,
-    connect_timeout: Annotated[float, typer.Option(help="Seconds to connect upstream.")] = 2.0,
-    upstream_timeout: Annotated[
-        float,
-        typer.Option(help="Seconds an upstream may stay silent while answering, per try (504)."),
-    ] = 60.0,
-    request_timeout: Annotated[
-        float,
-        typer.Option(help="Seconds from a whole request to its answer, all tries (504; 0: none)."),
-    ] = 0.0,
-    idle_timeout: Annotated[
-        float, typer.Option(help="Seconds a keep-alive client may idle between requests.")
-    ] = 60.0,
-    header_timeout: Annotated[
-        float, typer.Option(help="Seconds to receive a request head (408).")
-    ] = 10.0,
-    body_timeout: Annotated[
-        float, typer.Option(help="Seconds a request body may pause while it is read (408).")
-    ] = 30.0,
-    send_timeout: Annotated[
-        float, typer.Option(help="Seconds a client may leave its answer unread (closed).")
-    ] = 30.0,
-    tries: Annotated[int, typer.Option(help="Attempts per request when retrying is safe.")] = 3,
-    reuse_port: Annotated[
-        bool,
-        typer.Option(
-            "--reuse-port/--shared-socket",
-            help="Workers bind their own SO_REUSEPORT socket, or share one accept queue.",
-        ),
-    ] = True,
-    health_path: Annotated[
-        str | None, typer.Option(help="Active checks: GET this path on every upstream.")
-    ] = None,
-    health_interval: Annotated[float, typer.Option(help="Seconds between checks.")] = 5.0,
-    health_timeout: Annotated[float, typer.Option(help="Seconds a check may take.")] = 1.0,
-    healthy_threshold: Annotated[
-        int, typer.Option(help="Passes in a row to bring a host back.")
-    ] = 2,
-    unhealthy_threshold: Annotated[
-        int, typer.Option(help="Failures in a row to take a host out.")
-    ] = 3,
-    passive_health: Annotated[
-        bool, typer.Option(help="Outlier ejection even without --health-path.")
-    ] = False,
-    consecutive_5xx: Annotated[
-        int, typer.Option(help="5xx or connect errors in a row that eject a host (0: off).")
-    ] = 5,
-    ejection_time: Annotated[
-        float, typer.Option(help="Seconds of the first ejection; grows with repeats.")
-    ] = 30.0,
-    max_ejection_percent: Annotated[
-        float, typer.Option(help="Most hosts ejected at once, in percent (one always may).")
-    ] = 10.0,
-    cache_bytes: Annotated[int, typer.Option(help="Response cache size in bytes (0: off).")] = 0,
-    cache_entry_bytes: Annotated[
-        int, typer.Option(help="Largest answer the cache stores, in bytes.")
-    ] = 1 << 20,
-    rate_limit: Annotated[
-        str | None, typer.Option(help="Per-client rate, e.g. '100/s burst 200'.")
-    ] = None,
-    rate_limit_by: Annotated[
-        str, typer.Option(help="Client key of --rate-limit: ip or header:NAME.")
-    ] = "ip",
-    global_rate_limit: Annotated[
-        str | None, typer.Option(help="One rate for all clients together.")
-    ] = None,
-    max_connections: Annotated[
-        int | None, typer.Option(help="Circuit breaker: connections per upstream.")
-    ] = None,
-    max_pending: Annotated[
-        int | None, typer.Option(help="Circuit breaker: connects in progress per upstream.")
-    ] = None,
-    max_requests: Annotated[
-        int | None, typer.Option(help="Circuit breaker: requests in flight per upstream.")
-    ] = None,
-    retry_budget: Annotated[
-        float | None,
-        typer.Option(
-            help="Retries of sent requests: at most this percent of the requests of the last "
-            "10 s, plus 10 a second (20). Also turns on the breaker's cap on retries in "
-            "flight, the same percent of the requests in flight."
-        ),
-    ] = None,
-    tls_cert: Annotated[str | None, typer.Option(help="TLS certificate chain (PEM).")] = None,
-    tls_key: Annotated[str | None, typer.Option(help="TLS private key (PEM).")] = None,
-    self_signed: Annotated[
-        bool, typer.Option(help="Serve TLS with a fresh self-signed certificate.")
-    ] = False,
-    admin_host: Annotated[str, typer.Option(help="Admin address.")] = "127.0.0.1",
-    admin_port: Annotated[
-        int | None,
-        typer.Option(
-            help="Admin port (/metrics, /status, /purge); worker i uses PORT+i, and each "
-            "answers /metrics and /purge for all workers."
-        ),
-    ] = None,
-    members_file: Annotated[
-        str | None, typer.Option(help="Follow upstreams listed in this file.")
-    ] = None,
-    members_kv: Annotated[
-        str | None, typer.Option(help="Follow upstreams under a KV prefix (backend URL).")
-    ] = None,
-    members_prefix: Annotated[str | None, typer.Option(help="The KV prefix.")] = None,
-    members_dns: Annotated[
-        str | None, typer.Option(help="Follow every address of NAME, as NAME:PORT.")
-    ] = None,
+    upstream: Upstreams = None,
+    listen: Listen = "127.0.0.1:8080",
+    policy: PolicyName = "round-robin",
+    hash_on: HashOn = None,
+    workers: Workers = 1,
+    connect_timeout: ConnectTimeout = 2.0,
+    upstream_timeout: UpstreamTimeout = 60.0,
+    request_timeout: RequestTimeout = 0.0,
+    idle_timeout: IdleTimeout = 60.0,
+    header_timeout: HeaderTimeout = 10.0,
+    body_timeout: BodyTimeout = 30.0,
+    send_timeout: SendTimeout = 30.0,
+    tries: Tries = 3,
+    reuse_port: ReusePort = True,
+    health_path: HealthPath = None,
+    health_interval: HealthInterval = 5.0,
+    health_timeout: HealthTimeout = 1.0,
+    healthy_threshold: HealthyThreshold = 2,
+    unhealthy_threshold: UnhealthyThreshold = 3,
+    passive_health: PassiveHealth = False,
+    consecutive_5xx: Consecutive5xx = 5,
+    ejection_time: EjectionTime = 30.0,
+    max_ejection_percent: MaxEjectionPercent = 10.0,
+    cache_bytes: CacheBytes = 0,
+    cache_entry_bytes: CacheEntryBytes = 1 << 20,
+    rate_limit: RateLimit = None,
+    rate_limit_by: RateLimitBy = "ip",
+    global_rate_limit: GlobalRateLimit = None,
+    max_connections: MaxConnections = None,
+    max_pending: MaxPending = None,
+    max_requests: MaxRequests = None,
+    retry_budget: RetryBudgetPercent = None,
+    tls_cert: TLSCert = None,
+    tls_key: TLSKey = None,
+    self_signed: SelfSigned = False,
+    admin_host: AdminHost = "127.0.0.1",
+    admin_port: AdminPort = None,
+    members_file: MembersFile = None,
+    members_kv: MembersKV = None,
+    members_prefix: MembersPrefix = None,
+    members_dns: MembersDNS = None,
 ) -> None:
     """Balance HTTP/1.1 requests over upstreams: keep-alive, streaming, WebSocket."""
+    _run(**locals())  # every flag, by its parameter name
+
+
+def _run(
+    upstream: list[str] | None,
+    listen: str,
+    policy: str,
+    hash_on: str | None,
+    workers: int,
+    self_signed: bool,
+    **flags: Any,
+) -> None:
+    """Serve as `lb`'s flags say until stopped: the feature flags (the fields of
+    `Features`) make its Features, the others are the engine's options. A bad flag exits
+    2 with a line naming it, an address in use 1."""
     if policy == "round-robin" and hash_on is not None:
         policy = "consistent-hash"
     upstream = upstream or []
-    features = Features(
-        health_path=health_path,
-        health_interval=health_interval,
-        health_timeout=health_timeout,
-        healthy_threshold=healthy_threshold,
-        unhealthy_threshold=unhealthy_threshold,
-        passive_health=passive_health,
-        consecutive_5xx=consecutive_5xx,
-        ejection_time=ejection_time,
-        max_ejection_percent=max_ejection_percent,
-        cache_bytes=cache_bytes,
-        cache_entry_bytes=cache_entry_bytes,
-        rate_limit=rate_limit,
-        rate_limit_by=rate_limit_by,
-        global_rate_limit=global_rate_limit,
-        max_connections=max_connections,
-        max_pending=max_pending,
-        max_requests=max_requests,
-        retry_budget=retry_budget,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        admin_host=admin_host,
-        admin_port=admin_port,
-        members_file=members_file,
-        members_kv=members_kv,
-        members_prefix=members_prefix,
-        members_dns=members_dns,
-    )
+    feature_flags = {f.name for f in fields(Features)}
+    features = Features(**{k: v for k, v in flags.items() if k in feature_flags})
+    engine = {k: v for k, v in flags.items() if k not in feature_flags}
+    if features.retry_budget is not None:
+        engine["retry_percent"] = features.retry_budget
     try:
-        if self_signed and tls_cert:
+        if self_signed and features.tls_cert:
             raise ValueError("--self-signed and --tls-cert exclude each other")
         features.check()
         config = build_config(
@@ -223,17 +263,8 @@ def lb(
             hash_on,
             workers,
             members=features.members,
-            scheme="https" if tls_cert or self_signed else "http",
-            connect_timeout=connect_timeout,
-            upstream_timeout=upstream_timeout,
-            request_timeout=request_timeout,
-            idle_timeout=idle_timeout,
-            header_timeout=header_timeout,
-            body_timeout=body_timeout,
-            send_timeout=send_timeout,
-            tries=tries,
-            reuse_port=reuse_port,
-            **({} if retry_budget is None else {"retry_percent": retry_budget}),
+            scheme="https" if features.tls_cert or self_signed else "http",
+            **engine,
         )
     except ValueError as exc:
         print(f"podkit lb: {exc}", file=sys.stderr)
