@@ -48,6 +48,9 @@ def argv(component: str, admin: int, tmp: Path) -> list[str]:
     if component == "queue work":
         return ["queue", "work", "--queue", f"sqlite:///{tmp / 'q.db'}", "--exec", "true",
                 "--admin-port", str(admin)]  # fmt: skip
+    if component == "up":
+        (tmp / "s.yaml").write_text(SPEC)
+        return ["up", str(tmp / "s.yaml"), "--admin-port", str(admin)]
     if component == "queue scaler":
         return ["queue", "scaler", "--queue", f"sqlite:///{tmp / 'q.db'}", "--port", str(admin)]
     raise ValueError(component)
@@ -65,7 +68,18 @@ OWN = {
     "adapter logs": "podkit_adapter_logs_lines_read",
     "queue scaler": "podkit_queue",
     "queue work": "podkit_queue_work_items_done",
+    "up": "podkit_up_replicas",
 }
+
+SPEC = f"""
+name: admin-up
+pods:
+  - name: sleeper
+    replicas: 2
+    containers:
+      - name: app
+        command: [{sys.executable}, -c, "import time; time.sleep(60)"]
+"""
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -107,3 +121,36 @@ def test_the_admin_port_serves_metrics_and_health(component: str, tmp_path: Path
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_podkit_up_reports_its_replicas_and_readiness(tmp_path: Path) -> None:
+    admin = free_port()
+    proc = subprocess.Popen(
+        [*PODKIT, *argv("up", admin, tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None
+            try:
+                status, _ = get(f"http://127.0.0.1:{admin}/readyz")
+            except OSError:
+                status = 0
+            if status == 200:
+                break
+            assert time.monotonic() < deadline, f"not ready: {status}"
+            time.sleep(0.1)
+        _, body = get(f"http://127.0.0.1:{admin}/metrics")
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(body.decode())
+            for s in f.samples
+        }
+        assert samples[("podkit_up_replicas", (("pod", "sleeper"),))] == 2
+        assert samples[("podkit_up_ready_replicas", (("pod", "sleeper"),))] == 2
+        assert samples[("podkit_up_ready", ())] == 1
+        key = ("podkit_up_container_restarts_total", (("container", "app"), ("pod", "sleeper")))
+        assert samples[key] == 0
+    finally:
+        proc.terminate()
+        proc.wait(15)

@@ -76,13 +76,18 @@ def up(
         str | None,
         typer.Option(help="Loopback network for pod addresses, e.g. 127.42.0.0/16."),
     ] = None,
+    admin_port: Annotated[
+        int,
+        typer.Option(help="Port of /status, /metrics, /healthz, /readyz (0: any free one)."),
+    ] = 0,
+    admin_host: Annotated[str, typer.Option(help="Address of the admin port.")] = "127.0.0.1",
 ) -> None:
     """Run every pod of a spec on this machine until Ctrl-C."""
     from podkit.system.spec import SpecError
     from podkit.system.up import run_up
 
     try:
-        code = run_async(run_up(spec, subnet=subnet))
+        code = run_async(run_up(spec, subnet=subnet, admin=(admin_host, admin_port)))
     except SpecError as exc:
         _print_spec_error(exc)
         raise typer.Exit(2) from None

@@ -11,8 +11,15 @@ from podkit.system.runtime import LogSink, Runtime
 from podkit.system.spec import load_spec
 
 
-async def run_up(spec_path: Path, *, subnet: str | None = None, log: LogSink | None = None) -> int:
-    """Run the system in `spec_path` until asked to stop; return an exit code."""
+async def run_up(
+    spec_path: Path,
+    *,
+    subnet: str | None = None,
+    log: LogSink | None = None,
+    admin: tuple[str, int] = ("127.0.0.1", 0),
+) -> int:
+    """Run the system in `spec_path` until asked to stop, its control and admin endpoints
+    on `admin` (host, port); return an exit code."""
     spec = load_spec(spec_path)
     runtime = Runtime(spec, base_dir=spec_path.parent, subnet=subnet, log=log)
     loop = asyncio.get_running_loop()
@@ -30,10 +37,13 @@ async def run_up(spec_path: Path, *, subnet: str | None = None, log: LogSink | N
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, request_stop)
-    control = ControlServer(runtime)
+    control = ControlServer(runtime, *admin)
     try:
+        try:
+            await control.start()
+        except OSError as exc:
+            raise RuntimeError(f"--admin-port {admin[1]}: {exc.strerror or exc}") from None
         await runtime.start()
-        await control.start()
         runtime.log.event(
             f"{spec.name}: {len(runtime.replicas)} pod replicas; control {control.url}"
         )
