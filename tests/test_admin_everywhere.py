@@ -62,7 +62,7 @@ OWN = {
     "sidecar tls": "podkit_sidecar_tls_tries",
     "sidecar config": None,
     "ambassador broker": None,
-    "ambassador split": "podkit_split_weight",
+    "ambassador split": "podkit_ambassador_split_weight",
     "elect": None,
     "adapter health": None,
     "adapter logs": "podkit_adapter_logs_lines_read",

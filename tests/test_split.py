@@ -162,10 +162,10 @@ def test_the_split_command_keeps_users_sticky_and_takes_new_weights() -> None:
         counted = [
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
-            if line.startswith("podkit_split_requests_total{")
+            if line.startswith("podkit_ambassador_split_requests_total{")
         ]
         assert sum(counted) == 1 + 400 * 3
-        assert 'podkit_split_weight{arm="canary"} 50.0' in text
+        assert 'podkit_ambassador_split_weight{arm="canary"} 50.0' in text
     finally:
         if conn is not None:
             conn.close()

@@ -194,7 +194,7 @@ class SplitPolicy:
 
 class SplitMetrics(BaseFilter):
     """A `podkit.lb` filter counting each arm's answers by status class, with Prometheus
-    metrics `podkit_split_requests_total{arm,code}` and `podkit_split_weight{arm}`."""
+    metrics `podkit_ambassador_split_requests_total{arm,code}` and `podkit_ambassador_split_weight{arm}`."""
 
     def __init__(self, policy: SplitPolicy) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -202,12 +202,12 @@ class SplitMetrics(BaseFilter):
         self.policy = policy
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "podkit_split_requests", "Answers by arm and status class (error: no answer).",
+            "podkit_ambassador_split_requests", "Answers by arm and status class (error: no answer).",
             ["arm", "code"], registry=self.registry,
         )  # fmt: skip
-        self.weight = Gauge("podkit_split_weight", "Weight of each arm.", ["arm"],
+        self.weight = Gauge("podkit_ambassador_split_weight", "Weight of each arm.", ["arm"],
                             registry=self.registry)  # fmt: skip
-        self.fallback = Counter("podkit_split_fallbacks", "Requests sent to another arm "
+        self.fallback = Counter("podkit_ambassador_split_fallbacks", "Requests sent to another arm "
                                 "because theirs was down.", registry=self.registry)  # fmt: skip
         self._fallbacks = 0
 
