@@ -17,9 +17,10 @@ import typer
 
 from podkit.aio import stop_event
 from podkit.net.listen import LISTEN_HELP, run_server
+from podkit.net.proxy.flags import IdleTimeout, Workers
 
 if TYPE_CHECKING:
-    from podkit.sidecar.config import ConfigSync
+    from podkit.sidecar.config import ConfigSync, Notifier
 
 cli = typer.Typer(help="Sidecars: containers that extend an app beside it.", no_args_is_help=True)
 
@@ -115,15 +116,37 @@ def config(
     once: Annotated[bool, typer.Option(help="Sync once and exit (an init container).")] = False,
 ) -> None:
     """Keep --path equal to --source; validate, swap atomically, then notify the app."""
-    from podkit.sidecar.config import (
-        Backoff,
-        CommandNotifier,
-        ConfigSync,
-        HTTPNotifier,
-        Notifier,
-        SignalNotifier,
-        open_source,
+    from podkit.sidecar.config import Backoff, ConfigSync, open_source
+
+    notifiers = _notifiers(signal_, pid_file, reload_url, reload_method, on_change)
+    try:
+        src = open_source(source, key, interval)
+    except ValueError as exc:
+        _log(str(exc))
+        raise typer.Exit(2) from None
+    if not path.parent.is_dir():
+        _log(f"--path {path}: directory {path.parent} does not exist")
+        raise typer.Exit(2)
+    sync = ConfigSync(
+        src,
+        path,
+        validate=shlex.split(validate) if validate else None,
+        notifiers=notifiers,
+        backoff=Backoff(maximum=max_backoff),
     )
+    raise typer.Exit(run_server(_run_config(sync, admin_port, once), _log))
+
+
+def _notifiers(
+    signal_: str | None,
+    pid_file: Path | None,
+    reload_url: str | None,
+    reload_method: str,
+    on_change: str | None,
+) -> list[Notifier]:
+    """How `config` tells the app of a change, as its flags say; a bad flag exits 2 with
+    a line naming it."""
+    from podkit.sidecar.config import CommandNotifier, HTTPNotifier, SignalNotifier
 
     notifiers: list[Notifier] = []
     if signal_ is not None or pid_file is not None:
@@ -144,22 +167,7 @@ def config(
         notifiers.append(HTTPNotifier(reload_url, reload_method))
     if on_change is not None:
         notifiers.append(CommandNotifier(shlex.split(on_change)))
-    try:
-        src = open_source(source, key, interval)
-    except ValueError as exc:
-        _log(str(exc))
-        raise typer.Exit(2) from None
-    if not path.parent.is_dir():
-        _log(f"--path {path}: directory {path.parent} does not exist")
-        raise typer.Exit(2)
-    sync = ConfigSync(
-        src,
-        path,
-        validate=shlex.split(validate) if validate else None,
-        notifiers=notifiers,
-        backoff=Backoff(maximum=max_backoff),
-    )
-    raise typer.Exit(run_server(_run_config(sync, admin_port, once), _log))
+    return notifiers
 
 
 # -- tls -------------------------------------------------------------------------------------
@@ -180,8 +188,8 @@ def tls(
     self_signed: Annotated[
         bool, typer.Option(help="Make a self-signed certificate (development).")
     ] = False,
-    workers: Annotated[int, typer.Option(help="Worker processes sharing the port.")] = 1,
-    idle_timeout: Annotated[float, typer.Option(help="Seconds a client may idle.")] = 60.0,
+    workers: Workers = 1,
+    idle_timeout: IdleTimeout = 60.0,
     admin_port: Annotated[
         int | None,
         typer.Option(help="Loopback port for /metrics, /healthz, /readyz, /status (worker i: +i)."),
