@@ -17,7 +17,7 @@ from podkit.aio import stop_event
 from podkit.net.listen import LISTEN_HELP, run_server
 
 if TYPE_CHECKING:
-    from podkit.ambassador.broker import Broker
+    from podkit.ambassador.broker import Broker, Resolver
 
 cli = typer.Typer(
     help="Ambassadors: local proxies in front of remote services.", no_args_is_help=True
@@ -101,12 +101,41 @@ def broker(
     ] = None,
 ) -> None:
     """Forward a local port to a service's endpoints: round-robin, failover, re-resolve."""
+    from podkit.ambassador.broker import Broker
+
+    resolvers = _resolvers(
+        service, endpoint, env, port_name, srv, dns, dns_server, registry, prefix
+    )
+    b = Broker(
+        resolvers,
+        host,
+        listen,
+        refresh=refresh,
+        connect_timeout=connect_timeout,
+        down_for=down_for,
+        max_down_for=max_down_for,
+        log=_log,
+    )
+    raise typer.Exit(run_server(_run_broker(b, admin_port), _log))
+
+
+def _resolvers(
+    service: str,
+    endpoint: list[str] | None,
+    env: bool,
+    port_name: str | None,
+    srv: str | None,
+    dns: str | None,
+    dns_server: str | None,
+    registry: str | None,
+    prefix: str | None,
+) -> list[Resolver]:
+    """Where `broker` finds the service's endpoints, as its flags say; a bad endpoint, or
+    none given, exits 2 with a line saying so."""
     from podkit.ambassador.broker import (
-        Broker,
         DNSResolver,
         EnvResolver,
         KVRegistry,
-        Resolver,
         StaticResolver,
         parse_endpoint,
     )
@@ -134,17 +163,7 @@ def broker(
     if not resolvers:
         _log("no source of endpoints: give --endpoint, --env, --srv, --dns or --registry")
         raise typer.Exit(2)
-    b = Broker(
-        resolvers,
-        host,
-        listen,
-        refresh=refresh,
-        connect_timeout=connect_timeout,
-        down_for=down_for,
-        max_down_for=max_down_for,
-        log=_log,
-    )
-    raise typer.Exit(run_server(_run_broker(b, admin_port), _log))
+    return resolvers
 
 
 # -- split -------------------------------------------------------------------------------
