@@ -19,6 +19,7 @@ from setuptools import setup
 # (podkit.net.proxy.hooks stays Python: users subclass it)
 COMPILED = [
     "src/podkit/net/http.py",
+    "src/podkit/net/httpwrite.py",
     "src/podkit/net/pool.py",
     "src/podkit/net/tlsconn.py",
     "src/podkit/net/proxy/config.py",

@@ -17,10 +17,8 @@ from podkit.net.http import (
     ResponseHead,
     ServerConnection,
     Tunnel,
-    chunk,
-    last_chunk,
-    simple_response,
 )
+from podkit.net.httpwrite import chunk, last_chunk, simple_response
 
 
 def events(conn: ServerConnection | ClientConnection) -> list[Event]:

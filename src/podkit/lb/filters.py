@@ -32,7 +32,8 @@ from podkit.lb.cache import X_CACHE_MISS, CachedResponse, Fill, ResponseCache, W
 from podkit.lb.health import CONNECT_ERROR, HealthEvent, HostHealth
 from podkit.lb.policy import Upstream
 from podkit.lb.ratelimit import RateLimiter
-from podkit.net.http import REASONS, ResponseHead, simple_response
+from podkit.net.http import ResponseHead
+from podkit.net.httpwrite import request_head, response_head, simple_response
 from podkit.net.proxy.hooks import BaseFilter, BodyObserver
 
 X_CACHE_MISS_LINE = b"%b: %b\r\n" % X_CACHE_MISS
@@ -101,16 +102,8 @@ class _Leader:
 
 
 def _hit_bytes(ex: Exchange, entry: CachedResponse, now: float) -> bytes:
-    status = entry.status
-    parts = [b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b"OK"))]
-    for k, v in entry.headers_at(now):
-        parts.append(b"%b: %b\r\n" % (k, v))
-    if not ex.head.keep_alive:
-        parts.append(b"Connection: close\r\n")
-    parts.append(b"\r\n")
-    if ex.head.method != b"HEAD":
-        parts.append(entry.body)
-    return b"".join(parts)
+    head = response_head(entry.status, entry.headers_at(now), close=not ex.head.keep_alive)
+    return head if ex.head.method == b"HEAD" else head + entry.body
 
 
 class CacheFilter(BaseFilter):
@@ -229,10 +222,9 @@ class HealthFilter(BaseFilter):
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(host, port)
-                writer.write(
-                    b"GET %b HTTP/1.1\r\nHost: %b:%d\r\nUser-Agent: podkit-lb-check\r\n"
-                    b"Connection: close\r\n\r\n" % (active.path.encode(), host.encode(), port)
-                )
+                host_field = (b"Host", b"%b:%d" % (host.encode(), port))
+                fields = [host_field, (b"User-Agent", b"podkit-lb-check")]
+                writer.write(request_head(b"GET", active.path.encode(), fields, close=True))
                 line = await reader.readline()
         except (OSError, TimeoutError):
             return False

@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from podkit.net.http import HTTPError, ResponseHead, ResponseParser
+from podkit.net.httpwrite import request_head
 
 MAX_BUFFER = 256 * 1024  # unread body bytes of a streamed answer before reading pauses
 HeaderPairs = Iterable[tuple[str | bytes, str | bytes]]
@@ -447,11 +448,8 @@ def _encode(
     """(host, port, TLS), the request's bytes, and its method."""
     key, target, host = _parse_url(url)
     m = method.upper().encode()
-    lines = [b"%b %b HTTP/1.1\r\nHost: %b\r\n" % (m, target, host)]
-    for k, v in headers:
-        lines.append(b"%b: %b\r\n" % (_header_bytes(k), _header_bytes(v)))
+    fields = [(b"Host", host)]
+    fields += [(_header_bytes(k), _header_bytes(v)) for k, v in headers]
     if body or m in (b"POST", b"PUT", b"PATCH"):
-        lines.append(b"Content-Length: %d\r\n" % len(body))
-    lines.append(b"\r\n")
-    lines.append(body)
-    return key, b"".join(lines), m
+        fields.append((b"Content-Length", b"%d" % len(body)))
+    return key, request_head(m, target, fields) + body, m

@@ -20,7 +20,8 @@ different Content-Lengths, a Transfer-Encoding other than a final `chunked`, obs
 headers or bare LF line endings are all refused (llhttp's strict mode, checked again here).
 
 `ServerConnection` wraps `RequestParser` in the h11 style (`receive_data` / `next_event`)
-for tests and tools; the proxy uses the callbacks directly, which allocate less.
+for tests and tools; the proxy uses the callbacks directly, which allocate less. The
+writing side (heads, chunks, small answers) is `podkit.net.httpwrite`.
 """
 
 from __future__ import annotations
@@ -32,45 +33,12 @@ from typing import Protocol
 
 import httptools
 
+from podkit.net.httpwrite import REASONS
+
 # Limits (bytes) a parser enforces unless given others.
 MAX_TARGET = 8 * 1024
 MAX_HEAD = 32 * 1024  # request/status line plus all header lines
 MAX_HEADERS = 100
-
-REASONS: dict[int, bytes] = {
-    100: b"Continue",
-    101: b"Switching Protocols",
-    200: b"OK",
-    204: b"No Content",
-    304: b"Not Modified",
-    400: b"Bad Request",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    414: b"URI Too Long",
-    429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    501: b"Not Implemented",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-    505: b"HTTP Version Not Supported",
-}
-
-# Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection, never forwarded as is.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 
 
 class HTTPError(Exception):
@@ -679,85 +647,3 @@ class ClientConnection:
     def next_event(self) -> Event | None:
         events = self._collector.events
         return events.popleft() if events else None
-
-
-# --- writing ---------------------------------------------------------------------------
-
-
-def chunk(data: bytes) -> bytes:
-    """One chunk of a chunked body."""
-    return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-LAST_CHUNK = b"0\r\n\r\n"
-# Fields a proxy does not pass on in a trailer section (RFC 9110 6.5.1): hop-by-hop,
-# framing, routing, request modifiers, authentication, and what a proxy vouches for.
-NOT_IN_TRAILERS = HOP_BY_HOP | {
-    b"content-length",
-    b"content-encoding",
-    b"content-range",
-    b"content-type",
-    b"host",
-    b"expect",
-    b"max-forwards",
-    b"range",
-    b"if-match",
-    b"if-none-match",
-    b"if-modified-since",
-    b"if-unmodified-since",
-    b"if-range",
-    b"cache-control",
-    b"pragma",
-    b"age",
-    b"expires",
-    b"authorization",
-    b"proxy-authorization",
-    b"proxy-authenticate",
-    b"www-authenticate",
-    b"cookie",
-    b"set-cookie",
-    b"location",
-    b"retry-after",
-    b"vary",
-    b"forwarded",
-    b"via",
-    b"x-forwarded-for",
-    b"x-forwarded-proto",
-    b"x-forwarded-host",
-    b"x-forwarded-port",
-    b"x-real-ip",
-}
-
-
-def last_chunk(trailers: Sequence[tuple[bytes, bytes]]) -> bytes:
-    """The last chunk of a chunked body, carrying the trailer fields a proxy may forward."""
-    if not trailers:
-        return LAST_CHUNK
-    parts = [b"0\r\n"]
-    for k, v in trailers:
-        if k.lower() not in NOT_IN_TRAILERS:
-            parts += (k, b": ", v, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
-
-
-def simple_response(
-    status: int,
-    body: bytes,
-    *,
-    content_type: bytes = b"text/plain; charset=utf-8",
-    close: bool = False,
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> bytes:
-    """A complete response with a Content-Length body (error pages, local answers)."""
-    lines = [
-        b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b"Unknown")),
-        b"Content-Type: %b\r\nContent-Length: %d\r\n" % (content_type, len(body)),
-    ]
-    for k, v in headers or ():
-        lines.append(b"%b: %b\r\n" % (k, v))
-    if close:
-        lines.append(b"Connection: close\r\n")
-    lines.append(b"\r\n")
-    lines.append(body)
-    return b"".join(lines)

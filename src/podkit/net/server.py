@@ -26,8 +26,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from podkit.aio import wait_for
-from podkit.net.http import REASONS, HTTPError, RequestHead, RequestParser
+from podkit.net.http import HTTPError, RequestHead, RequestParser
+from podkit.net.httpwrite import response_head
 
+CONTINUE = response_head(100)  # the interim answer to `Expect: 100-continue`
 MAX_BODY = 16 << 20
 
 
@@ -102,18 +104,14 @@ class _Reader:
 def response_bytes(resp: Response, *, close: bool, server: bytes, body: bool = True) -> bytes:
     """The response as sent: status line, Content-Type, Content-Length, its headers, and
     its body unless `body` is False (the answer to HEAD: the head alone)."""
-    lines = [
-        b"HTTP/1.1 %d %b\r\n" % (resp.status, REASONS.get(resp.status, b"Unknown")),
-        b"Server: %b\r\nContent-Type: %b\r\nContent-Length: %d\r\n"
-        % (server, resp.content_type, len(resp.body)),
+    fields = [
+        (b"Server", server),
+        (b"Content-Type", resp.content_type),
+        (b"Content-Length", b"%d" % len(resp.body)),
+        *resp.headers,
     ]
-    lines += [b"%b: %b\r\n" % (k, v) for k, v in resp.headers]
-    if close:
-        lines.append(b"Connection: close\r\n")
-    lines.append(b"\r\n")
-    if body:
-        lines.append(resp.body)
-    return b"".join(lines)
+    head = response_head(resp.status, fields, close=close)
+    return head + resp.body if body else head
 
 
 class HTTPServer:
@@ -168,7 +166,7 @@ class HTTPServer:
                         error = exc  # answered after the requests before it
                     if requests.expects and error is None:
                         requests.expects = False
-                        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        writer.write(CONTINUE)
                 if not requests.done:
                     assert error is not None
                     body = f"{self.name}: {error.detail}\n".encode()

@@ -27,11 +27,20 @@ import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
+from podkit.net.httpwrite import response_head
+
 READ_MAX = 256 * 1024  # bytes decrypted per read call
 _PLAIN_HTTP = b"This port speaks HTTPS: a plain HTTP request was sent to it.\n"
 PLAIN_HTTP_ANSWER = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-    b"Content-Length: %d\r\n\r\n%b" % (len(_PLAIN_HTTP), _PLAIN_HTTP)
+    response_head(
+        400,
+        [
+            (b"Content-Type", b"text/plain"),
+            (b"Connection", b"close"),
+            (b"Content-Length", b"%d" % len(_PLAIN_HTTP)),
+        ],
+    )
+    + _PLAIN_HTTP
 )
 
 HANDSHAKE = 0

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from podkit.aio import wait_for
+from podkit.net.httpwrite import request_head
 from podkit.system.spec import Probe
 
 
@@ -40,10 +41,9 @@ async def http_check(host: str, port: int, path: str, timeout: float) -> bool:
     async def attempt() -> bool:
         reader, writer = await asyncio.open_connection(host, port)
         try:
-            writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: podkit-probe\r\n"
-                "Connection: close\r\n\r\n".encode("latin-1")
-            )
+            host_field = (b"Host", f"{host}:{port}".encode("latin-1"))
+            fields = [host_field, (b"User-Agent", b"podkit-probe")]
+            writer.write(request_head(b"GET", path.encode("latin-1"), fields, close=True))
             await writer.drain()
             status = await reader.readline()
         finally:

@@ -10,14 +10,8 @@ from collections import deque
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from podkit.net.http import (
-    HOP_BY_HOP,
-    HTTPError,
-    RequestHead,
-    RequestParser,
-    last_chunk,
-    simple_response,
-)
+from podkit.net.http import HTTPError, RequestHead, RequestParser
+from podkit.net.httpwrite import HOP_BY_HOP, chunk, last_chunk, request_line, simple_response
 from podkit.net.pool import ConnectionPool
 from podkit.net.proxy.exchange import (
     ERROR_HEAD,
@@ -234,7 +228,7 @@ class ClientConnection(asyncio.Protocol):
         if ex is None or ex.done:
             return
         if ex.head.chunked:
-            data = b"%x\r\n%b\r\n" % (len(data), data)
+            data = chunk(data)
         if ex.replay is not None:
             self._keep(ex, data)
         conn = ex.conn
@@ -402,7 +396,7 @@ class ClientConnection(asyncio.Protocol):
         prefix = head.forward_prefix
         if prefix is not None:
             return prefix + self.fwd_tail
-        parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
+        parts = [request_line(head.method, head.target)]
         append = parts.append
         xff: bytes | None = None
         has_host = False

@@ -6,14 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from podkit.net.http import (
-    HOP_BY_HOP,
-    LAST_CHUNK,
-    HTTPError,
-    ResponseHead,
-    ResponseParser,
-    last_chunk,
-)
+from podkit.net.http import HTTPError, ResponseHead, ResponseParser
+from podkit.net.httpwrite import LAST_CHUNK, chunk, last_chunk, status_line, write_forwarded
 from podkit.net.pool import PooledConnection
 from podkit.net.proxy.exchange import EXTRA_HEAD, WAIVERS, Exchange
 
@@ -212,28 +206,17 @@ class UpstreamConnection(PooledConnection):
         self.out.append(self._head_bytes(head, tail))
 
     def _head_bytes(self, head: ResponseHead, tail: bytes) -> bytes:
-        parts = [b"HTTP/1.1 %d %b\r\n" % (head.status, head.reason)]
-        append = parts.append
-        named = head.connection
-        for k, v in head.headers:
-            lk = k.lower()
-            if lk in HOP_BY_HOP or (named and lk in named):
-                continue
-            append(k)
-            append(b": ")
-            append(v)
-            append(b"\r\n")
-        append(tail)
-        append(b"\r\n")
+        parts = [status_line(head.status, head.reason)]
+        write_forwarded(parts, head.headers, head.connection)
+        parts.append(tail)
+        parts.append(b"\r\n")
         return b"".join(parts)
 
     def on_body(self, data: bytes) -> None:
         ex = self.ex
         if ex is not None and ex.observer is not None:
             ex.observer.feed(data)
-        if self.rechunk:
-            data = b"%x\r\n%b\r\n" % (len(data), data)
-        self.out.append(data)
+        self.out.append(chunk(data) if self.rechunk else data)
 
     def on_response_end(self) -> None:
         if self.rechunk:
