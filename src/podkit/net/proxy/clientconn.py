@@ -1,6 +1,8 @@
 """The client side of the engine: `ClientConnection` parses a client's requests, runs
 the filters, picks an upstream, sends each request and answers in order, and enforces
-the client's timeouts (`check`, called by the sweeper)."""
+the client's timeouts (`check`, called by the sweeper). Which upstream a try goes to
+(`upstream.choose`) and whether and when it is retried (`retry`) are decided elsewhere,
+as functions of state."""
 
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from podkit.net.proxy.exchange import (
     REPLAY_LIMIT,
     Exchange,
 )
-from podkit.net.proxy.retry import is_retryable, retry_backoff
-from podkit.net.proxy.upstream import Upstream
+from podkit.net.proxy.retry import is_retryable, may_retry, retry_wait
+from podkit.net.proxy.upstream import Upstream, choose
 
 if TYPE_CHECKING:
     from podkit.net.proxy.config import ProxyConfig
@@ -291,11 +293,11 @@ class ClientConnection(asyncio.Protocol):
                     ex.waiting = True
                     lb.spawn(self._resume(ex, answer, i + 1))
                 return
-            up = self.pick(ex)
+            up = choose(lb.policy, ex.head, self.ip, ex.tried, ex)
         elif ex.tried is None:
             up = lb.policy.pick(ex.head, self.ip)
         else:
-            up = self.pick(ex)
+            up = choose(lb.policy, ex.head, self.ip, ex.tried)
         if up is None:
             n = len(lb.upstreams)
             ready = sum(1 for u in lb.upstreams if u.available)
@@ -331,20 +333,6 @@ class ClientConnection(asyncio.Protocol):
             self.answer_local(ex)
         else:
             self.dispatch(ex, nxt)
-
-    def pick(self, ex: Exchange) -> Upstream | None:
-        lb = self.lb
-        policy = lb.policy
-        exclude = ex.tried
-        up = policy.pick(ex.head, self.ip, exclude)
-        if up is None and exclude:
-            up = policy.pick(ex.head, self.ip)  # every one was tried: try again afresh
-        if up is not None and lb.filters:
-            refused: set[Upstream] = set(exclude or ())
-            while up is not None and not all(f.admit(ex, up) for f in lb.filters):
-                refused.add(up)
-                up = policy.pick(ex.head, self.ip, refused)
-        return up
 
     async def connect(self, ex: Exchange, up: Upstream, pool: ConnectionPool[Any]) -> None:
         try:
@@ -454,18 +442,16 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is None:
             return
         if not ex.responded:
-            head = ex.head
-            safe = nothing_sent or (  # idempotent, or marked retryable by the client
-                retry
-                and head.upgrade is None
-                and (
-                    ex.replay is not None
-                    if head.has_body
-                    else is_retryable(head.method, head.headers)
-                )
-            )
             lb = self.lb
-            if safe and ex.tries < lb.config.tries and not lb.closing:
+            if may_retry(
+                ex.head,
+                tries=ex.tries,
+                max_tries=lb.config.tries,
+                nothing_sent=nothing_sent,
+                body_kept=ex.replay is not None,
+                retry=retry,
+                closing=lb.closing,
+            ):
                 # a try that never reached the upstream cost it nothing: only a request that
                 # was sent is charged to the retry budget
                 if nothing_sent or lb.retry_rate.allow(lb.now, lb.requests):
@@ -477,11 +463,10 @@ class ClientConnection(asyncio.Protocol):
                     if ex.replay is not None:  # the body read so far goes again, in order
                         ex.pending = list(ex.replay)
                         ex.pending_size = ex.replay_size
-                    tried = ex.tried
-                    if any(u.available and u not in tried for u in lb.upstreams):
+                    delay = retry_wait(lb.upstreams, ex.tried, ex.tries, random.random())
+                    if not delay:
                         self.redispatch(ex)  # another upstream is there: at once
-                    else:  # each was tried: wait, so a restarting one has time to come back
-                        delay = retry_backoff(ex.tries, random.random())
+                    else:
                         ex.waiting = True
                         asyncio.get_running_loop().call_later(delay, self._retry, ex)
                     return
@@ -546,9 +531,7 @@ class ClientConnection(asyncio.Protocol):
             self.ex = ex
             self.answer_local(ex)
         else:
-            if self.queue is None:
-                self.queue = deque()
-            self.queue.append(ex)
+            self._enqueue(ex)
 
     def cut_off(self, ex: Exchange, answer: bytes) -> None:
         """End `ex`, whose request body was malformed: close its upstream connection

@@ -72,6 +72,10 @@ class Exchange:
     def client_address(self) -> str:
         return self.client.ip
 
+    def admits(self, upstream: Upstream) -> bool:
+        """Whether every filter lets this try go to `upstream`."""
+        return all(f.admit(self, upstream) for f in self.client.lb.filters)
+
     def waive_response(self, head_lines: bytes = b"") -> None:
         """For a filter that reads answers: it need not read this one. `head_lines` (whole
         `Name: value\r\n` lines) go into the answer's head instead. When every such filter

@@ -8,13 +8,19 @@
   requests of the last window, plus `per_second`.
 - `retry_backoff(tries, draw) -> float`: the jittered wait before a retry to an upstream
   already tried.
+- `may_retry(head, ...) -> bool`: whether a failed try may be sent again, the budget
+  aside; `retry_wait(upstreams, tried, tries, draw) -> float`: when (0: at once).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from podkit.net.http import RequestHead
+    from podkit.net.proxy.upstream import Upstream
 
 IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 RETRY_HEADER: Final = b"x-podkit-retry"
@@ -90,3 +96,37 @@ def is_retryable(method: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bool:
         if len(k) == size and k.lower() == RETRY_HEADER:
             return v.strip().lower() in (b"1", b"true", b"yes")
     return False
+
+
+def may_retry(
+    head: RequestHead,
+    *,
+    tries: int,
+    max_tries: int,
+    nothing_sent: bool,
+    body_kept: bool,
+    retry: bool = True,
+    closing: bool = False,
+) -> bool:
+    """Whether a failed try may be sent again, the retry budget aside: never past
+    `max_tries` tries or while the proxy is closing; always when the try reached no
+    upstream (`nothing_sent`); else only when `retry` (False: the upstream ran the request
+    and answered wrongly), not for an Upgrade, and for a request with a body only when
+    all of it was kept to send again (`body_kept`), without one when `is_retryable`."""
+    if tries >= max_tries or closing:
+        return False
+    if nothing_sent:
+        return True
+    if not retry or head.upgrade is not None:
+        return False
+    return body_kept if head.has_body else is_retryable(head.method, head.headers)
+
+
+def retry_wait(
+    upstreams: Iterable[Upstream], tried: set[Upstream], tries: int, draw: float
+) -> float:
+    """Seconds before a retry: none while an available upstream is left untried, else the
+    back-off (`retry_backoff`), so that a restarting upstream has time to come back."""
+    if any(u.available and u not in tried for u in upstreams):
+        return 0.0
+    return retry_backoff(tries, draw)

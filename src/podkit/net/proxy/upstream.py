@@ -4,7 +4,8 @@
 connection pool to it); `parse_upstream` reads `http://host:port[,weight=N]`. A `Policy`
 answers `pick(head, client, exclude)`: an available upstream not in `exclude` (those a
 retry already tried), or None. `RoundRobin` is the engine's default; the balancer's other
-policies are in `podkit.lb.policy`.
+policies are in `podkit.lb.policy`. `choose` is the engine's whole choice for one try:
+the policy's pick among the upstreams not tried yet, passed by the filters.
 """
 
 from __future__ import annotations
@@ -115,3 +116,33 @@ class RoundRobin:
                 self._next = i
                 return u
         return None
+
+
+class Admits(Protocol):
+    """Whether a try may go to `upstream` (an `Exchange` asks its filters)."""
+
+    def admits(self, upstream: Upstream) -> bool: ...
+
+
+def choose(
+    policy: Policy,
+    head: RequestHead,
+    client: str,
+    tried: set[Upstream] | None = None,
+    judge: Admits | None = None,
+) -> Upstream | None:
+    """The upstream for a try: the policy's pick among those not `tried` yet (among all
+    again once each was tried), then, while `judge` refuses it, the next pick without
+    the refused ones. None when nothing is left."""
+    up = policy.pick(head, client, tried)
+    if up is None and tried:
+        up = policy.pick(head, client)  # every one was tried: try again afresh
+    if judge is None:
+        return up
+    refused: set[Upstream] | None = None
+    while up is not None and not judge.admits(up):
+        if refused is None:
+            refused = set(tried) if tried else set()
+        refused.add(up)
+        up = policy.pick(head, client, refused)
+    return up
