@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -23,6 +23,12 @@ from podkit.workqueue import sources
 from podkit.workqueue.core import RetryPolicy, WorkerStats, WorkQueue
 from podkit.workqueue.handlers import ExecHandler, HTTPHandler, Mode
 from podkit.workqueue.scaling import ProgressReporter
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from podkit.backends import QueueStats
+    from podkit.workqueue.scaling import Demand
 
 cli = typer.Typer(help="Work queues: workers, sources and status.", no_args_is_help=True)
 source_cli = typer.Typer(help="Feed a queue.", no_args_is_help=True)
@@ -263,22 +269,13 @@ def scaler(
 ) -> None:
     """Publish the replicas a queue needs, for an HPA (GET /metrics: gauge
     podkit_queue_desired_replicas) or KEDA's metrics-api (GET /desired: JSON)."""
-    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+    from prometheus_client import CollectorRegistry, generate_latest
 
     from podkit.observe.admin import AdminServer, Handler
-    from podkit.workqueue.scaling import Demand, DemandMeter, ScalePolicy, read_progress
+    from podkit.workqueue.scaling import DemandMeter, ScalePolicy, read_progress
 
     registry = CollectorRegistry()
-
-    def gauge(metric: str, text: str) -> Gauge:
-        return Gauge(metric, text, ["queue"], registry=registry).labels(queue=name)
-
-    g_desired = gauge("podkit_queue_desired_replicas", "Worker replicas the backlog needs.")
-    g_depth = gauge("podkit_queue_depth", "Items ready to be taken.")
-    g_flight = gauge("podkit_queue_in_flight", "Items taken and not yet acked.")
-    g_dead = gauge("podkit_queue_dead", "Dead-lettered items.")
-    g_rate = gauge("podkit_queue_rate", "Items finished per second by all workers.")
-    g_workers = gauge("podkit_queue_workers", "Workers reporting progress.")
+    show = _scaler_gauges(registry, name)
     meter = DemandMeter(ScalePolicy(min_, max_, target_drain, 0.0, 0.0))
     state: dict[str, Any] = {"demand": None, "at": 0.0, "error": "no sample yet"}
 
@@ -316,12 +313,7 @@ def scaler(
                 else:
                     d = meter.update(time.monotonic(), s.depth + s.in_flight, done, workers)
                     state.update(demand=d, at=time.monotonic(), error="")
-                    g_desired.set(d.desired)
-                    g_depth.set(s.depth)
-                    g_flight.set(s.in_flight)
-                    g_dead.set(s.dead)
-                    g_rate.set(d.rate or 0.0)
-                    g_workers.set(d.workers)
+                    show(s, d)
                 try:
                     await wait_for(stop.wait(), every)
                 except TimeoutError:
@@ -332,6 +324,32 @@ def scaler(
             await wq.close()
 
     _run(main())
+
+
+def _scaler_gauges(registry: CollectorRegistry, name: str) -> Callable[[QueueStats, Demand], None]:
+    """The gauges `scaler` publishes for queue `name`, in `registry`, and the function
+    that sets them from one sample: the queue's stats and the demand they make."""
+    from prometheus_client import Gauge
+
+    def gauge(metric: str, text: str) -> Gauge:
+        return Gauge(metric, text, ["queue"], registry=registry).labels(queue=name)
+
+    desired = gauge("podkit_queue_desired_replicas", "Worker replicas the backlog needs.")
+    depth = gauge("podkit_queue_depth", "Items ready to be taken.")
+    flight = gauge("podkit_queue_in_flight", "Items taken and not yet acked.")
+    dead = gauge("podkit_queue_dead", "Dead-lettered items.")
+    rate = gauge("podkit_queue_rate", "Items finished per second by all workers.")
+    workers = gauge("podkit_queue_workers", "Workers reporting progress.")
+
+    def show(s: QueueStats, d: Demand) -> None:
+        desired.set(d.desired)
+        depth.set(s.depth)
+        flight.set(s.in_flight)
+        dead.set(s.dead)
+        rate.set(d.rate or 0.0)
+        workers.set(d.workers)
+
+    return show
 
 
 async def _watch(wq: WorkQueue) -> None:
