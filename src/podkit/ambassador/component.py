@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from podkit.aio import stop_event
-from podkit.net.listen import LISTEN_HELP, run_server
+from podkit.net.listen import run_server
+from podkit.net.proxy.flags import Listen
 
 if TYPE_CHECKING:
     from podkit.ambassador.broker import Broker, Resolver
@@ -207,9 +208,7 @@ def split(
         list[str],
         typer.Option(help="An arm: NAME=URL[+URL...][,weight=W]; repeat; the last is the canary."),
     ],
-    listen: Annotated[str, typer.Option(help=f"Address to serve on: {LISTEN_HELP}")] = (
-        "127.0.0.1:8000"
-    ),
+    listen: Listen = "127.0.0.1:8000",
     sticky: Annotated[
         str, typer.Option(help="Who a user is: header:NAME, cookie:NAME or ip.")
     ] = "header:X-User",
