@@ -15,8 +15,7 @@ MODULE_LINES = 700
 FUNCTION_LINES = 80
 
 # (path under src/podkit, function or "") -> lines when the check came in
-OVER: dict[tuple[str, str], int] = {
-}
+OVER: dict[tuple[str, str], int] = {}
 
 
 def sizes() -> dict[tuple[str, str], int]:
