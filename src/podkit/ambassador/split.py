@@ -193,8 +193,9 @@ class SplitPolicy:
 
 
 class SplitMetrics(BaseFilter):
-    """A `podkit.lb` filter counting each arm's answers by status class, with Prometheus
-    metrics `podkit_ambassador_split_requests_total{arm,code}` and `podkit_ambassador_split_weight{arm}`."""
+    """An engine filter counting each arm's answers by status class, with Prometheus
+    metrics `podkit_ambassador_split_requests_total{arm,code}` and
+    `podkit_ambassador_split_weight{arm}`."""
 
     def __init__(self, policy: SplitPolicy) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -202,7 +203,8 @@ class SplitMetrics(BaseFilter):
         self.policy = policy
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "podkit_ambassador_split_requests", "Answers by arm and status class (error: no answer).",
+            "podkit_ambassador_split_requests",
+            "Answers by arm and status class (error: no answer).",
             ["arm", "code"], registry=self.registry,
         )  # fmt: skip
         self.weight = Gauge("podkit_ambassador_split_weight", "Weight of each arm.", ["arm"],
