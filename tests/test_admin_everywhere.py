@@ -66,7 +66,7 @@ OWN = {
     "elect": None,
     "adapter health": None,
     "adapter logs": "podkit_adapter_logs_lines_read",
-    "queue scaler": "podkit_queue",
+    "queue scaler": "podkit_queue_scaler_",
     "queue work": "podkit_queue_work_items_done",
     "up": "podkit_up_replicas",
 }

@@ -504,8 +504,8 @@ def test_queue_scaler_publishes_the_replicas_the_backlog_needs(tmp_path: Path) -
         assert demand["desired"] == 1  # no worker has reported a rate yet: start one
         status, text = get(f"http://127.0.0.1:{port}/metrics")
         assert status == 200
-        assert b'podkit_queue_desired_replicas{queue="jobs"} 1.0' in text
-        assert b'podkit_queue_depth{queue="jobs"} 40.0' in text
+        assert b'podkit_queue_scaler_desired_replicas{queue="jobs"} 1.0' in text
+        assert b'podkit_queue_scaler_depth{queue="jobs"} 40.0' in text
         assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
     finally:
         scaler.terminate()

@@ -268,7 +268,7 @@ def scaler(
     every: Annotated[float, typer.Option(help="Seconds between samples.")] = 2.0,
 ) -> None:
     """Publish the replicas a queue needs, for an HPA (GET /metrics: gauge
-    podkit_queue_desired_replicas) or KEDA's metrics-api (GET /desired: JSON)."""
+    podkit_queue_scaler_desired_replicas) or KEDA's metrics-api (GET /desired: JSON)."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     from podkit.observe.admin import AdminServer, Handler
@@ -334,12 +334,12 @@ def _scaler_gauges(registry: CollectorRegistry, name: str) -> Callable[[QueueSta
     def gauge(metric: str, text: str) -> Gauge:
         return Gauge(metric, text, ["queue"], registry=registry).labels(queue=name)
 
-    desired = gauge("podkit_queue_desired_replicas", "Worker replicas the backlog needs.")
-    depth = gauge("podkit_queue_depth", "Items ready to be taken.")
-    flight = gauge("podkit_queue_in_flight", "Items taken and not yet acked.")
-    dead = gauge("podkit_queue_dead", "Dead-lettered items.")
-    rate = gauge("podkit_queue_rate", "Items finished per second by all workers.")
-    workers = gauge("podkit_queue_workers", "Workers reporting progress.")
+    desired = gauge("podkit_queue_scaler_desired_replicas", "Worker replicas the backlog needs.")
+    depth = gauge("podkit_queue_scaler_depth", "Items ready to be taken.")
+    flight = gauge("podkit_queue_scaler_in_flight", "Items taken and not yet acked.")
+    dead = gauge("podkit_queue_scaler_dead", "Dead-lettered items.")
+    rate = gauge("podkit_queue_scaler_rate", "Items finished per second by all workers.")
+    workers = gauge("podkit_queue_scaler_workers", "Workers reporting progress.")
 
     def show(s: QueueStats, d: Demand) -> None:
         desired.set(d.desired)

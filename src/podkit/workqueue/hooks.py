@@ -16,7 +16,7 @@ from podkit.contract import KubePod, Loc, LocalPod, PodHook, flag_value, whole_s
 from podkit.spectypes import Model, Name, Seconds
 
 SCALER_PORT = 9464
-METRIC = "podkit_queue_desired_replicas"
+METRIC = "podkit_queue_scaler_desired_replicas"
 
 
 class Autoscale(Model):
