@@ -28,6 +28,8 @@ COMPILED = [
     "src/podkit/net/proxy/upstreamconn.py",
     "src/podkit/net/proxy/engine.py",
     "src/podkit/net/proxy/retry.py",
+    "src/podkit/net/proxy/states.py",
+    "src/podkit/net/proxy/timeouts.py",
     "src/podkit/net/proxy/upstream.py",
     "src/podkit/ring.py",
     "src/podkit/lb/balancer.py",

@@ -29,6 +29,7 @@ from podkit.lb.policy import Upstream, parse_upstream
 from podkit.net.proxy.engine import Exchange, ProxyConfig
 from podkit.net.proxy.hooks import BaseFilter, observes_responses
 from podkit.net.proxy.retry import BACKOFF_BASE, BACKOFF_MAX, retry_backoff
+from podkit.net.proxy.states import State
 from podkit.net.tls import self_signed, server_context
 from support import free_port
 
@@ -1218,3 +1219,43 @@ async def test_trailer_fields_are_forwarded_as_trailers_never_as_headers() -> No
     assert body == b"5\r\nhello\r\n0\r\nX-Sum: abc\r\n\r\n"  # no forged X-Forwarded-For
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
     assert answer.endswith(b"\r\n\r\n2\r\nok\r\n0\r\nX-Checksum: 123\r\n\r\n")
+
+
+async def test_a_client_connection_names_its_state_as_a_request_goes_through() -> None:
+    go_on = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(4)
+        await go_on.wait()
+        go_on.clear()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\no")
+        await writer.drain()
+        await go_on.wait()
+        writer.write(b"k")
+        await writer.drain()
+        await reader.read()
+
+    async def reaches(want: State) -> None:
+        deadline = time.monotonic() + 5
+        while (state := [c.state for c in lb.clients]) != [want]:
+            assert time.monotonic() < deadline, f"{state}, not {want}"
+            await asyncio.sleep(0.01)
+
+    async with proxied(upstream) as lb:
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+        await reaches(State.IDLE)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\n")
+        await reaches(State.READING_HEAD)
+        writer.write(b"Content-Length: 4\r\n\r\nab")
+        await reaches(State.READING_BODY)
+        writer.write(b"cd")
+        await reaches(State.WAITING_UPSTREAM)
+        go_on.set()
+        await reaches(State.STREAMING)
+        go_on.set()
+        assert (await reader.readuntil(b"\r\n\r\nok")).startswith(b"HTTP/1.1 200 OK\r\n")
+        await reaches(State.IDLE)
+        writer.write(b"BAD\r\n\r\n")
+        await reaches(State.LINGERING)
+        writer.close()

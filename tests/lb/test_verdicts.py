@@ -1,12 +1,161 @@
-"""The engine's decisions as functions of state, without sockets: whether and when a
-failed try is sent again (`retry.may_retry`, `retry.retry_wait`), and which upstream a
-try goes to (`upstream.choose`)."""
+"""The engine's decisions as functions of state, without sockets: which timeout is due
+(`timeouts.timeout_verdict`), what state a connection is in (`states.state_of`), whether
+and when a failed try is sent again (`retry.may_retry`, `retry.retry_wait`), and which
+upstream a try goes to (`upstream.choose`).
+
+Every timeout is a different number of seconds, so a verdict taken on the wrong one
+fails, and each is checked at its limit (nothing due) and just past it."""
 
 from __future__ import annotations
 
+import pytest
+
 from podkit.net.http import RequestHead
+from podkit.net.proxy.config import ProxyConfig
 from podkit.net.proxy.retry import may_retry, retry_backoff, retry_wait
+from podkit.net.proxy.states import State, state_of
+from podkit.net.proxy.timeouts import Timing, Verdict, timeout_verdict
 from podkit.net.proxy.upstream import RoundRobin, Upstream, choose
+
+CFG = ProxyConfig(
+    upstreams=[],
+    header_timeout=10.0,
+    send_timeout=20.0,
+    body_timeout=30.0,
+    upstream_timeout=40.0,
+    request_timeout=50.0,
+    idle_timeout=60.0,
+    tunnel_timeout=70.0,
+)
+T0 = 1000.0  # when the last thing happened, in each test
+PAST = 0.01  # just past a limit
+LONG_AGO = 1.0  # long before anything of interest
+
+
+def verdict(state: State, now: float, **fields: float | int | bool | None) -> Verdict:
+    return timeout_verdict(Timing(state, **fields), now, CFG)
+
+
+def at_and_past(state: State, limit: float, **fields: float | int | bool | None) -> list[Verdict]:
+    """The verdicts at T0 + limit and just after it."""
+    return [verdict(state, T0 + limit, **fields), verdict(state, T0 + limit + PAST, **fields)]
+
+
+# --- timeouts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", [s for s in State if s is not State.CLOSED])
+def test_a_client_that_takes_nothing_it_is_sent_is_cut_off_in_every_state(state: State) -> None:
+    fresh = {"quiet": T0 + 20, "peer_quiet": T0 + 20, "head_since": T0 + 20, "started": T0 + 20}
+    assert at_and_past(state, 20, unsent=1, unsent_since=T0, **fresh) == [
+        Verdict.KEEP,
+        Verdict.SEND_STALLED,
+    ]
+
+
+def test_nothing_unsent_is_no_stall_and_a_closed_connection_has_nothing_due() -> None:
+    assert verdict(State.LINGERING, T0 + 1e6, unsent=0, unsent_since=LONG_AGO) is Verdict.KEEP
+    assert verdict(State.CLOSED, T0 + 1e6, unsent=5, unsent_since=LONG_AGO) is Verdict.KEEP
+
+
+def test_a_lingering_connection_waits_for_its_own_close() -> None:
+    assert verdict(State.LINGERING, T0 + 1e6, quiet=LONG_AGO, peer_quiet=LONG_AGO) is Verdict.KEEP
+
+
+def test_a_tunnel_ends_when_neither_side_has_spoken_for_the_tunnel_timeout() -> None:
+    # the later of the two sides counts, whichever it is
+    for quiet, peer in ((T0, LONG_AGO), (LONG_AGO, T0), (T0, T0)):
+        assert at_and_past(State.TUNNEL, 70, quiet=quiet, peer_quiet=peer) == [
+            Verdict.KEEP,
+            Verdict.TUNNEL_IDLE,
+        ]
+    assert at_and_past(State.TUNNEL, 70, quiet=T0) == [Verdict.KEEP, Verdict.TUNNEL_IDLE]
+
+
+def test_a_head_must_be_complete_within_the_header_timeout_of_its_start() -> None:
+    assert at_and_past(State.READING_HEAD, 10, quiet=T0 + 10, head_since=T0) == [
+        Verdict.KEEP,
+        Verdict.HEAD_TIMEOUT,
+    ]
+    # its start not seen yet: nothing is due, however quiet the client
+    assert verdict(State.READING_HEAD, T0 + 1e6, quiet=LONG_AGO) is Verdict.KEEP
+
+
+def test_a_keep_alive_connection_closes_after_the_idle_timeout() -> None:
+    assert at_and_past(State.IDLE, 60, quiet=T0) == [Verdict.KEEP, Verdict.IDLE_TIMEOUT]
+
+
+def test_the_request_timeout_counts_from_the_first_try_of_a_complete_request() -> None:
+    fields = {"quiet": T0, "started": T0, "tries": 1, "peer_quiet": T0 + 50}
+    assert at_and_past(State.WAITING_UPSTREAM, 50, **fields) == [
+        Verdict.KEEP,
+        Verdict.REQUEST_TIMEOUT,
+    ]
+    late = T0 + 1e6
+    recent = {"quiet": late, "peer_quiet": late, "started": LONG_AGO}
+    # no try sent yet (a filter waits), an answer under way, the body still coming
+    assert verdict(State.WAITING_UPSTREAM, late, tries=0, **recent) is Verdict.KEEP
+    assert verdict(State.STREAMING, late, tries=1, responded=True, **recent) is Verdict.KEEP
+    assert verdict(State.READING_BODY, late, tries=1, **recent) is Verdict.KEEP
+
+
+def test_a_request_timeout_of_zero_is_none() -> None:
+    cfg = ProxyConfig(upstreams=[], request_timeout=0.0)
+    t = Timing(State.WAITING_UPSTREAM, quiet=T0, started=LONG_AGO, tries=1, peer_quiet=T0)
+    assert timeout_verdict(t, T0 + 1, cfg) is Verdict.KEEP
+
+
+def test_a_request_body_that_stalls_for_the_body_timeout_is_answered_408_or_cut() -> None:
+    assert at_and_past(State.READING_BODY, 30, quiet=T0) == [Verdict.KEEP, Verdict.BODY_STALLED]
+    assert at_and_past(State.READING_BODY, 30, quiet=T0, responded=True) == [
+        Verdict.KEEP,
+        Verdict.BODY_STALLED_ANSWERED,
+    ]
+    # the body is read: a quiet client is waiting for its answer, not stalling
+    assert verdict(State.WAITING_UPSTREAM, T0 + 31, quiet=T0) is Verdict.KEEP
+
+
+@pytest.mark.parametrize("state", [State.READING_BODY, State.WAITING_UPSTREAM, State.STREAMING])
+def test_an_upstream_quiet_for_the_upstream_timeout_ends_the_try(state: State) -> None:
+    fields = {"quiet": T0 + 40, "peer_quiet": T0}
+    assert at_and_past(state, 40, **fields) == [Verdict.KEEP, Verdict.UPSTREAM_TIMEOUT]
+    # no upstream connection yet (connecting, waiting to retry): nothing to time
+    assert verdict(state, T0 + 1e6, quiet=T0 + 1e6) is Verdict.KEEP
+
+
+def test_the_first_rule_that_applies_wins() -> None:
+    everything_late = {
+        "quiet": LONG_AGO,
+        "peer_quiet": LONG_AGO,
+        "started": LONG_AGO,
+        "tries": 1,
+        "unsent": 1,
+        "unsent_since": LONG_AGO,
+    }
+    now = T0 + 1e6
+    assert verdict(State.WAITING_UPSTREAM, now, **everything_late) is Verdict.SEND_STALLED
+    del everything_late["unsent"]
+    assert verdict(State.WAITING_UPSTREAM, now, **everything_late) is Verdict.REQUEST_TIMEOUT
+    assert verdict(State.READING_BODY, now, **everything_late) is Verdict.BODY_STALLED
+    assert verdict(State.STREAMING, now, **everything_late) is Verdict.UPSTREAM_TIMEOUT
+
+
+# --- states -----------------------------------------------------------------------------
+
+
+def test_the_state_is_read_off_the_connection_fields() -> None:
+    base = {"closed": False, "lingering": False, "tunnel": False, "answering": False}
+    assert state_of(**base) is State.IDLE
+    assert state_of(**base, in_head=True) is State.READING_HEAD
+    answering = {**base, "answering": True, "in_head": True}  # a pipelined head counts not
+    assert state_of(**answering) is State.READING_BODY
+    assert state_of(**answering, responded=True) is State.READING_BODY
+    assert state_of(**answering, request_done=True) is State.WAITING_UPSTREAM
+    assert state_of(**answering, request_done=True, responded=True) is State.STREAMING
+    assert state_of(**{**answering, "tunnel": True}) is State.TUNNEL
+    assert state_of(**{**answering, "tunnel": True, "lingering": True}) is State.LINGERING
+    assert state_of(**{**answering, "lingering": True, "closed": True}) is State.CLOSED
+
 
 # --- retries ----------------------------------------------------------------------------
 

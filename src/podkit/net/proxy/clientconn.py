@@ -1,8 +1,9 @@
 """The client side of the engine: `ClientConnection` parses a client's requests, runs
 the filters, picks an upstream, sends each request and answers in order, and enforces
-the client's timeouts (`check`, called by the sweeper). Which upstream a try goes to
-(`upstream.choose`) and whether and when it is retried (`retry`) are decided elsewhere,
-as functions of state."""
+the client's timeouts (`check`, called by the sweeper). Its states are named in
+`podkit.net.proxy.states`; its decisions are functions of state elsewhere: which upstream
+(`upstream.choose`), whether and when to retry (`retry`), which timeout is due
+(`timeouts`)."""
 
 from __future__ import annotations
 
@@ -24,12 +25,18 @@ from podkit.net.proxy.exchange import (
     Exchange,
 )
 from podkit.net.proxy.retry import is_retryable, may_retry, retry_wait
+from podkit.net.proxy.states import State, state_of
+from podkit.net.proxy.timeouts import Timing, Verdict, timeout_verdict
 from podkit.net.proxy.upstream import Upstream, choose
 
 if TYPE_CHECKING:
     from podkit.net.proxy.config import ProxyConfig
     from podkit.net.proxy.engine import Proxy
     from podkit.net.proxy.upstreamconn import UpstreamConnection
+
+
+# verdicts that end the connection at once: nothing can be answered on it any more
+_ABORTS = frozenset({Verdict.SEND_STALLED, Verdict.TUNNEL_IDLE, Verdict.BODY_STALLED_ANSWERED})
 
 
 class ClientConnection(asyncio.Protocol):
@@ -596,78 +603,82 @@ class ClientConnection(asyncio.Protocol):
         t.resume_reading()
         asyncio.get_running_loop().call_later(1.0, t.close)
 
-    # --- timeouts (called by the sweeper) ---
-    def check(self, now: float, cfg: ProxyConfig) -> None:
-        transport = self.transport
-        if transport is not None:
-            unsent = transport.get_write_buffer_size()
+    # --- state and timeouts (called by the sweeper) ---
+    @property
+    def state(self) -> State:
+        ex = self.ex
+        return state_of(
+            closed=self.transport is None,
+            lingering=self.lingering,
+            tunnel=self.tunnel is not None,
+            answering=ex is not None,
+            in_head=self.parser.in_head,
+            request_done=ex is not None and ex.request_done,
+            responded=ex is not None and ex.responded,
+        )
+
+    def timing(self, now: float) -> Timing:
+        """What the timeouts look at; activity seen since the last sweep dates from now."""
+        t = self.transport
+        if t is not None:
+            unsent = t.get_write_buffer_size()
             if unsent != self.unsent:
                 # nothing waited, the client took some, or more was written (how much
                 # the client took then is unknown: a growing buffer is not a stall)
                 self.unsent_since = now
             self.unsent = unsent
-            if unsent and now - self.unsent_since > cfg.send_timeout:
-                # it takes nothing of what it was sent: streaming (then writes are held
-                # back and the buffer stops changing), idle, lingering or in a tunnel
-                self.abort()
-                return
-        if self.lingering:
-            return
         if self.active:
             self.active = False
             self.quiet = now
-        idle = now - self.quiet
-        if self.tunnel is not None:
-            t = self.tunnel
-            if t.active:
-                t.active = False
-                t.quiet = now
-            if min(idle, now - t.quiet) > cfg.tunnel_timeout:
-                self.abort()
+        ex = self.ex
+        peer = self.tunnel or (ex.conn if ex is not None else None)
+        if peer is not None and peer.active:
+            peer.active = False
+            peer.quiet = now
+        if ex is None and self.parser.in_head and not self.head_since:
+            self.head_since = now
+        timing = Timing(
+            self.state,
+            quiet=self.quiet,
+            unsent=self.unsent,
+            unsent_since=self.unsent_since,
+            head_since=self.head_since,
+            peer_quiet=None if peer is None else peer.quiet,
+        )
+        if ex is not None:
+            timing.started = ex.started
+            timing.tries = ex.tries
+            timing.responded = ex.responded
+        return timing
+
+    def check(self, now: float, cfg: ProxyConfig) -> None:
+        """Act on the timeout due now, if any (`timeouts.timeout_verdict`)."""
+        verdict = timeout_verdict(self.timing(now), now, cfg)
+        if verdict is Verdict.KEEP:
             return
         ex = self.ex
-        if ex is None:
-            if self.parser.in_head:
-                if not self.head_since:
-                    self.head_since = now
-                elif now - self.head_since > cfg.header_timeout:
-                    self.bad_request(
-                        HTTPError(408, f"request head not received within {cfg.header_timeout} s")
-                    )
-            elif idle > cfg.idle_timeout and self.transport is not None:
+        if verdict is Verdict.IDLE_TIMEOUT:
+            if self.transport is not None:
                 self.transport.close()
-            return
-        if (
-            cfg.request_timeout
-            and ex.request_done
-            and ex.tries
-            and not ex.responded
-            and now - ex.started > cfg.request_timeout
-        ):
+        elif verdict is Verdict.HEAD_TIMEOUT:
+            detail = f"request head not received within {cfg.header_timeout} s"
+            self.bad_request(HTTPError(408, detail))
+        elif verdict in _ABORTS or ex is None:
+            self.abort()
+        elif verdict is Verdict.REQUEST_TIMEOUT:
             tries = f"{ex.tries} tr{'y' if ex.tries == 1 else 'ies'}"
             self.fail_timeout(ex, 504, f"no answer within {cfg.request_timeout} s ({tries})")
-            return
-        if not ex.request_done and idle > cfg.body_timeout:
-            if ex.responded or self.transport is None:
-                self.abort()
-            else:
-                self.receiving = None
-                ex.request_done = True  # stop waiting for it
-                self.fail_timeout(ex, 408, f"request body stalled for {cfg.body_timeout} s")
-            return
-        conn = ex.conn
-        if conn is not None:
-            if conn.active:
-                conn.active = False
-                conn.quiet = now
-            elif now - conn.quiet > cfg.upstream_timeout:
-                up = ex.upstream
-                assert up is not None
-                conn.ex = None
-                conn.close()
-                self.upstream_failed(
-                    ex, up, f"did not answer within {cfg.upstream_timeout} s", False, 504
-                )
+        elif verdict is Verdict.BODY_STALLED:
+            self.receiving = None
+            ex.request_done = True  # stop waiting for it
+            self.fail_timeout(ex, 408, f"request body stalled for {cfg.body_timeout} s")
+        elif verdict is Verdict.UPSTREAM_TIMEOUT:
+            conn, up = ex.conn, ex.upstream
+            assert conn is not None and up is not None
+            conn.ex = None
+            conn.close()
+            reason = f"did not answer within {cfg.upstream_timeout} s"
+            self.upstream_failed(ex, up, reason, False, 504)
 
     def drop_try(self, ex: Exchange, reason: str) -> None:
         """End `ex`'s try in flight, if any: its upstream connection is closed (it is
