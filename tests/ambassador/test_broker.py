@@ -519,6 +519,11 @@ async def test_dns_a_records_with_a_port(dns_server: tuple[TinyDNSServer, tuple[
         ("127.0.0.7", 80),
         ("127.0.0.8", 80),
     ]
+    server.a["web.test"] = ["127.0.0.8", "127.0.0.7"]  # rotated answers are not a change
+    assert await DNSResolver("web.test", 80, server=addr).resolve() == [
+        ("127.0.0.7", 80),
+        ("127.0.0.8", 80),
+    ]
     # without a server, address lookups go through the system resolver
     assert await DNSResolver("localhost", 81).resolve() in (
         [("127.0.0.1", 81)], [("::1", 81), ("127.0.0.1", 81)], [("127.0.0.1", 81), ("::1", 81)]
