@@ -34,20 +34,23 @@ def test_parse_members_with_comments_weights_and_errors() -> None:
         parse_members("127.0.0.2:1\nhttp://127.0.0.2:1\n", "m.txt")
 
 
-def test_file_members_follow_atomic_rewrites_and_keep_the_last_good(tmp_path: Path) -> None:
+async def test_file_members_follow_atomic_rewrites_and_keep_the_last_good(tmp_path: Path) -> None:
     path = tmp_path / "members"
     seen: list[list[tuple[str, int]]] = []
     logs: list[str] = []
     fm = FileMembers(path, lambda ups: seen.append(names(ups)), log=logs.append)
-    assert not fm.check() and "unreadable" in logs[-1]  # not there yet
+    assert not await fm.check() and "unreadable" in logs[-1]  # not there yet
+    assert seen == []  # nothing read: nothing applied
     write_members(path, ["127.0.0.2:80", "127.0.0.3:80"])
-    assert fm.check() and seen[-1] == [("127.0.0.2:80", 1), ("127.0.0.3:80", 1)]
-    assert not fm.check()  # unchanged
+    assert await fm.check() and seen[-1] == [("127.0.0.2:80", 1), ("127.0.0.3:80", 1)]
+    assert not await fm.check()  # unchanged
     path.write_text("127.0.0.2:80\nnot a url at all:port\n")
-    assert not fm.check() and fm.last_error and f"{path}:2:" in fm.last_error
+    assert not await fm.check() and fm.last_error and f"{path}:2:" in fm.last_error
     assert len(seen) == 1  # the last good list stays
+    write_members(path, ["127.0.0.2:80", "127.0.0.3:80,weight=2"])
+    assert await fm.check() and seen[-1] == [("127.0.0.2:80", 1), ("127.0.0.3:80", 2)]
     write_members(path, [])
-    assert fm.check() and seen[-1] == []  # empty is a real state: nobody is ready
+    assert await fm.check() and seen[-1] == []  # empty is a real state: nobody is ready
 
 
 async def test_kv_members_follow_registrations_and_lease_expiry() -> None:
@@ -65,16 +68,17 @@ async def test_kv_members_follow_registrations_and_lease_expiry() -> None:
         return got[-1]
 
     await kv.put("lb/web/a", b"127.0.0.2:8080")
-    members = KVMembers(kv, "lb/web/", on_change)
+    logs: list[str] = []
+    members = KVMembers(kv, "lb/web/", on_change, log=logs.append)
     task = asyncio.create_task(members.run())
     try:
         assert await next_list() == [("127.0.0.2:8080", 1)]
         lease = await kv.grant(0.5)
         await kv.put("lb/web/b", b"127.0.0.3:8080,weight=2", lease=lease)
         assert await next_list() == [("127.0.0.2:8080", 1), ("127.0.0.3:8080", 2)]
-        await kv.put("lb/web/c", b"garbage:port")  # skipped, the rest stays
-        assert await next_list() == [("127.0.0.2:8080", 1), ("127.0.0.3:8080", 2)]
+        await kv.put("lb/web/c", b"garbage:port")  # skipped with a log line, the rest stays
         assert await next_list() == [("127.0.0.2:8080", 1)]  # b's lease ran out
+        assert any("'lb/web/c' ignored" in line for line in logs)
         await kv.delete("lb/web/a")
         assert await next_list() == []
     finally:
@@ -91,6 +95,6 @@ async def test_dns_members_resolve_every_address_and_keep_the_last_on_failure() 
     assert await dns.check()
     assert ("127.0.0.1:8080", 1) in got[-1]
     assert not await dns.check()  # the same answer is not applied again
-    dns.name = "no-such-host.invalid"
+    dns.resolver.name = "no-such-host.invalid"  # type: ignore[attr-defined]
     assert not await dns.check() and "keeping the last list" in logs[-1]
     assert len(got) == 1

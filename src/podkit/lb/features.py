@@ -25,7 +25,7 @@ from podkit.lb.breaker import Limits, RetryBudget
 from podkit.lb.cache import ResponseCache
 from podkit.lb.filters import BreakerFilter, CacheFilter, HealthFilter, RateLimitFilter, Timing
 from podkit.lb.health import ActiveCheck, HostHealth, Outliers, SharedHealth, owner_of
-from podkit.lb.members import DNSMembers, FileMembers, KVMembers
+from podkit.lb.members import DNSMembers, FileMembers, KVMembers, Members
 from podkit.lb.policy import Upstream
 from podkit.lb.ratelimit import Rate, RateLimiter, SharedBuckets
 from podkit.net.proxy.engine import log as engine_log
@@ -193,7 +193,7 @@ class Worker:
         self.log = functools.partial(log, name=config.name)
         self.lb: Proxy | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._kv: KVMembers | None = None
+        self._members: list[Members[Any]] = []
         self.rate = self.cache = self.health = self.breaker = None
         self.timing: Timing | None = None
         self.admin: AdminServer | None = None
@@ -286,6 +286,10 @@ class Worker:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(coro))
 
+    def _follow(self, members: Members[Any]) -> None:
+        self._members.append(members)
+        self._spawn(members.run())
+
     async def start(self, lb: Proxy) -> None:
         """Attach to the worker's proxy and start the background tasks."""
         self.lb = lb
@@ -297,15 +301,14 @@ class Worker:
             watcher = FileMembers(
                 f.members_file, self.set_members, interval=f.members_interval, log=self.log
             )
-            watcher.check()
-            self._spawn(watcher.run())
+            await watcher.check()  # the first list before the worker serves
+            self._follow(watcher)
         if f.members_kv and f.members_prefix:
-            self._kv = KVMembers(f.members_kv, f.members_prefix, self.set_members, log=self.log)
-            self._spawn(self._kv.run())
+            self._follow(KVMembers(f.members_kv, f.members_prefix, self.set_members, log=self.log))
         if f.members_dns:
             name, port = parse_host_port(f.members_dns, "--members-dns")
-            dns = DNSMembers(name, port, self.set_members, interval=max(1.0, f.members_interval))
-            self._spawn(dns.run())
+            interval = max(1.0, f.members_interval)
+            self._follow(DNSMembers(name, port, self.set_members, interval=interval, log=self.log))
         if f.members:
             self._spawn(self._report_available())
         if self._tls is not None:
@@ -320,7 +323,7 @@ class Worker:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        if self._kv is not None:
-            await self._kv.close()
+        for members in self._members:
+            await members.close()
         if self.admin is not None:
             await self.admin.close()
