@@ -18,11 +18,11 @@ import contextlib
 import os
 import socket
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from podkit.aio import wait_for
 from podkit.contract import Process, ServiceHook
+from podkit.net.discovery import format_endpoint, write_members
 from podkit.proc import parent_death_signal, stop_group
 from podkit.system.forwarder import Endpoint
 from podkit.system.spec import Service
@@ -55,13 +55,6 @@ def free_ports(host: str, count: int, tries: int = 50) -> int:
             for t in held:
                 t.close()
     raise OSError(0, f"no {count} consecutive free ports on {host}")
-
-
-def write_members(path: Path, endpoints: list[Endpoint]) -> None:
-    """Replace the members file atomically: one `host:port` per line."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(f"{h}:{p}\n" for h, p in endpoints), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 async def answers_200(host: str, port: int, path: str, timeout: float = 1.0) -> bool:
@@ -204,7 +197,7 @@ class ProcessService:
         before = self.routing
         self.endpoints = list(endpoints)
         self._generation += 1
-        write_members(self.members, self.endpoints)
+        write_members(self.members, map(format_endpoint, self.endpoints))
         if not self.endpoints:
             self._ready = False  # until the program answers ready with members again
         if self.routing != before:
