@@ -262,21 +262,17 @@ async def _run_split(
         filters=[metrics],
     )
     await listening(lb.start(), "--listen", host, port)
-    runner = None
+    admin = None
     try:
         arms = ", ".join(f"{a.name} ({a.weight:g})" for a in splitter.arms)
         _split_log(f"splitting {host}:{port} over {arms}")
         if admin_port is not None:
-            runner = await listening(
-                split_admin(policy, metrics, "127.0.0.1", admin_port, _split_log),
-                "--admin-port",
-                "127.0.0.1",
-                admin_port,
-            )
+            admin = split_admin(policy, metrics, "127.0.0.1", admin_port, _split_log)
+            await listening(admin.start(), "--admin-port", "127.0.0.1", admin_port)
         stop = stop_event()
         await stop.wait()
     finally:
-        if runner is not None:
-            await runner.cleanup()
+        if admin is not None:
+            await admin.close()
         await lb.close()
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
 from podkit.net.proxy.hooks import BaseFilter
+from podkit.net.server import Request
+from podkit.observe.admin import AdminServer, Route
 
 
 @dataclass(frozen=True)
@@ -249,50 +252,30 @@ class SplitMetrics(BaseFilter):
         return generate_latest(self.registry)
 
 
-async def split_admin(
+def split_admin(
     policy: SplitPolicy, metrics: SplitMetrics, host: str, port: int, log: Any
-) -> Any:
-    """The admin port: GET /status, /metrics, /healthz, /readyz, /weights; PUT /weights
-    {arm: w}."""
-    import json
+) -> AdminServer:
+    """The admin server: GET /status, /metrics, /healthz, /readyz, /weights; PUT (or POST)
+    /weights {arm: w} sets the weights."""
 
-    from aiohttp import web
-
-    async def status(_: web.Request) -> web.Response:
-        return web.json_response(metrics.status())
-
-    async def prometheus(_: web.Request) -> web.Response:
-        return web.Response(body=metrics.exposition(), content_type="text/plain")
-
-    async def get_weights(_: web.Request) -> web.Response:
-        return web.json_response(policy.splitter.weights())
-
-    async def put_weights(request: web.Request) -> web.Response:
+    def weights(req: Request) -> tuple[int, Any]:
+        if req.method in (b"GET", b"HEAD"):
+            return 200, policy.splitter.weights()
         try:
-            body = await request.json()
+            body = json.loads(req.body or b"null")
             if not isinstance(body, dict) or not all(
                 isinstance(v, int | float) and not isinstance(v, bool) for v in body.values()
             ):
                 raise ValueError('expected a JSON object of numbers, like {"canary": 20}')
             policy.splitter.set_weights(body)
-        except (ValueError, json.JSONDecodeError) as exc:
-            return web.json_response({"error": str(exc)}, status=400)
+        except ValueError as exc:  # json.JSONDecodeError is one
+            return 400, {"error": str(exc)}
         log(f"weights now {policy.splitter.weights()}")
-        return web.json_response(policy.splitter.weights())
+        return 200, policy.splitter.weights()
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
-
-    app = web.Application()
-    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", healthz),
-                    web.get("/status", status), web.get("/metrics", prometheus),
-                    web.get("/weights", get_weights), web.put("/weights", put_weights),
-                    web.post("/weights", put_weights)])  # fmt: skip
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    return runner
+    routes: dict[str, Any] = {
+        "/status": lambda: (200, metrics.status()),
+        "/metrics": lambda: (200, metrics.exposition()),
+        "/weights": Route(weights, (b"GET", b"HEAD", b"PUT", b"POST")),
+    }
+    return AdminServer(routes, host, port, name="podkit ambassador split")
