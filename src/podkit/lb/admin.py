@@ -231,6 +231,7 @@ def status(worker: Worker) -> dict[str, Any]:
             }
         )
     doc: dict[str, Any] = {"worker": worker.index, "upstreams": ups, "config": worker.describe()}
+    doc["policy"] = getattr(lb.policy, "name", type(lb.policy).__name__) if lb else None
     doc["requests"] = lb.requests if lb is not None else 0
     doc["retries_unbudgeted"] = lb.retry_rate.refused if lb is not None else 0
     if worker.cache is not None:
