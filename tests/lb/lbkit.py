@@ -96,9 +96,10 @@ async def balancer(
     features: Features, upstreams: list[str], **config: Any
 ) -> AsyncIterator[tuple[LoadBalancer, Worker]]:
     """A LoadBalancer with `features` on a free port, in this loop."""
+    policy = {k: config.pop(k) for k in ("policy_name", "hash_on") if k in config}
     cfg = ProxyConfig(upstreams=upstreams, port=0, tick=0.05, **config)
     worker = features(cfg, 0)
-    lb = LoadBalancer(cfg, filters=worker.filters)
+    lb = LoadBalancer(cfg, filters=worker.filters, **policy)
     await lb.start(ssl=worker.ssl)
     await worker.start(lb)
     try:

@@ -157,7 +157,7 @@ async def test_a_slow_replica_loses_traffic_under_least_requests() -> None:
     async with replicas(3, delays={2: 0.25}) as (ports, _):
         ups = [f"127.0.0.1:{p}" for p in ports]
         async with (
-            balancer(Features(), ups, policy="least-requests") as (lb, _),
+            balancer(Features(), ups, policy_name="least-requests") as (lb, _),
             Load(f"http://127.0.0.1:{lb.port}/") as load,
         ):
             await asyncio.sleep(1.5)

@@ -135,8 +135,9 @@ async def cluster(
 ) -> AsyncIterator[tuple[LoadBalancer, list[Backend], str]]:
     backends = [await start_backend(f"b{i}") for i in range(n)]
     filters = config.pop("filters", ())
+    policy = {k: config.pop(k) for k in ("policy_name", "hash_on") if k in config}
     cfg = ProxyConfig(upstreams=[b.url for b in backends], port=0, tick=0.05, **config)
-    lb = LoadBalancer(cfg, filters=filters)
+    lb = LoadBalancer(cfg, filters=filters, **policy)
     await lb.start()
     try:
         yield lb, backends, f"http://127.0.0.1:{lb.port}"
@@ -891,10 +892,8 @@ async def test_a_tunnel_carries_the_clients_side_after_the_upstream_ends_its_own
 
 async def test_weighted_distribution() -> None:
     backends = [await start_backend(f"w{i}") for i in range(2)]
-    cfg = ProxyConfig(
-        upstreams=[backends[0].url + ",weight=3", backends[1].url], port=0, policy="weighted"
-    )
-    lb = LoadBalancer(cfg)
+    cfg = ProxyConfig(upstreams=[backends[0].url + ",weight=3", backends[1].url], port=0)
+    lb = LoadBalancer(cfg, policy_name="weighted")
     await lb.start()
     try:
         async with aiohttp.ClientSession() as s:
@@ -908,7 +907,7 @@ async def test_weighted_distribution() -> None:
 
 
 async def test_least_requests_avoids_the_busy_upstream() -> None:
-    async with cluster(2, policy="least-requests") as (lb, _, url):
+    async with cluster(2, policy_name="least-requests") as (lb, _, url):
         async with aiohttp.ClientSession() as s:
             busy = lb.upstreams[0]
             busy.inflight += 100  # as if 100 requests were stuck there
@@ -918,7 +917,7 @@ async def test_least_requests_avoids_the_busy_upstream() -> None:
 
 
 async def test_a_slow_replica_loses_traffic_under_least_requests() -> None:
-    async with cluster(2, policy="least-requests") as (_, backends, url):
+    async with cluster(2, policy_name="least-requests") as (_, backends, url):
         backends[0].delay = 0.05
         counts: Counter[str] = Counter()
         stop = asyncio.Event()
@@ -937,7 +936,7 @@ async def test_a_slow_replica_loses_traffic_under_least_requests() -> None:
 
 
 async def test_consistent_hash_keeps_sessions_when_another_replica_leaves() -> None:
-    async with cluster(4, policy="consistent-hash", hash_on="header:X-Session") as (
+    async with cluster(4, policy_name="consistent-hash", hash_on="header:X-Session") as (
         lb,
         _,
         url,

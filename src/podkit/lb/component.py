@@ -11,6 +11,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import fields
+from functools import partial
 from typing import Annotated, Any
 
 import typer
@@ -59,9 +60,7 @@ def build_config(
         from podkit.lb.policy import ConsistentHash
 
         ConsistentHash([], hash_on or "ip")  # validates hash_on
-    return proxy_config(
-        listen, upstreams, workers=workers, policy=policy, hash_on=hash_on, **options
-    )
+    return proxy_config(listen, upstreams, workers=workers, **options)
 
 
 cli = typer.Typer(help="HTTP load balancer.", no_args_is_help=True)
@@ -282,7 +281,7 @@ def _run(
     def ready() -> None:
         print(
             f"lb: listening on {config.host}:{config.port} ({config.workers} worker"
-            f"{'s' if config.workers != 1 else ''}, {config.policy}) -> {names}",
+            f"{'s' if config.workers != 1 else ''}, {policy}) -> {names}",
             file=sys.stderr,
             flush=True,
         )
@@ -292,7 +291,7 @@ def _run(
             config,
             features=features if features != Features() else None,
             ready=ready,
-            proxy=LoadBalancer,
+            proxy=partial(LoadBalancer, policy_name=policy, hash_on=hash_on),
         )
     except ListenError as exc:
         print(f"podkit lb: {exc}", file=sys.stderr)

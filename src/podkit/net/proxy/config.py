@@ -17,8 +17,6 @@ class ProxyConfig:
     upstreams: list[str]
     host: str = "127.0.0.1"
     port: int = 8080
-    policy: str = "round-robin"  # podkit lb's policy by name (`podkit.lb.policy`)
-    hash_on: str | None = None
     workers: int = 1
     scheme: str = "http"  # what X-Forwarded-Proto says
     name: str = "podkit lb"  # who signs the balancer's own answers (400, 502, ...)
