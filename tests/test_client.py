@@ -4,6 +4,7 @@ deadlines that close the loser's connection, surplus, stale keep-alives, streami
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -123,6 +124,52 @@ async def test_a_keep_alive_closed_while_idle_is_retried_on_a_new_connection() -
         await asyncio.sleep(0.05)
         assert (await client.post(f"{url}/2", b"x")).body == b"/2"
         assert len(opened) == 2
+
+
+async def drop_the_second(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """Answers the first request of a connection; reads the next one and closes unanswered
+    (what a server that closes an idle keep-alive as the request comes in looks like)."""
+    await keep_alive_once(r, w)
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+        await read_head(r)
+
+
+async def keep_alive_once(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    target = (await read_head(r)).split(b" ")[1]
+    w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(target), target))
+    await w.drain()
+
+
+async def test_a_request_lost_on_a_reused_connection_goes_once_more_on_a_new_one() -> None:
+    async with server(drop_the_second) as (url, opened), HTTPClient() as client:
+        assert (await client.get(f"{url}/1")).body == b"/1"
+        assert (await client.get(f"{url}/2")).body == b"/2"  # dropped on the first, resent
+        assert len(opened) == 2
+        async with client.stream("GET", f"{url}/3") as resp:  # dropped on the second
+            assert b"".join([p async for p in resp.iter_body()]) == b"/3"
+        assert len(opened) == 3
+
+
+async def test_a_request_a_live_server_may_have_acted_on_is_not_resent() -> None:
+    async def drop(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_head(r)  # then closes, unanswered
+
+    async with server(drop) as (url, opened), HTTPClient() as client:
+        with pytest.raises(ProtocolError, match="before answering"):
+            await client.get(f"{url}/new")  # on a new connection: not a stale keep-alive
+        assert len(opened) == 1
+
+    async def cut_the_second(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await keep_alive_once(r, w)
+        await read_head(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await w.drain()
+
+    async with server(cut_the_second) as (url, opened), HTTPClient() as client:
+        assert (await client.get(f"{url}/1")).body == b"/1"
+        with pytest.raises(ProtocolError, match="in the middle of the answer"):
+            await client.get(f"{url}/2")  # the server was alive: it may have acted on it
+        assert len(opened) == 1
 
 
 async def test_streaming_chunked_and_until_close_bodies() -> None:

@@ -199,6 +199,13 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+def _may_resend(conn: _Connection, attempt: int) -> bool:
+    """Whether a request that failed on `conn` may go once more, on a new connection:
+    only after its first try, and only if `conn` was a reused keep-alive that failed
+    before any byte of the answer came (the server had closed it while idle)."""
+    return attempt == 0 and conn.used and not conn.received
+
+
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError("no whole answer within the deadline"))
@@ -284,9 +291,8 @@ class HTTPClient:
                     conn.close()
                 return resp
             conn.close()
-            if not (attempt == 0 and conn.used and not conn.received):
+            if not _may_resend(conn, attempt):
                 raise type(error)(f"{url}: {error}")
-            # else a keep-alive the server closed while idle: once more, on a new one
         raise AssertionError("unreachable")
 
     async def get(self, url: str, **kw: Any) -> Response:
@@ -333,22 +339,25 @@ class HTTPClient:
         self, key: tuple[str, int, bool], wire: bytes, method: bytes, url: str
     ) -> _Connection:
         """A connection with the request sent and the answer's head in."""
-        for _ in range(2):
+        for attempt in range(2):
             conn = self._take(key) or await self._connect(key, url)
             conn.start(wire, method)
             while conn.head is None and conn.error is None:
                 conn.changed.clear()
                 await conn.changed.wait()
-            if conn.error is None:
+            error = conn.error
+            if error is None:
                 return conn
-            if conn.used and not conn.received:  # a keep-alive closed while idle: once more
-                conn.close()
-                continue
             conn.close()
-            raise type(conn.error)(f"{url}: {conn.error}")
-        raise ProtocolError(f"{url}: the server closed the connection before answering")
+            if not _may_resend(conn, attempt):
+                raise type(error)(f"{url}: {error}")
+        raise AssertionError("unreachable")
 
     def _take(self, key: tuple[str, int, bool]) -> _Connection | None:
+        # The loop of `podkit.net.pool.ConnectionPool.take`, kept here on purpose: that
+        # pool holds `PooledConnection`s, and in the compiled build (setup.py) both are
+        # mypyc classes, which this interpreted module's `_Connection` cannot subclass;
+        # nor could the pool's `connect()` open these connections (it has no TLS).
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
