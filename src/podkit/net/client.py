@@ -19,6 +19,11 @@
   a new connection when nothing of the answer came, for any method: the request never
   reached a live server.
 - **TLS.** `https://` URLs verify the server's certificate against the system's CAs.
+- **Forward proxies.** `HTTPClient(proxies=ProxySettings.from_environment())` sends
+  requests through the proxies `http_proxy` and `https_proxy` name, except to the hosts
+  `no_proxy` lists (`podkit.net.forward_proxy`): a plain request with its absolute URL
+  as the target, an `https://` one through a `CONNECT` tunnel, with TLS to the origin.
+  Without `proxies=`, every request goes directly.
 - **Errors.** `ConnectError` (refused, unreachable, connect timeout), `ProtocolError`
   (an answer that is not valid HTTP/1.1, or a connection closed mid-answer), and
   `TimeoutError` for the deadline; each names the URL.
@@ -36,11 +41,13 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
+from podkit.net.forward_proxy import ForwardProxy, ProxySettings, connect_reply, connect_request
 from podkit.net.http import HTTPError, ResponseHead, ResponseParser
 from podkit.net.httpwrite import request_head
 
 MAX_BUFFER = 256 * 1024  # unread body bytes of a streamed answer before reading pauses
 HeaderPairs = Iterable[tuple[str | bytes, str | bytes]]
+Key = tuple[str, int, bool, ForwardProxy | None]  # host, port, TLS, the proxy on the way
 
 
 class ClientError(Exception):
@@ -82,7 +89,7 @@ class Response:
 class _Connection(asyncio.Protocol):
     """One connection to a server; parses the answer to the request in hand."""
 
-    def __init__(self, key: tuple[str, int, bool]) -> None:
+    def __init__(self, key: Key) -> None:
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.parser = ResponseParser(self)
@@ -219,12 +226,18 @@ class HTTPClient:
     """Pooled keep-alive connections per host; see the module doc."""
 
     def __init__(
-        self, *, timeout: float = 30.0, connect_timeout: float = 5.0, max_idle: int = 64
+        self,
+        *,
+        timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        max_idle: int = 64,
+        proxies: ProxySettings | None = None,
     ) -> None:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
-        self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
+        self.proxies = proxies
+        self._idle: dict[Key, list[_Connection]] = {}
         self._tls: ssl.SSLContext | None = None
         self._closed = False
 
@@ -254,7 +267,7 @@ class HTTPClient:
         """Send one request and read its whole answer within `timeout` seconds."""
         if self._closed:
             raise ClientError(f"{url}: the client is closed")
-        key, wire, m = _encode(method, url, headers, body)
+        key, wire, m = _encode(method, url, headers, body, self.proxies)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.timeout if timeout is None else timeout)
         for attempt in range(2):
@@ -315,7 +328,7 @@ class HTTPClient:
         (what is left unread when the block ends closes the connection)."""
         if self._closed:
             raise ClientError(f"{url}: the client is closed")
-        key, wire, m = _encode(method, url, headers, body)
+        key, wire, m = _encode(method, url, headers, body, self.proxies)
         deadline = asyncio.get_running_loop().time() + (
             self.timeout if timeout is None else timeout
         )
@@ -335,9 +348,7 @@ class HTTPClient:
             if conn is not None:
                 conn.close()  # cut short: never read again by another request
 
-    async def _send(
-        self, key: tuple[str, int, bool], wire: bytes, method: bytes, url: str
-    ) -> _Connection:
+    async def _send(self, key: Key, wire: bytes, method: bytes, url: str) -> _Connection:
         """A connection with the request sent and the answer's head in."""
         for attempt in range(2):
             conn = self._take(key) or await self._connect(key, url)
@@ -353,11 +364,11 @@ class HTTPClient:
                 raise type(error)(f"{url}: {error}")
         raise AssertionError("unreachable")
 
-    def _take(self, key: tuple[str, int, bool]) -> _Connection | None:
+    def _take(self, key: Key) -> _Connection | None:
         # The loop of `podkit.net.pool.ConnectionPool.take`, kept here on purpose: that
         # pool holds `PooledConnection`s, and in the compiled build (setup.py) both are
         # mypyc classes, which this interpreted module's `_Connection` cannot subclass;
-        # nor could the pool's `connect()` open these connections (it has no TLS).
+        # nor could the pool's `connect()` open these connections (TLS, proxies).
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
@@ -366,26 +377,34 @@ class HTTPClient:
                 return conn
         return None
 
-    async def _connect(self, key: tuple[str, int, bool], url: str) -> _Connection:
+    async def _connect(self, key: Key, url: str) -> _Connection:
         loop = asyncio.get_running_loop()
-        host, port, tls = key
+        host, port, tls, proxy = key
         context = None
         if tls:
             if self._tls is None:
                 self._tls = ssl.create_default_context()
             context = self._tls
+        where = f"{host}:{port}" if proxy is None else f"{host}:{port} through the {proxy}"
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(key), host, port, ssl=context
-                )
+                if proxy is None:
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(key), host, port, ssl=context
+                    )
+                elif context is None:  # plain HTTP: the proxy takes the request itself
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(key), proxy.host, proxy.port
+                    )
+                else:
+                    conn = await _tunnel(key, proxy, context, url)
         except TimeoutError:
             raise ConnectError(
-                f"{url}: no connection to {host}:{port} within {self.connect_timeout} s"
+                f"{url}: no connection to {where} within {self.connect_timeout} s"
             ) from None
         except (OSError, ssl.SSLError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
-            raise ConnectError(f"{url}: cannot connect to {host}:{port}: {reason}") from None
+            raise ConnectError(f"{url}: cannot connect to {where}: {reason}") from None
         return conn
 
     def _release(self, conn: _Connection) -> None:
@@ -395,6 +414,56 @@ class HTTPClient:
             conn.close()
         else:
             idle.append(conn)
+
+
+class _TunnelOpening(asyncio.Protocol):
+    """A connection to a proxy until it answers `CONNECT`."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.reply: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if self.reply.done():
+            return  # bytes after the answer: `_tunnel` refuses them
+        try:
+            reply = connect_reply(self.data)
+        except ValueError as exc:
+            self.reply.set_exception(ConnectionError(str(exc)))
+            return
+        if reply is not None:
+            self.reply.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.reply.done():
+            self.reply.set_exception(
+                ConnectionError("the proxy closed the connection before answering CONNECT")
+            )
+
+
+async def _tunnel(key: Key, proxy: ForwardProxy, context: ssl.SSLContext, url: str) -> _Connection:
+    """A TLS connection to the origin of `key`, through a `CONNECT` tunnel of `proxy`."""
+    loop = asyncio.get_running_loop()
+    host, port = key[0], key[1]
+    transport, opening = await loop.create_connection(_TunnelOpening, proxy.host, proxy.port)
+    try:
+        transport.write(connect_request(host, port, proxy))
+        status, reason = await opening.reply
+        if not 200 <= status < 300:
+            raise ConnectError(
+                f"{url}: the {proxy} answered CONNECT {host}:{port} with {status} {reason}"
+            )
+        if len(opening.data) != opening.data.find(b"\r\n\r\n") + 4:  # TLS starts here
+            raise ConnectError(f"{url}: the {proxy} sent bytes after its answer to CONNECT")
+        conn = _Connection(key)
+        tls = await loop.start_tls(transport, conn, context, server_hostname=host)
+    except BaseException:
+        transport.close()
+        raise
+    assert tls is not None
+    conn.connection_made(tls)
+    return conn
 
 
 class StreamResponse:
@@ -429,11 +498,12 @@ class StreamResponse:
             await conn.changed.wait()
 
 
-_URLS: dict[str, tuple[tuple[str, int, bool], bytes, bytes]] = {}  # parsed URLs, by text
+_URLS: dict[str, tuple[Key, bytes, bytes]] = {}  # parsed URLs, by text
 
 
-def _parse_url(url: str) -> tuple[tuple[str, int, bool], bytes, bytes]:
-    """(host, port, TLS), the request target and the Host value of `url` (memoised)."""
+def _parse_url(url: str) -> tuple[Key, bytes, bytes]:
+    """(host, port, TLS, no proxy), the request target and the Host value of `url`
+    (memoised)."""
     known = _URLS.get(url)
     if known is not None:
         return known
@@ -444,7 +514,7 @@ def _parse_url(url: str) -> tuple[tuple[str, int, bool], bytes, bytes]:
     port = parts.port or (443 if tls else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     host = parts.netloc.rsplit("@", 1)[-1].encode()
-    parsed = (parts.hostname, port, tls), target.encode(), host
+    parsed = (parts.hostname, port, tls, None), target.encode(), host
     if len(_URLS) >= 1024:
         _URLS.clear()
     _URLS[url] = parsed
@@ -452,12 +522,23 @@ def _parse_url(url: str) -> tuple[tuple[str, int, bool], bytes, bytes]:
 
 
 def _encode(
-    method: str, url: str, headers: HeaderPairs, body: bytes
-) -> tuple[tuple[str, int, bool], bytes, bytes]:
-    """(host, port, TLS), the request's bytes, and its method."""
+    method: str, url: str, headers: HeaderPairs, body: bytes, proxies: ProxySettings | None
+) -> tuple[Key, bytes, bytes]:
+    """(host, port, TLS, proxy), the request's bytes, and its method."""
     key, target, host = _parse_url(url)
     m = method.upper().encode()
     fields = [(b"Host", host)]
+    if proxies is not None:
+        try:
+            proxy = proxies.proxy_for("https" if key[2] else "http", key[0], key[1])
+        except ValueError as exc:
+            raise ClientError(f"{url}: {exc}") from None
+        if proxy is not None:
+            key = (key[0], key[1], key[2], proxy)
+            if not key[2]:  # plain HTTP: the proxy gets the whole URL as the target
+                target = b"http://" + host + target
+                if proxy.authorization is not None:
+                    fields.append((b"Proxy-Authorization", proxy.authorization))
     fields += [(_header_bytes(k), _header_bytes(v)) for k, v in headers]
     if body or m in (b"POST", b"PUT", b"PATCH"):
         fields.append((b"Content-Length", b"%d" % len(body)))
