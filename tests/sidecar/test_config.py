@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from forward_proxy import ForwardProxy, tls_origin
 from podkit.aio import stop_task
 from podkit.backends import open_kv
 from podkit.sidecar.config import (
@@ -39,7 +40,7 @@ from podkit.sidecar.config import (
     open_source,
 )
 from servers import EtcdServer, NatsServer, RedisServer
-from support import free_port, http_get, podkit_error, port_in_use, wait_for
+from support import TinyHTTP, free_port, http_get, podkit_error, port_in_use, wait_for
 
 POLL = 0.1
 
@@ -155,8 +156,9 @@ async def test_http_source_etag_and_latency(tmp_path: Path, config_server: Confi
     source = HTTPSource(f"{config_server.url}/app.conf", POLL)
     async with running(ConfigSync(source, dest, log=quiet)) as sync:
         await wait_for(reads(dest, b"listen 80;\n"), timeout=2)
-        await wait_for(lambda: config_server.not_modified >= 2, timeout=2, what="304s")
+        await wait_for(lambda: config_server.not_modified >= 3, timeout=2, what="304s")
         assert config_server.ok == 1  # unchanged content is not downloaded again
+        assert sync.status.source_up and sync.status.last_error is None  # 304 is no error
         latency = await change_reaches_file(
             lambda: config_server.set(b"listen 81;\n"), dest, b"listen 81;\n"
         )
@@ -164,6 +166,44 @@ async def test_http_source_etag_and_latency(tmp_path: Path, config_server: Confi
         assert sync.status.version == '"v2"'
     print(f"http source: change -> file in {latency * 1000:.0f} ms")
     assert latency < 1.0
+
+
+async def test_http_source_goes_through_the_proxy_the_environment_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    proxy = ForwardProxy()
+    await proxy.start()
+    origin = TinyHTTP(lambda path: (200, f"plain {path}".encode()))
+    secure, secure_url, cert = tls_origin(lambda path: (200, f"tls {path}".encode()), tmp_path)
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trusts the TLS origin's certificate
+    dest = tmp_path / "app.conf"
+
+    async def sync_from(url: str) -> bytes:
+        sync = ConfigSync(HTTPSource(url), dest, log=quiet)
+        try:
+            await sync.sync_once()
+        finally:
+            await sync.close()
+        return dest.read_bytes()
+
+    try:
+        assert await sync_from(f"{origin.url}/a.conf") == b"plain /a.conf"
+        assert await sync_from(f"{secure_url}/b.conf") == b"tls /b.conf"
+        through = [f"GET {origin.url}/a.conf", f"CONNECT {secure_url.removeprefix('https://')}"]
+        assert proxy.log == through
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        assert await sync_from(f"{origin.url}/c.conf") == b"plain /c.conf"
+        assert await sync_from(f"{secure_url}/d.conf") == b"tls /d.conf"
+        assert proxy.log == through  # reached directly
+    finally:
+        await proxy.stop()
+        origin.close()
+        secure.close()
 
 
 @pytest.fixture(params=["memory", "redis", "etcd", "nats"])

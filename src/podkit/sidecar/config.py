@@ -8,7 +8,8 @@
 Sources (each yields a `Snapshot` whenever its content may have changed):
 - `FileSource`: a file, polled by mtime, size and inode, compared by hash;
 - `HTTPSource`: a URL, polled with a conditional GET (`If-None-Match` with the last
-  ETag; 304 means unchanged);
+  ETag; 304 means unchanged), through the proxy `http_proxy` or `https_proxy` names
+  unless `no_proxy` lists the host;
 - `KVSource`: a key in any KV backend, read once, then watched from the store's revision
   at the read (so no change is missed, and the start is never one compaction dropped).
 
@@ -40,11 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
-
 from podkit.aio import stop_task, wait_for
 from podkit.backends import KV, BackendError, Event, open_kv
 from podkit.clock import Clock, SystemClock
+from podkit.net.client import ClientError, HTTPClient, Response
+from podkit.net.forward_proxy import ProxySettings
 
 
 class SourceError(Exception):
@@ -112,7 +113,9 @@ class HTTPSource:
 
     200 gives new content (version: its ETag, else its hash); 304 means unchanged (the
     last content is yielded again, which writes nothing); any other status, or no answer
-    within `timeout`, is a `SourceError`.
+    within `timeout`, is a `SourceError`. Requests go through the forward proxy the
+    environment names for the URL's scheme (`http_proxy`, `https_proxy`), except to the
+    hosts `no_proxy` lists (read when polling starts).
     """
 
     def __init__(
@@ -125,36 +128,48 @@ class HTTPSource:
         self.description = f"url {url}"
         self.etag: str | None = None
         self._last: Snapshot | None = None  # the content the ETag stands for
-        self._session: aiohttp.ClientSession | None = None
+        self._client: HTTPClient | None = None
 
     async def snapshots(self) -> AsyncIterator[Snapshot]:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout), trust_env=True
+        if self._client is None:
+            self._client = HTTPClient(
+                timeout=self.timeout,
+                connect_timeout=self.timeout,
+                proxies=ProxySettings.from_environment(),
             )
         while True:
             last = self._last
-            headers = {"If-None-Match": self.etag} if self.etag and last else {}
+            headers = [("If-None-Match", self.etag)] if self.etag and last else []
             try:
-                async with self._session.get(self.url, headers=headers) as resp:
-                    if resp.status == 200:
-                        content = await resp.read()
-                        self.etag = resp.headers.get("ETag")
-                        snap = Snapshot(content, self.etag or digest(content))
-                    elif resp.status == 304 and last is not None:
-                        snap = last  # unchanged: confirms the content (and `last_sync`)
-                    else:
-                        raise SourceError(f"{self.description}: HTTP {resp.status} {resp.reason}")
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                raise SourceError(f"{self.description}: {exc or type(exc).__name__}") from None
+                resp = await self._client.get(self.url, headers=headers)
+            except (ClientError, TimeoutError, OSError) as exc:
+                raise SourceError(f"{self.description}: {_why(exc, self.url)}") from None
+            if resp.status == 200:
+                etag = resp.header(b"etag")
+                self.etag = etag.decode("latin-1") if etag is not None else None
+                snap = Snapshot(resp.body, self.etag or digest(resp.body))
+            elif resp.status == 304 and last is not None:
+                snap = last  # unchanged: confirms the content (and `last_sync`)
+            else:
+                raise SourceError(f"{self.description}: {_status(resp)}")
             self._last = snap
             yield snap
             await self.clock.sleep(self.interval)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
+def _why(exc: BaseException, url: str) -> str:
+    """What went wrong with a request to `url` (the client's message names the URL,
+    which the caller's own already does)."""
+    return str(exc).removeprefix(f"{url}: ") or type(exc).__name__
+
+
+def _status(resp: Response) -> str:
+    return f"HTTP {resp.status} {resp.reason.decode('latin-1')}"
 
 
 class _Latest:
@@ -294,7 +309,8 @@ class SignalNotifier:
 
 
 class HTTPNotifier:
-    """Sends `method` (POST by default) to `url`; any 2xx answer is success."""
+    """Sends `method` (POST by default) to `url`, directly (the app is beside the sidecar,
+    so no proxy); any 2xx answer is success."""
 
     def __init__(self, url: str, method: str = "POST", timeout: float = 5.0) -> None:
         self.url = url
@@ -303,16 +319,14 @@ class HTTPNotifier:
         self.description = f"{self.method} {url}"
 
     async def notify(self, path: Path, version: str) -> None:
-        headers = {"X-Podkit-Config-Version": version}
+        headers = [("X-Podkit-Config-Version", version)]
         try:
-            async with (
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as s,
-                s.request(self.method, self.url, headers=headers) as resp,
-            ):
-                if not 200 <= resp.status < 300:
-                    raise NotifyError(f"{self.description}: HTTP {resp.status} {resp.reason}")
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise NotifyError(f"{self.description}: {exc or type(exc).__name__}") from None
+            async with HTTPClient(timeout=self.timeout, connect_timeout=self.timeout) as client:
+                resp = await client.request(self.method, self.url, headers=headers)
+        except (ClientError, TimeoutError, OSError) as exc:
+            raise NotifyError(f"{self.description}: {_why(exc, self.url)}") from None
+        if not 200 <= resp.status < 300:
+            raise NotifyError(f"{self.description}: {_status(resp)}")
 
 
 class CommandNotifier:
