@@ -186,7 +186,7 @@ class PodHook:
 class Process:
     """A program `podkit up` runs for a service, in place of the plain forwarder: it
     reads the ready replicas from a members file and is ready when every one of
-    `ready_ports` answers 200 on `ready_path`."""
+    `ready_ports` answers `ready_path` with a 2xx."""
 
     argv: Callable[[str], list[str]]  # the members file -> the whole command line
     ready_ports: Sequence[int]

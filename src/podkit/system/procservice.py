@@ -6,7 +6,7 @@ directory (relative certificate paths work), in its own process group, killed wi
 `podkit up` even by kill -9 (parent-death signal and the runtime's watchdog). It follows
 a members file, one `host:port` per line, that the runtime rewrites atomically whenever a
 replica becomes ready or stops being ready. The service routes while every one of the
-program's ready ports answers 200 on its ready path (probed every `PROBE_PERIOD`). Its
+program's ready ports answers its ready path with a 2xx (probed every `PROBE_PERIOD`). Its
 output goes to the log as `<command>/<service>`. If it exits unexpectedly it is started
 again after a pause that doubles up to 30 s.
 """
@@ -25,6 +25,7 @@ from podkit.contract import Process, ServiceHook
 from podkit.net.discovery import format_endpoint, write_members
 from podkit.proc import parent_death_signal, stop_group
 from podkit.system.forwarder import Endpoint
+from podkit.system.probes import http_check
 from podkit.system.spec import Service
 
 if TYPE_CHECKING:
@@ -55,24 +56,6 @@ def free_ports(host: str, count: int, tries: int = 50) -> int:
             for t in held:
                 t.close()
     raise OSError(0, f"no {count} consecutive free ports on {host}")
-
-
-async def answers_200(host: str, port: int, path: str, timeout: float = 1.0) -> bool:
-    """Whether GET `path` on `host:port` answers 200."""
-    try:
-        reader, writer = await wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, TimeoutError):
-        return False
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        line = await wait_for(reader.readline(), timeout)
-        return line.split(b" ", 2)[1:2] == [b"200"]
-    except (OSError, TimeoutError):
-        return False
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
 
 
 class ProcessService:
@@ -128,7 +111,7 @@ class ProcessService:
 
     @property
     def routing(self) -> bool:
-        """Whether the program has members and every ready port answers 200."""
+        """Whether the program has members and every ready port answers ready."""
         return bool(self.endpoints) and self._ready
 
     async def _probe(self) -> None:
@@ -137,7 +120,7 @@ class ProcessService:
         while not self._closing:
             generation = self._generation
             answers = await asyncio.gather(
-                *(answers_200(p.ready_host, port, p.ready_path) for port in p.ready_ports)
+                *(http_check(p.ready_host, port, p.ready_path, 1.0) for port in p.ready_ports)
             )
             if generation == self._generation:
                 self._set_ready(all(answers))
