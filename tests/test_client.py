@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
 
-from podkit.net.client import ConnectError, HTTPClient, ProtocolError
+from podkit.net.client import ConnectError, ConnectTimeout, HTTPClient, ProtocolError
+from podkit.net.forward_proxy import ProxySettings
 from support import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -170,6 +172,60 @@ async def test_a_request_a_live_server_may_have_acted_on_is_not_resent() -> None
         with pytest.raises(ProtocolError, match="in the middle of the answer"):
             await client.get(f"{url}/2")  # the server was alive: it may have acted on it
         assert len(opened) == 1
+
+
+async def test_resend_false_keeps_a_lost_request_from_going_twice() -> None:
+    async with server(drop_the_second) as (url, opened), HTTPClient() as client:
+        assert (await client.get(f"{url}/1")).body == b"/1"
+        with pytest.raises(ProtocolError, match="before answering"):
+            await client.post(f"{url}/2", b"write", resend=False)
+        assert len(opened) == 1
+
+
+async def test_a_deadline_passing_before_the_connection_is_a_connect_timeout() -> None:
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)  # a proxy that never answers CONNECT
+
+    async with server(silent) as (proxy, _):
+        settings = ProxySettings(https=proxy)
+        async with HTTPClient(proxies=settings, connect_timeout=5) as client:
+            with pytest.raises(ConnectTimeout, match="/x: no connection within the deadline"):
+                await client.get("https://127.0.0.1:9/x", timeout=0.2)  # a TimeoutError too
+        async with HTTPClient(proxies=settings, connect_timeout=0.2) as client:
+            with pytest.raises(ConnectError, match=r"no connection to 127\.0\.0\.1:9 through"):
+                await client.get("https://127.0.0.1:9/x", timeout=5)
+
+
+async def test_a_stream_without_deadline_is_ended_by_close_from_another_task() -> None:
+    async def endless(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_head(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(2):
+            w.write(b"4\r\ntick\r\n")
+            await w.drain()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(5)  # then quiet, the connection open
+
+    got: list[bytes] = []
+    async with (
+        server(endless) as (url, _),
+        HTTPClient(timeout=0.1) as client,
+        client.stream("GET", f"{url}/watch", timeout=math.inf) as resp,
+    ):
+        sock = resp.get_extra_info("socket")
+        assert sock is not None and resp.get_extra_info("peername") == sock.getpeername()
+
+        async def read() -> None:
+            async for piece in resp.iter_body():
+                got.append(piece)
+
+        reader = asyncio.create_task(read())
+        await asyncio.sleep(0.3)  # past the client's own timeout of 0.1 s
+        assert not reader.done()
+        resp.close()
+        with pytest.raises(ProtocolError, match="/watch: the stream was closed"):
+            await asyncio.wait_for(reader, 1)
+    assert b"".join(got) == b"ticktick"
 
 
 async def test_streaming_chunked_and_until_close_bodies() -> None:

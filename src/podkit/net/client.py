@@ -14,21 +14,26 @@
 - **Deadlines.** `timeout` covers the whole request: connect, send, the head and the
   body. A request that times out or is cancelled closes its connection, so a late
   answer can never be read by the next request (this is what lets a fan-out cancel its
-  losers).
+  losers). `timeout=math.inf` sets none, for a stream that never ends (a watch); its
+  connecting is still bounded by `connect_timeout`.
 - **A stale keep-alive connection** (closed by the server while idle) is retried once on
-  a new connection when nothing of the answer came, for any method: the request never
-  reached a live server.
+  a new connection when nothing of the answer came, for any method: the request most
+  likely never reached a live server. A request that must not run twice (a write that
+  is not idempotent) passes `resend=False` and gets the `ProtocolError` instead.
 - **TLS.** `https://` URLs verify the server's certificate against the system's CAs.
 - **Forward proxies.** `HTTPClient(proxies=ProxySettings.from_environment())` sends
   requests through the proxies `http_proxy` and `https_proxy` name, except to the hosts
   `no_proxy` lists (`podkit.net.forward_proxy`): a plain request with its absolute URL
   as the target, an `https://` one through a `CONNECT` tunnel, with TLS to the origin.
   Without `proxies=`, every request goes directly.
-- **Errors.** `ConnectError` (refused, unreachable, connect timeout), `ProtocolError`
-  (an answer that is not valid HTTP/1.1, or a connection closed mid-answer), and
-  `TimeoutError` for the deadline; each names the URL.
+- **Errors.** `ConnectError` (refused, unreachable, connect timeout; `ConnectTimeout`,
+  also a `TimeoutError`, when the deadline passes first): the request was not sent.
+  `ProtocolError` (an answer that is not valid HTTP/1.1, or a connection closed
+  mid-answer), and `TimeoutError` for the deadline: it may have been. Each names the URL.
 - **Streaming.** `stream()` hands the answer over at its head; `iter_body()` yields the
-  body as it comes, and reading pauses while more than 256 KiB wait unread.
+  body as it comes, and reading pauses while more than 256 KiB wait unread. `close()`
+  ends a stream from anywhere (its reader gets a `ProtocolError`); `get_extra_info()`
+  reaches its connection (its socket, say).
 """
 
 from __future__ import annotations
@@ -56,6 +61,10 @@ class ClientError(Exception):
 
 class ConnectError(ClientError):
     """The server could not be reached."""
+
+
+class ConnectTimeout(ConnectError, TimeoutError):
+    """The request's deadline passed before a connection was made."""
 
 
 class ProtocolError(ClientError):
@@ -263,8 +272,10 @@ class HTTPClient:
         headers: HeaderPairs = (),
         body: bytes = b"",
         timeout: float | None = None,
+        resend: bool = True,
     ) -> Response:
-        """Send one request and read its whole answer within `timeout` seconds."""
+        """Send one request and read its whole answer within `timeout` seconds; with
+        `resend=False` it is never sent twice (see the module doc)."""
         if self._closed:
             raise ClientError(f"{url}: the client is closed")
         key, wire, m = _encode(method, url, headers, body, self.proxies)
@@ -277,7 +288,7 @@ class HTTPClient:
                     async with asyncio.timeout_at(deadline):
                         conn = await self._connect(key, url)
                 except TimeoutError:
-                    raise TimeoutError(f"{url}: no connection within the deadline") from None
+                    raise ConnectTimeout(f"{url}: no connection within the deadline") from None
             waiter = conn.waiter = loop.create_future()
             timer = loop.call_at(deadline, _expire, waiter)
             conn.start(wire, m)
@@ -304,7 +315,7 @@ class HTTPClient:
                     conn.close()
                 return resp
             conn.close()
-            if not _may_resend(conn, attempt):
+            if not (resend and _may_resend(conn, attempt)):
                 raise type(error)(f"{url}: {error}")
         raise AssertionError("unreachable")
 
@@ -482,6 +493,18 @@ class StreamResponse:
 
     def header(self, name: bytes) -> bytes | None:
         return next((v for k, v in self.headers if k.lower() == name), None)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """What the connection's transport tells (`"socket"`, `"peername"`...)."""
+        t = self._conn.transport
+        return default if t is None else t.get_extra_info(name, default)
+
+    def close(self) -> None:
+        """End the answer here: its connection closes, and `iter_body()`, wherever it
+        waits, raises `ProtocolError`."""
+        conn = self._conn
+        conn._fail(ProtocolError("the stream was closed before its end"))
+        conn.close()  # connection_lost wakes the reader
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         conn = self._conn
