@@ -4,6 +4,8 @@ stopped keep-alives, compaction, nothing listening."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -12,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from podkit.backends import KV, BackendError, BackendUnavailable, Event, LeaseExpired, open_kv
+from podkit.backends.etcd import EtcdKV
 from servers import EtcdServer, find_free_port
 from support import wait_for
 
@@ -217,3 +220,29 @@ async def test_close_ends_open_watches(etcd: EtcdServer) -> None:
     await wait_for(lambda: len(seen) == 1, 5, "the first event")
     await kv.close()
     await asyncio.wait_for(task, 2)  # ends by itself, not by cancellation
+
+
+async def test_a_quiet_watch_outlives_the_request_timeout_on_one_probed_connection(
+    etcd: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="podkit.backends.etcd")
+    kv = await open_kv(etcd.url, timeout=0.5)
+    assert isinstance(kv, EtcdKV)
+    seen: list[Event] = []
+
+    async def follow() -> None:
+        async for event in kv.watch("q"):
+            seen.append(event)
+
+    task = asyncio.create_task(follow())
+    try:
+        await asyncio.sleep(1.2)  # nothing happens for longer than a request may take
+        (stream,) = kv._streams
+        assert stream.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        revision = await kv.put("q", b"1")
+        await wait_for(lambda: len(seen) == 1, 5, "the event")
+        assert seen[0].revision == revision
+        assert "lost" not in caplog.text  # the same stream all along
+    finally:
+        task.cancel()
+        await kv.close()

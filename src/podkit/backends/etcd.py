@@ -3,16 +3,19 @@
     kv = await open_kv("etcd://127.0.0.1:2379?prefix=myapp/")
 
 Transport. Every call is one POST of JSON to etcd's built-in gRPC gateway (`/v3/kv/put`,
-`/v3/kv/range`, `/v3/kv/deleterange`, `/v3/kv/txn`, `/v3/lease/*`, `/v3/watch`) over one
-aiohttp `ClientSession` with keep-alive connections, not over gRPC, because:
-- no grpcio and no generated protobuf stubs: aiohttp (the `etcd` extra) is all it needs;
+`/v3/kv/range`, `/v3/kv/deleterange`, `/v3/kv/txn`, `/v3/lease/*`, `/v3/watch`) over
+podkit's own HTTP client (`podkit.net.client.HTTPClient`, keep-alive connections), not
+over gRPC, because:
+- no grpcio and no generated protobuf stubs: the driver needs nothing beyond podkit;
 - the gateway is on by default on the client port and serves `/v3/` from etcd 3.4 on
   (3.3 had `/v3beta`, 3.2 `/v3alpha`); 3.5 serves only `/v3/`;
-- a watch is a streamed HTTP response: one JSON object per line, each `{"result": ...}`.
+- a watch is a streamed HTTP response (`HTTPClient.stream()`, with no deadline): one
+  JSON object per line, each `{"result": ...}`.
 Costs of that choice: keys and values are base64 and int64 fields are strings; a lease
 renewal is one request (`/v3/lease/keepalive` with a single message), not a long-lived
 stream; and HTTP/1.1 cannot send more on a request body while its response streams, so
-each watch holds its own connection and is cancelled by closing it.
+each watch holds its own connection (TCP keep-alive probes on it notice a peer that
+went silently) and is cancelled by closing it.
 
 Semantics.
 - `prefix=` in the URL namespaces every key; keys handed back have it stripped.
@@ -39,7 +42,9 @@ sent, so any request is retried, with back-off, for up to `timeout` seconds. A r
 lost after it was sent is retried only if repeating it is harmless (reads, lease
 renewal, revoke, grant: the way clientv3 retries; a repeated grant can leave one unused
 lease that expires after its TTL); a lost write raises `BackendUnavailable` saying its
-outcome is unknown. etcd answering "unavailable" (gRPC 14) is retried likewise.
+outcome is unknown, and is never sent again by the client either (`resend=False`), even
+on a keep-alive connection that looked idle. etcd answering "unavailable" (gRPC 14) is
+retried likewise.
 """
 
 from __future__ import annotations
@@ -52,8 +57,6 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
-
 from podkit.backends.base import (
     BackendError,
     BackendUnavailable,
@@ -64,27 +67,21 @@ from podkit.backends.base import (
 )
 from podkit.backends.url import BackendURL
 from podkit.clock import Clock, SystemClock
+from podkit.net.client import ClientError, ConnectError, HTTPClient, ProtocolError, StreamResponse
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 2379
-_HEADERS = {"Content-Type": "application/json"}
+_HEADERS = (("Content-Type", "application/json"),)
 _FIRST_DELAY = 0.05  # back-off between retries: doubles up to _MAX_DELAY
 _MAX_DELAY = 1.0
 _UNAVAILABLE = 14  # gRPC code: a retryable server-side failure (no leader, shutting down)
 _WATCH_RETRYABLE = frozenset({1, 2, 4, 10, 13, 14})  # gRPC codes after which a watch resumes
 
-# Errors raised before the request left this process: retrying is always safe.
-_NOT_SENT: tuple[type[BaseException], ...] = (
-    aiohttp.ClientConnectorError,
-    aiohttp.ConnectionTimeoutError,
-)
-# Errors raised after it may have reached etcd: retry only what is safe to repeat.
-_LOST: tuple[type[BaseException], ...] = (
-    aiohttp.ClientConnectionError,
-    aiohttp.ClientPayloadError,
-    TimeoutError,
-)
+# Raised before the request left this process (ConnectTimeout is one): always retried.
+_NOT_SENT = ConnectError
+# Raised after it may have reached etcd: retry only what is safe to repeat.
+_LOST = (ProtocolError, TimeoutError)
 
 
 # ---------------------------------------------------------------------------- codec
@@ -138,12 +135,12 @@ def _grpc_error(status: int, raw: bytes) -> tuple[int | None, str]:
 
 
 class EtcdKV:
-    """The etcd KV: one aiohttp session, keys under the URL's `prefix`."""
+    """The etcd KV: one HTTP client, keys under the URL's `prefix`."""
 
     def __init__(
         self,
         url: BackendURL,
-        session: aiohttp.ClientSession,
+        client: HTTPClient,
         *,
         namespace: str,
         timeout: float,
@@ -151,16 +148,14 @@ class EtcdKV:
     ) -> None:
         self.url = url.masked
         self._parsed = url
-        self._session = session
+        self._client = client
         self._base = f"http://{url.address(DEFAULT_PORT)}"
         self._ns = _encode(namespace)
         self._timeout = timeout
-        self._request_timeout = aiohttp.ClientTimeout(total=timeout)
-        self._watch_timeout = aiohttp.ClientTimeout(total=None, connect=timeout)
         self._clock = clock
         self._closed = False
         self._warned_min_ttl = False
-        self._streams: set[aiohttp.StreamReader] = set()  # open watches, ended by close()
+        self._streams: set[StreamResponse] = set()  # open watches, ended by close()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -202,16 +197,13 @@ class EtcdKV:
             if self._closed:
                 raise BackendError(f"{self.url}: closed")
             try:
-                async with self._session.post(
-                    url, data=data, headers=_HEADERS, timeout=self._request_timeout
-                ) as resp:
-                    raw = await resp.read()
-                    if resp.status == 200:
-                        return json.loads(raw)
-                    code, message = _grpc_error(resp.status, raw)
-                    if not (repeatable and code == _UNAVAILABLE):
-                        raise self._failed(path, code, message)
-                    why: object = message
+                resp = await self._client.post(url, data, headers=_HEADERS, resend=repeatable)
+                if resp.status == 200:
+                    return json.loads(resp.body)
+                code, message = _grpc_error(resp.status, resp.body)
+                if not (repeatable and code == _UNAVAILABLE):
+                    raise self._failed(path, code, message)
+                why: object = message
             except _NOT_SENT as exc:
                 why = exc
             except _LOST as exc:
@@ -356,25 +348,24 @@ class EtcdKV:
             if next_rev is not None:
                 request["start_revision"] = str(next_rev)
             why: object
+            body = json.dumps({"create_request": request}).encode()
             try:
-                async with self._session.post(
-                    url,
-                    data=json.dumps({"create_request": request}).encode(),
-                    headers=_HEADERS,
-                    timeout=self._watch_timeout,
+                async with self._client.stream(
+                    "POST", url, headers=_HEADERS, body=body, timeout=math.inf
                 ) as resp:
                     if resp.status != 200:
-                        code, message = _grpc_error(resp.status, await resp.read())
+                        raw = b"".join([piece async for piece in resp.iter_body()])
+                        code, message = _grpc_error(resp.status, raw)
                         if code not in _WATCH_RETRYABLE and resp.status < 500:
                             raise self._failed("/v3/watch", code, message)
                         raise _Resume(message)
                     _keep_probing(resp)
-                    self._streams.add(resp.content)
+                    self._streams.add(resp)
                     try:
                         if self._closed:  # close() ran while this watch connected
                             return
                         decoder = StreamDecoder()
-                        async for chunk in resp.content.iter_any():
+                        async for chunk in resp.iter_body():
                             for msg in decoder.feed(chunk):
                                 next_rev, events = self._watch_answer(msg, next_rev)
                                 for event in events:
@@ -382,16 +373,12 @@ class EtcdKV:
                                     delay = _FIRST_DELAY
                                     yield event
                     finally:
-                        self._streams.discard(resp.content)
+                        self._streams.discard(resp)
                 why = "stream ended"
             except _Resume as exc:
                 why = exc
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except (ClientError, OSError, TimeoutError) as exc:  # close() ends one this way
                 why = exc
-            except RuntimeError:  # "Session is closed": close() ran meanwhile
-                if self._closed:
-                    return
-                raise
             if self._closed:
                 return
             log.info("%s: watch on %r lost (%s); resuming at %s", self.url, key, why, next_rev)
@@ -426,22 +413,21 @@ class EtcdKV:
         return BackendError(f"{self.url}: etcd canceled the watch: {result.get('cancel_reason')}")
 
     async def close(self) -> None:
-        """Close the session; open watches end."""
+        """Close the client; open watches end."""
         self._closed = True
         for stream in self._streams:
-            stream.feed_eof()  # wakes the reader: closing the session alone does not
+            stream.close()  # wakes its reader: closing the client alone does not
         self._streams.clear()
-        await self._session.close()
+        await self._client.close()
 
 
 class _Resume(Exception):
     """A watch stream ended in a way that is resumed from the last revision."""
 
 
-def _keep_probing(resp: aiohttp.ClientResponse) -> None:
+def _keep_probing(resp: StreamResponse) -> None:
     """TCP keep-alive on a watch socket, so a silently dead peer is noticed (~25 s)."""
-    conn = resp.connection
-    sock = conn.transport.get_extra_info("socket") if conn and conn.transport else None
+    sock = resp.get_extra_info("socket")
     if sock is None:
         return
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -458,11 +444,10 @@ async def open_kv(
     *,
     timeout: float = 5.0,
     clock: Clock | None = None,
-    max_connections: int = 100,
     **_: Any,
 ) -> EtcdKV:
     """Connect and prove that etcd answers; `timeout` bounds the probe and each request
-    (with its retries). Each open watch holds one of the `max_connections`."""
+    (with its retries). Each open watch holds a connection of its own."""
     unknown = sorted(set(url.query) - {"prefix"})
     if unknown:
         raise UnsupportedURL(f"{url.masked}: unknown etcd URL option(s): {', '.join(unknown)}")
@@ -470,26 +455,22 @@ async def open_kv(
         raise UnsupportedURL(f"{url.masked}: etcd URLs take no path (use ?prefix= to namespace)")
     if url.username or url.password:
         raise UnsupportedURL(f"{url.masked}: etcd authentication is not supported yet")
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=max_connections),
-        timeout=aiohttp.ClientTimeout(total=timeout),
-    )
+    client = HTTPClient(timeout=timeout, connect_timeout=timeout)
     kv = EtcdKV(
         url,
-        session,
+        client,
         namespace=url.query.get("prefix", ""),
         timeout=timeout,
         clock=clock or SystemClock(),
     )
     probe = f"http://{url.address(DEFAULT_PORT)}/v3/maintenance/status"
     try:
-        async with session.post(probe, data=b"{}", headers=_HEADERS) as resp:
-            raw = await resp.read()
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        await session.close()
+        resp = await client.post(probe, b"{}", headers=_HEADERS)
+    except (ClientError, OSError, TimeoutError) as exc:
+        await client.close()
         raise url.unavailable(DEFAULT_PORT, timeout, exc) from None
-    if resp.status != 200 or b'"version"' not in raw:
-        await session.close()
+    if resp.status != 200 or b'"version"' not in resp.body:
+        await client.close()
         raise BackendError(
             f"{url.masked}: {url.address(DEFAULT_PORT)} is not an etcd 3.4+ v3 gateway "
             f"(/v3/maintenance/status answered HTTP {resp.status})"
