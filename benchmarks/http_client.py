@@ -7,7 +7,7 @@ One static backend (nginx, 2 workers, a fixed 100-byte body, keep-alive) on a fr
 loopback port. Each client runs in a process of its own under uvloop, with `concurrency`
 tasks each sending GETs in a loop on keep-alive connections for `duration` seconds
 after a 1 s warm-up, `--rounds` times in alternating order; the best run is kept and
-every run printed. aiohttp is podkit's own dependency (one ClientSession, its default
+every run printed. aiohttp comes with podkit's dev extra (one ClientSession, its default
 pool raised to the concurrency); httpx runs from its own venv (benchmarks/.venvs/httpx,
 made on first use; one AsyncClient, its pool raised the same way).
 
