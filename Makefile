@@ -23,7 +23,7 @@ test: venv
 	$(BIN)/ruff format --check src tests benchmarks tools
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 3
 
 ## a platform wheel with the request path compiled by mypyc, from a fresh build venv, in dist/
 wheel:
