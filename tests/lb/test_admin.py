@@ -200,7 +200,7 @@ def test_a_port_in_use_is_refused_not_shared() -> None:
                 [sys.executable, "-m", "podkit", *cmd], capture_output=True, text=True, timeout=30
             )
             assert out.returncode == 1, (cmd, out.stderr)
-            flag = " (--admin-port)" if "--admin-port" in cmd else ""
+            flag = " (--admin-port)" if "--admin-port" in cmd else " (--listen)"
             assert f"cannot listen on 127.0.0.1:{port}{flag}: Address already in use" in out.stderr
             assert "listening on" not in out.stderr and "Traceback" not in out.stderr
     finally:

@@ -26,6 +26,7 @@ import typer
 from podkit.aio import run_async, stop_event
 from podkit.backends import BackendError, open_kv
 from podkit.election.core import Election, LeaderElection, LeadershipLost
+from podkit.net.listen import ListenError, listening
 from podkit.observe.admin import AdminServer
 from podkit.proc import parent_death_signal, stop_group
 
@@ -73,7 +74,7 @@ class Elector:
         return 200, {"identity": e.identity, "leader": e.is_leader, "token": e.token}
 
     async def run(self) -> None:
-        await self.http.start()
+        await listening(self.http.start(), "--port", self.config.host, self.config.port)
         log(f"{self.config.identity} campaigning for '{self.config.name}' on {self.http.url}")
         while True:
             try:
@@ -173,7 +174,9 @@ def elect(
     ] = None,
     ttl: Annotated[float, typer.Option(help="Lease TTL in seconds.")] = 5.0,
     host: Annotated[str, typer.Option(help="HTTP address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port (/leader, /me).")] = 4040,
+    port: Annotated[
+        int, typer.Option(help="HTTP port (/leader, /me); 0: a free one, printed at start.")
+    ] = 0,
     exec_: Annotated[
         str | None, typer.Option("--exec", help="Command to run only while leading.")
     ] = None,
@@ -194,6 +197,6 @@ def elect(
     )
     try:
         run_async(run(config))
-    except BackendError as exc:
+    except (BackendError, ListenError) as exc:
         log(str(exc))
         raise typer.Exit(1) from None

@@ -19,6 +19,7 @@ import typer
 
 from podkit.aio import run_async, stop_event, wait_for
 from podkit.backends import BackendError, open_kv
+from podkit.net.listen import ListenError, listening
 from podkit.workqueue import sources
 from podkit.workqueue.core import RetryPolicy, WorkerStats, WorkQueue
 from podkit.workqueue.handlers import ExecHandler, HTTPHandler, Mode
@@ -45,8 +46,6 @@ def log(message: str) -> None:
 
 
 def _run(coro: Any) -> None:
-    from podkit.net.listen import ListenError
-
     try:
         run_async(coro)
     except (BackendError, ListenError) as exc:
@@ -151,7 +150,6 @@ async def _work_admin(counts: WorkerStats, name: str, queue: str, port: int) -> 
     from prometheus_client.registry import Collector
 
     from podkit.backends import mask
-    from podkit.net.listen import listening
     from podkit.observe.admin import AdminServer
 
     class Counts(Collector):
@@ -300,7 +298,7 @@ def scaler(
         kv = await open_kv(queue)
         routes: dict[str, Handler] = {"/desired": desired, "/healthz": healthz, "/metrics": metrics}
         server = AdminServer(routes, host, port)
-        await server.start()
+        await listening(server.start(), "--port", host, port)
         log(f"scaler for {name!r} on {server.url}/desired and /metrics")
         stop = stop_event()
         try:
@@ -451,7 +449,7 @@ def source_http(
 
     async def serve(wq: WorkQueue, stop: asyncio.Event) -> None:
         src = sources.HTTPSource(wq, host, port)
-        await src.start()
+        await listening(src.start(), "--port", host, port)
         log(f"POST http://{host}:{src.port}/enqueue feeds '{name}'")
         await stop.wait()
         await src.close()

@@ -115,7 +115,7 @@ def serve(
     ListenError."""
     shared: socket.socket | None = None
     if config.reuse_port:  # port 0: every worker takes the one the system gives here
-        config.port = probe_port(config.host, config.port)
+        config.port = probe_port(config.host, config.port, "--listen")
     prepare = getattr(features, "prepare", None)
     if prepare is not None:  # checks its own ports; state the workers share is made here
         prepare(config)
@@ -123,7 +123,7 @@ def serve(
         try:
             shared = listen_socket(config.host, config.port, False, config.backlog)
         except OSError as exc:
-            raise ListenError.of(exc, config.host, config.port) from None
+            raise ListenError.of(exc, config.host, config.port, "--listen") from None
         config.port = int(shared.getsockname()[1])
     if ready is not None:
         ready()
