@@ -102,6 +102,20 @@ def test_least_requests_balances_in_flight_requests() -> None:
     assert max(loads) - min(loads) <= 3  # power of two choices keeps the spread tiny
 
 
+@pytest.mark.parametrize(("weights", "share_of_last"), [([1, 1], 1 / 2), ([1, 2], 2 / 3)])
+def test_least_requests_ties_go_by_weight_not_by_order(
+    weights: list[int], share_of_last: float
+) -> None:
+    """Sequential requests (nothing in flight: every comparison a tie) over two
+    upstreams: the second gets its weight's share, not none of them."""
+    u = ups(2, weights)
+    lr = LeastRequests(u, rng=random.Random(3))
+    n = 3000
+    last = sum(lr.pick(H, "c") is u[1] for _ in range(n))
+    sd = (n * share_of_last * (1 - share_of_last)) ** 0.5
+    assert abs(last - n * share_of_last) < 4 * sd
+
+
 def test_least_requests_respects_availability_and_exclusion() -> None:
     u = ups(3)
     lr = LeastRequests(u)

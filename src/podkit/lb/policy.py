@@ -63,7 +63,8 @@ class Weighted(RoundRobin):
 
 
 class LeastRequests(RoundRobin):
-    """Power of two choices on requests in flight per unit of weight."""
+    """Power of two choices on requests in flight per unit of weight; a tie (idle
+    upstreams) goes to one of the two at random in proportion to their weights."""
 
     name = "least-requests"
 
@@ -89,7 +90,7 @@ class LeastRequests(RoundRobin):
                 and b.available
                 and (exclude is None or (a not in exclude and b not in exclude))
             ):
-                return a if a.inflight * b.weight <= b.inflight * a.weight else b
+                return self._lighter(a, b)
         cands = [u for u in ups if u.available and (exclude is None or u not in exclude)]
         if len(cands) <= 2:
             if not cands:
@@ -99,7 +100,16 @@ class LeastRequests(RoundRobin):
             a, b = cands
         else:
             a, b = random.sample(cands, 2)
-        return a if a.inflight * b.weight <= b.inflight * a.weight else b
+        return self._lighter(a, b)
+
+    def _lighter(self, a: Upstream, b: Upstream) -> Upstream:
+        """The one with fewer requests in flight per unit of weight; on a tie, one drawn
+        in proportion to the weights (the first listed is not favoured)."""
+        load_a = a.inflight * b.weight
+        load_b = b.inflight * a.weight
+        if load_a != load_b:
+            return a if load_a < load_b else b
+        return a if self._rand() * (a.weight + b.weight) < a.weight else b
 
 
 class ConsistentHash:
