@@ -273,3 +273,48 @@ def test_validate_and_up_report_every_kind_of_problem_in_one_run(tmp_path: Path)
         ]
         assert all(line.startswith(f"  {spec}:") for line in lines)
         assert "No such option" not in result.stderr
+
+
+LB_SPEC = """\
+name: t
+pods:
+  - name: api
+    containers:
+      - name: app
+        command: [sleep, "100"]
+        ports: {http: 8080}
+services:
+  - name: api
+    port: 18700
+    pods: api
+    target: http
+    lb:
+      %s
+"""
+
+
+@pytest.mark.parametrize(
+    ("lb", "problem"),
+    [
+        ("rate_limit: {rate: '10 per second'}",
+         "spec.yaml:14:20: services[0].lb.rate_limit.rate: rate '10 per second': expected "
+         "'<count>/<s|m|h|d>[ burst <n>]'"),
+        ("rate_limit: {global: '5/x'}",
+         "spec.yaml:14:20: services[0].lb.rate_limit.global: rate '5/x'"),
+        ("health: {path: healthz}",
+         "spec.yaml:14:16: services[0].lb.health.path: a path starts with '/' (got 'healthz')"),
+        ("admin_port: 18700",
+         "spec.yaml:14:7: services[0].lb.admin_port: the admin port would take the service's "
+         "port 18700"),
+        ("{admin_port: 18699, workers: 2}",
+         "services[0].lb.admin_port: the admin ports (2 workers) would take the service's port"),
+    ],
+)  # fmt: skip
+def test_validate_refuses_the_lb_values_the_balancer_would_refuse(lb: str, problem: str) -> None:
+    (message,) = errors(LB_SPEC % lb)
+    assert problem in message
+
+
+def test_lb_values_the_balancer_takes_pass() -> None:
+    spec = parse_spec(LB_SPEC % "{rate_limit: {rate: '10/s burst 20'}, admin_port: 18701}")
+    assert spec.services[0].lb is not None

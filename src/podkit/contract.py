@@ -205,6 +205,11 @@ class ServiceHook:
         """Whether clients reach the service over TLS."""
         return False
 
+    def check(self, port: int, options: Any) -> list[tuple[Loc, str]]:
+        """Problems with the options beside the service's `port`; each place is relative
+        to the hook's field."""
+        return []
+
     def process(
         self, name: str, host: str, port: int, options: Any, free_ports: Callable[[int], int]
     ) -> Process:

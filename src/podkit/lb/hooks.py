@@ -11,17 +11,40 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from podkit.contract import KubeService, Process, ServiceHook, flag_value, podkit_command
+from podkit.contract import KubeService, Loc, Process, ServiceHook, flag_value, podkit_command
 from podkit.spectypes import Model, Port
+
+
+def _rate(text: str | None) -> str | None:
+    """A rate as `podkit lb` reads it ('100/s burst 200'), checked when the spec loads."""
+    if text is not None:
+        from podkit.lb.ratelimit import Rate
+
+        try:
+            Rate.parse(text)
+        except ValueError as exc:
+            raise PydanticCustomError("lb_rate", "{why}", {"why": str(exc)}) from None
+    return text
+
+
+def _path(text: str) -> str:
+    if not text.startswith("/"):
+        raise PydanticCustomError(
+            "lb_path", "a path starts with '/' (got '{path}')", {"path": text}
+        )  # fmt: skip
+    return text
+
+
+RateText = Annotated[str | None, AfterValidator(_rate)]
 
 
 class LBHealth(Model):
     """Active HTTP health checks of each replica."""
 
-    path: str = "/healthz"
+    path: Annotated[str, AfterValidator(_path)] = "/healthz"
     interval: Annotated[float, Field(gt=0)] = 5.0
     timeout: Annotated[float, Field(gt=0)] = 1.0
     healthy_threshold: Annotated[int, Field(ge=1)] = 2
@@ -38,9 +61,9 @@ class LBCache(Model):
 class LBRateLimit(Model):
     """Token buckets: `rate` like '100/s burst 200' per client, `global` for everyone."""
 
-    rate: str | None = None
+    rate: RateText = None
     by: str = "ip"  # ip or header:NAME
-    global_: str | None = Field(default=None, alias="global")
+    global_: RateText = Field(default=None, alias="global")
 
     @model_validator(mode="after")
     def _something_to_limit(self) -> LBRateLimit:
@@ -193,6 +216,18 @@ class LBHook(ServiceHook):
 
     def tls(self, options: Any) -> bool:
         return options.tls is not None
+
+    def check(self, port: int, options: Any) -> list[tuple[Loc, str]]:
+        lb: LBOptions = options
+        if lb.admin_port is None:
+            return []
+        ports = range(lb.admin_port, lb.admin_port + lb.workers)  # worker i: admin_port + i
+        if port in ports:
+            what = (
+                "the admin port" if lb.workers == 1 else f"the admin ports ({lb.workers} workers)"
+            )
+            return [(("admin_port",), f"{what} would take the service's port {port}")]
+        return []
 
     def process(
         self, name: str, host: str, port: int, options: Any, free_ports: Callable[[int], int]

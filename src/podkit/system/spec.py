@@ -383,6 +383,10 @@ def _check_references(spec: Spec) -> Problems:
             )
         svc_ports[svc.host, svc.port] = svc.name
         problems += _check_target(spec, k, svc, pod_names)
+        if (hooked := svc.hook()) is not None:
+            hook, options = hooked
+            for loc, message in hook.check(svc.port, options):
+                problems.append((("services", k, hook.key, *loc), message))
     return problems
 
 
