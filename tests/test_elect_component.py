@@ -111,3 +111,39 @@ def test_sigterm_stops_the_command_and_hands_over(electors) -> None:  # type: ig
     new = wait_leader([p for p in ports if p != port], exclude=str(leader["identity"]))
     assert time.monotonic() - start < 1.0  # resigned: no need to wait for the TTL
     assert int(str(new["token"])) > int(str(leader["token"]))
+
+
+def test_a_command_that_fails_at_once_is_restarted_with_back_off(tmp_path: Path) -> None:
+    """`--exec false`: each quick exit doubles the pause before the next campaign
+    (0.5, 1, 2 s...), so in 3 s the command runs about 3 times, not hundreds."""
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "podkit", "elect", "--backend", "memory://backoff",
+         "--name", "job", "--exec", f"sh -c 'echo x >> {runs}; exit 3'"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(3.5)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    count = len(runs.read_text().splitlines())
+    assert 2 <= count <= 4, (count, err)
+    assert "command exited with 3 after" in err and "campaigning again in 1s" in err
+
+
+def test_candidates_on_one_machine_have_different_identities() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "POD_NAME"}
+    elect = [sys.executable, "-m", "podkit", "elect", "--backend", "memory://ids", "--name", "j"]
+    procs = [subprocess.Popen(elect, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    try:
+        names = []
+        for p in procs:
+            assert p.stderr is not None
+            names.append(p.stderr.readline().split(" ")[1])  # "elect: <identity> campaigning"
+        assert names[0] != names[1]
+        assert all(n.endswith(f"-{p.pid}") for p, n in zip(procs, names, strict=True))
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)

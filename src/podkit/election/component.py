@@ -6,7 +6,11 @@ It campaigns for `--name` on a KV backend and answers on its HTTP port:
 leads (with PODKIT_LEADER_TOKEN in its environment) and stops it (SIGTERM, then SIGKILL
 after `--grace`) as soon as leadership is lost, by the local lease deadline, whether or
 not the backend is reachable. When CMD exits by itself the elector resigns and queues
-again.
+again; when it ran less than EXEC_STABLE seconds, only after a pause that doubles from
+0.5 s to 30 s with each quick exit in a row.
+
+The identity defaults to POD_NAME (set on Kubernetes and by `podkit up`), else
+`<hostname>-<pid>`, so candidates on one machine are told apart.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import shlex
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -47,6 +52,10 @@ def log(message: str) -> None:
     print(f"elect: {message}", file=sys.stderr, flush=True)
 
 
+EXEC_STABLE = 10.0  # seconds: a command that ran this long resets the back-off
+EXEC_BACKOFF = (0.5, 30.0)  # the first and the longest pause after a quick exit
+
+
 class Elector:
     """Campaign forever; serve the state; run the command while leading."""
 
@@ -54,6 +63,7 @@ class Elector:
         self.config = config
         self.election = election
         self.child: asyncio.subprocess.Process | None = None
+        self.pause = 0.0  # the pause after the command's last quick exit
         self.http = AdminServer(
             {"/leader": self.leader, "/me": self.me, "/healthz": lambda: (200, {"ok": True})},
             config.host,
@@ -89,6 +99,7 @@ class Elector:
     async def _lead(self) -> None:
         lost = asyncio.create_task(self.election.wait_lost())
         waits: set[asyncio.Task[Any]] = {lost}
+        started = time.monotonic()
         if self.config.exec:
             env = dict(os.environ, PODKIT_LEADER_TOKEN=str(self.election.token))
             self.child = await asyncio.create_subprocess_exec(
@@ -108,8 +119,17 @@ class Elector:
             await self.election.resign()
         else:
             code = self.child.returncode if self.child else None
-            log(f"command exited with {code}: resigning")
             await self.election.resign()
+            ran = time.monotonic() - started
+            # a command that keeps failing at once is not restarted in a tight loop
+            self.pause = EXEC_BACKOFF[0] if ran >= EXEC_STABLE else min(
+                self.pause * 2 or EXEC_BACKOFF[0], EXEC_BACKOFF[1]
+            )  # fmt: skip
+            wait = 0.0 if ran >= EXEC_STABLE else self.pause
+            log(f"command exited with {code} after {ran:.1f}s: resigning; "
+                f"campaigning again in {wait:g}s")  # fmt: skip
+            self.child = None
+            await asyncio.sleep(wait)
         self.child = None
 
     async def _stop_child(self, grace: float) -> None:
@@ -170,7 +190,8 @@ def elect(
     ],
     name: Annotated[str, typer.Option(help="The election's name.")],
     identity: Annotated[
-        str | None, typer.Option(help="This candidate's identity [default: POD_NAME or host]")
+        str | None,
+        typer.Option(help="This candidate's identity [default: $POD_NAME, else HOSTNAME-PID]"),
     ] = None,
     ttl: Annotated[float, typer.Option(help="Lease TTL in seconds.")] = 5.0,
     host: Annotated[str, typer.Option(help="HTTP address.")] = "127.0.0.1",
@@ -188,7 +209,7 @@ def elect(
     config = ElectorConfig(
         backend=backend,
         name=name,
-        identity=identity or os.environ.get("POD_NAME") or socket.gethostname(),
+        identity=identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
         ttl=ttl,
         host=host,
         port=port,
