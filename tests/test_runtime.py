@@ -80,6 +80,11 @@ async def test_unready_replica_gets_no_traffic(runtime_for) -> None:  # type: ig
     assert rt.replicas[1].containers[0].status.state == "running"
     pods = [(await aget(f"http://127.0.0.1:{port}/"))[1] for _ in range(20)]
     assert set(pods) == {"web-0", "web-2"}
+    # why it is not ready is in its status (and so in `podkit status`), and in the log
+    assert rt.replicas[1].containers[0].status.message == "not ready: GET /ready: HTTP 503"
+    assert rt.replicas[0].containers[0].status.message == ""
+    await asyncio.sleep(0.2)  # the log's writer thread
+    assert "web-1/app not ready: GET /ready: HTTP 503" in rt.log.out.getvalue()
 
 
 async def test_killed_replica_restarts_while_the_service_keeps_answering(runtime_for) -> None:  # type: ignore[no-untyped-def]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,10 +36,21 @@ class ProbeState:
         return False
 
 
-async def http_check(host: str, port: int, path: str, timeout: float) -> bool:
+Result = tuple[bool, str]  # healthy, and why not (empty when healthy)
+
+
+def _failure(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g}s"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return str(exc) or type(exc).__name__
+
+
+async def http_check(host: str, port: int, path: str, timeout: float) -> Result:
     """GET `path`; healthy on a 2xx or 3xx status."""
 
-    async def attempt() -> bool:
+    async def attempt() -> Result:
         reader, writer = await asyncio.open_connection(host, port)
         try:
             host_field = (b"Host", f"{host}:{port}".encode("latin-1"))
@@ -49,49 +61,55 @@ async def http_check(host: str, port: int, path: str, timeout: float) -> bool:
         finally:
             writer.close()
         parts = status.split()
-        return len(parts) >= 2 and parts[1][:1] in (b"2", b"3")
+        if len(parts) < 2:
+            return False, f"GET {path}: no HTTP answer"
+        ok = parts[1][:1] in (b"2", b"3")
+        return ok, "" if ok else f"GET {path}: HTTP {parts[1].decode('latin-1')}"
 
     try:
         return await wait_for(attempt(), timeout)
-    except (OSError, TimeoutError, ValueError):
-        return False
+    except (OSError, TimeoutError, ValueError) as exc:
+        return False, f"GET http://{host}:{port}{path}: {_failure(exc, timeout)}"
 
 
-async def tcp_check(host: str, port: int, timeout: float) -> bool:
+async def tcp_check(host: str, port: int, timeout: float) -> Result:
     """Healthy when a TCP connection opens."""
     try:
         _, writer = await wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, TimeoutError):
-        return False
+    except (OSError, TimeoutError) as exc:
+        return False, f"TCP {host}:{port}: {_failure(exc, timeout)}"
     writer.close()
-    return True
+    return True, ""
 
 
 async def exec_check(
     command: list[str], env: Mapping[str, str], cwd: str | None, timeout: float
-) -> bool:
-    """Healthy when the command exits 0 within the timeout."""
+) -> Result:
+    """Healthy when the command exits 0 within the timeout; else its exit code and the
+    tail of its output."""
     try:
         proc = await asyncio.create_subprocess_exec(
             *command,
             env=dict(env),
             cwd=cwd,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
         )
-    except OSError:
-        return False
+    except OSError as exc:
+        return False, f"{command[0]}: {exc.strerror or exc}"
     try:
-        return await wait_for(proc.wait(), timeout) == 0
+        out, _ = await wait_for(proc.communicate(), timeout)
     except TimeoutError:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
         await proc.wait()
-        return False
+        return False, f"{command[0]}: still running after {timeout:g}s"
+    if proc.returncode == 0:
+        return True, ""
+    tail = out.decode("utf-8", "replace").strip()[-200:]
+    return False, f"{command[0]}: exit {proc.returncode}" + (f": {tail}" if tail else "")
 
 
 async def run_probe(
@@ -100,8 +118,8 @@ async def run_probe(
     ports: Mapping[str, int],
     env: Mapping[str, str],
     cwd: str | None,
-) -> bool:
-    """Run one probe once against a container at `host`."""
+) -> Result:
+    """Run one probe once against a container at `host`: (healthy, why not)."""
     if probe.http is not None:
         port = probe.http.port
         number = ports[port] if isinstance(port, str) else port

@@ -123,7 +123,7 @@ class ProcessService:
                 *(http_check(p.ready_host, port, p.ready_path, 1.0) for port in p.ready_ports)
             )
             if generation == self._generation:
-                self._set_ready(all(answers))
+                self._set_ready(all(ok for ok, _ in answers))
             await asyncio.sleep(PROBE_PERIOD)
 
     async def _accepting(self, proc: asyncio.subprocess.Process) -> bool:

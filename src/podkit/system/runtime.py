@@ -300,10 +300,26 @@ class ContainerRunner:
         state = ProbeState(probe.success_threshold, probe.failure_threshold)
         await self.runtime.clock.sleep(probe.initial_delay)
         while True:
-            ok = await run_probe(probe, self.replica.ip, self.replica.ports, self.env, self.cwd)
+            ok, why = await run_probe(
+                probe, self.replica.ip, self.replica.ports, self.env, self.cwd
+            )
+            self._readiness_said(ok, why)
             if state.record(ok):
                 self._set_ready(state.healthy)
             await self.runtime.clock.sleep(probe.period)
+
+    def _readiness_said(self, ok: bool, why: str) -> None:
+        """Keep why the container is not ready in its status, and log each new reason."""
+        before = self.status.message
+        if ok:
+            if before.startswith("not ready:"):
+                self.runtime.log.event(f"{self.log_source} ready")
+                self.status.message = ""
+            return
+        message = f"not ready: {why}"
+        if message != before:
+            self.runtime.log.event(f"{self.log_source} {message}")
+            self.status.message = message
 
     async def _liveness_loop(self) -> None:
         probe = self.spec.liveness
@@ -311,8 +327,13 @@ class ContainerRunner:
         state = ProbeState(probe.success_threshold, probe.failure_threshold, healthy=True)
         await self.runtime.clock.sleep(probe.initial_delay)
         while True:
-            ok = await run_probe(probe, self.replica.ip, self.replica.ports, self.env, self.cwd)
+            ok, why = await run_probe(
+                probe, self.replica.ip, self.replica.ports, self.env, self.cwd
+            )
+            if not ok:
+                self.status.message = f"liveness failing: {why}"
             if state.record(ok) and not state.healthy:
+                self.runtime.log.event(f"{self.log_source} liveness failed: {why}")
                 self._liveness_failed.set()
                 return
             await self.runtime.clock.sleep(probe.period)
