@@ -87,6 +87,19 @@ async def test_unready_replica_gets_no_traffic(runtime_for) -> None:  # type: ig
     assert "web-1/app not ready: GET /ready: HTTP 503" in rt.log.out.getvalue()
 
 
+async def test_a_service_with_no_ready_replica_answers_503_saying_so(runtime_for) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    rt = await runtime_for(web_spec(port, replicas=1, extra_env=", UNREADY_REPLICAS: '0'"))
+    await wait_for(lambda: rt.replicas[0].containers[0].status.state == "running", what="run")
+    status, body = await aget(f"http://127.0.0.1:{port}/", timeout=6)
+    assert (status, body) == (503, "no replica of service 'web' is ready\n")
+    # a client that speaks no HTTP is closed without a word
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"PING\r\n")
+    assert await asyncio.wait_for(reader.read(), 6) == b""
+    writer.close()
+
+
 async def test_killed_replica_restarts_while_the_service_keeps_answering(runtime_for) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     rt = await runtime_for(web_spec(port))

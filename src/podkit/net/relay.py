@@ -105,8 +105,25 @@ class _Conn:
             client.resume_reading()
             return
         relay.gave_up(len(self.tried))
-        if self.client is not None:
-            self.client.close()
+        client = self.client
+        if client is None or client.is_closing():
+            return
+        # read what the client sent (the refusal may depend on it, and bytes left unread
+        # would reset the connection at close and could destroy the answer)
+        client.resume_reading()
+        for _ in range(50):  # up to half a second for its first line
+            if b"\n" in self.pending or client.is_closing():
+                break
+            await asyncio.sleep(0.01)
+        last_word = relay.refusal(bytes(self.pending), len(self.tried))
+        self.answered = True  # what it still sends is dropped
+        self.pending = bytearray()
+        if last_word and not client.is_closing() and client.can_write_eof():
+            client.write(last_word)
+            client.write_eof()
+            loop.call_later(1.0, client.close)  # once it has read the answer
+        else:
+            client.close()
 
 
 class _Client(asyncio.Protocol):
@@ -206,6 +223,11 @@ class Relay:
 
     def gave_up(self, tried: int) -> None:
         """No endpoint took a connection (`tried` were tried); it is being closed."""
+
+    def refusal(self, sent: bytes, tried: int) -> bytes:
+        """What to write to a client no endpoint took, before closing, given what it
+        `sent` so far (nothing by default: the relay does not know the protocol)."""
+        return b""
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -3,19 +3,25 @@
 A connection goes to the next ready endpoint. If that endpoint refuses, resets or closes
 before sending back a single byte (a replica that just died), the bytes the client sent so
 far (up to 64 KiB) are replayed to the next endpoint, so a killed replica costs no failed
-request (`podkit.net.relay`). A service with `lb:` runs `podkit lb` instead: anything
+request (`podkit.net.relay`). When no replica is ready (for `wait_for_endpoint` seconds),
+a client that sent an HTTP request line gets a 503 saying so; any other is closed.
+A service with `lb:` runs `podkit lb` instead: anything
 with `start`, `set_endpoints`, `routing` and `close` can take this one's place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Protocol
 
 from podkit.aio import wait_for
+from podkit.net.httpwrite import simple_response
 from podkit.net.relay import Endpoint, Relay
 
 __all__ = ["Endpoint", "ServiceProxy", "TCPForwarder"]
+
+HTTP_REQUEST = re.compile(rb"[A-Z]+ \S+ HTTP/1\.[01]\r?\n")  # a request line, whole
 
 
 class ServiceProxy(Protocol):
@@ -37,10 +43,17 @@ class TCPForwarder(Relay):
     """Listens on `host:port` and forwards each connection to the next ready endpoint."""
 
     def __init__(
-        self, host: str, port: int, *, connect_timeout: float = 2.0, wait_for_endpoint: float = 3.0
+        self,
+        host: str,
+        port: int,
+        *,
+        connect_timeout: float = 2.0,
+        wait_for_endpoint: float = 3.0,
+        name: str = "",
     ) -> None:
         super().__init__(host, port, connect_timeout=connect_timeout)
         self.wait_for_endpoint = wait_for_endpoint
+        self.name = name
         self._endpoints: list[Endpoint] = []
         self._next = 0
         self._have_endpoints = asyncio.Event()
@@ -74,6 +87,16 @@ class TCPForwarder(Relay):
         start = self._next % len(eps)
         self._next = start + 1
         return [e for e in eps[start:] + eps[:start] if e not in tried]
+
+    def refusal(self, sent: bytes, tried: int) -> bytes:
+        """A client that began an HTTP request gets a 503 saying why; any other is
+        closed without a word (the forwarder does not know its protocol)."""
+        if HTTP_REQUEST.match(sent) is None:
+            return b""
+        what = f"service '{self.name}'" if self.name else "this service"
+        why = f"no replica of {what} is ready" if not tried else (
+            f"no ready replica of {what} took the connection ({tried} tried)")  # fmt: skip
+        return simple_response(503, f"{why}\n".encode(), close=True)
 
     async def start(self) -> None:
         await self.listen()

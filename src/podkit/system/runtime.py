@@ -464,7 +464,7 @@ class Runtime:
             from podkit.system.procservice import ProcessService
 
             return ProcessService(svc, *hooked, self)
-        return TCPForwarder(svc.host, svc.port)
+        return TCPForwarder(svc.host, svc.port, name=svc.name)
 
     async def start(self) -> None:
         """Start services, then every pod replica."""
