@@ -93,4 +93,4 @@ def test_quickstart_answers_within_5s_and_survives_a_killed_replica(tmp_path: Pa
     out = log.read_text()
     assert proc.returncode == 0, out
     assert f"quickstart is ready: try {url}" in out
-    assert "web-0/app exited with code -9; restarting" in out
+    assert "web-0/app killed by SIGKILL; restarting" in out

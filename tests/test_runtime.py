@@ -425,3 +425,11 @@ services:
         "plain": "http://127.0.0.1:9080/",
         "edge": "https://127.0.0.1:9445/",
     }
+
+
+def test_exits_are_told_by_code_or_by_signal() -> None:
+    from podkit.system.runtime import exit_text
+
+    assert exit_text(3) == "exited with code 3"
+    assert exit_text(-9) == "killed by SIGKILL"
+    assert exit_text(-15) == "killed by SIGTERM"

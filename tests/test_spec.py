@@ -318,3 +318,8 @@ def test_validate_refuses_the_lb_values_the_balancer_would_refuse(lb: str, probl
 def test_lb_values_the_balancer_takes_pass() -> None:
     spec = parse_spec(LB_SPEC % "{rate_limit: {rate: '10/s burst 20'}, admin_port: 18701}")
     assert spec.services[0].lb is not None
+
+
+def test_validate_counts_in_words() -> None:
+    result = run_cli("validate", str(ROOT / "examples" / "legacy-https.yaml"))
+    assert result.stdout.strip().endswith(": ok (1 pod, 1 replica, 2 services)")

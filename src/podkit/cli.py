@@ -62,11 +62,9 @@ def validate(spec: SpecPath) -> None:
         _print_spec_error(exc)
         raise typer.Exit(2) from None
     replicas = sum(p.replicas for p in loaded.pods)
-    out.print(
-        f"{spec}: ok ({len(loaded.pods)} pods, {replicas} replicas, "
-        f"{len(loaded.services)} services)",
-        highlight=False,
-    )
+    counts = [(len(loaded.pods), "pod"), (replicas, "replica"), (len(loaded.services), "service")]
+    said = ", ".join(f"{n} {word}{'' if n == 1 else 's'}" for n, word in counts)
+    out.print(f"{spec}: ok ({said})", highlight=False)
 
 
 @app.command()

@@ -198,3 +198,24 @@ def test_weights_on_the_ring() -> None:
     ring = ConsistentHash(u)
     counts = Counter(ring.owner(b"w%d" % i) for i in range(20_000))
     assert 2.2 < counts[u[0]] / counts[u[1]] < 4.0
+
+
+def test_the_log_names_the_policy_in_effect() -> None:
+    """round-robin over weighted upstreams is the weighted policy, and says so."""
+    import subprocess
+    import sys
+
+    from support import free_port
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "podkit", "lb", "--listen", f"127.0.0.1:{free_port()}",
+         "--upstream", "127.0.0.1:1", "--upstream", "127.0.0.1:2,weight=2"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert "(1 worker, weighted) -> 127.0.0.1:1, 127.0.0.1:2" in line, line
+    finally:
+        proc.terminate()
+        proc.wait(10)

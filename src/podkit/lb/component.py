@@ -18,7 +18,7 @@ import typer
 
 from podkit.lb.balancer import LoadBalancer
 from podkit.lb.features import Features
-from podkit.lb.policy import POLICIES, parse_upstream
+from podkit.lb.policy import POLICIES, make_policy, parse_upstream
 from podkit.net.listen import ListenError
 from podkit.net.proxy.config import parse_listen, proxy_config
 from podkit.net.proxy.engine import ProxyConfig
@@ -277,6 +277,8 @@ def _run(
         cert, key = make_self_signed(tls_dir, list(dict.fromkeys(hosts)))
         features.tls_cert, features.tls_key = str(cert), str(key)
     names = ", ".join(parse_upstream(u).name for u in upstream) or "members"
+    # the policy in effect: round-robin over weighted upstreams is the weighted one
+    policy = make_policy(policy, [parse_upstream(u) for u in upstream], hash_on).name
 
     def ready() -> None:
         print(

@@ -48,6 +48,16 @@ def expand(text: str, env: Mapping[str, str]) -> str:
     return _VAR.sub(sub, text)
 
 
+def exit_text(code: int) -> str:
+    """How a process ended: `exited with code 3`, or `killed by SIGKILL` for code -9."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 def env_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", name).upper()
 
@@ -211,14 +221,14 @@ class ContainerRunner:
             rt.exited(self, code)
             if policy == "Never" or (policy == "OnFailure" and code == 0):
                 self.status.state = "completed" if code == 0 else "failed"
-                rt.log.event(f"{self.log_source} exited with code {code}; restart policy {policy}")
+                rt.log.event(f"{self.log_source} {exit_text(code)}; restart policy {policy}")
                 rt.changed()  # a completed container no longer holds the system back
                 return
             delay = self.backoff.exited(rt.clock.now())
             self.status.restarts += 1
             self.status.state = "backoff"
             self.status.message = f"restarting in {delay:.2f}s"
-            rt.log.event(f"{self.log_source} exited with code {code}; restarting in {delay:.2f}s")
+            rt.log.event(f"{self.log_source} {exit_text(code)}; restarting in {delay:.2f}s")
             await rt.clock.sleep(delay)
 
     async def _run_once(self) -> int:
@@ -574,8 +584,7 @@ class Runtime:
             self._exits_reported.add(runner.log_source)
             reason = f" ({runner.status.message})" if code == 127 and runner.status.message else ""
             self.log.event(
-                f"{self.spec.name} is not ready: {runner.log_source} exited with code "
-                f"{code}{reason}"
+                f"{self.spec.name} is not ready: {runner.log_source} {exit_text(code)}{reason}"
             )
 
     def endpoints(self, svc: Service) -> list[Endpoint]:
