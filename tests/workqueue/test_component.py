@@ -67,12 +67,31 @@ def test_cli_work_acks_on_exit_0_and_dead_letters_failures(tmp_path: Path) -> No
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "done 3, failed 2" in r.stderr
+    # each failed delivery is told as it happens, with the command's exit code
+    failures = [line for line in r.stderr.splitlines() if " failed (delivery " in line]
+    assert len(failures) == 2 and all("exited with 7" in line for line in failures)
+    assert "(delivery 1)" in failures[0] and "(delivery 2)" in failures[1]
     assert sorted(p.name for p in out.iterdir()) == ["a", "b", "c"]
     r = podkit("queue", "status", "--queue", url, "--name", "jobs", "--json", "--dead", "5")
     data = json.loads(r.stdout)
     assert (data["depth"], data["in_flight"], data["dead"]) == (0, 0, 1)
     assert data["dead_letters"][0]["attempts"] == 2
     assert "exited with 7" in data["dead_letters"][0]["last_error"]
+    assert data["dead_letters"][0]["item"] == '"bad"'  # the item itself, not only its id
+    r = podkit("queue", "status", "--queue", url, "--name", "jobs", "--dead", "5")
+    assert '    item: "bad"' in r.stdout
+
+
+def test_cli_work_prints_results(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    podkit("queue", "enqueue", "3", "4", "--queue", url)
+    script = "import sys; print(int(sys.argv[1]) ** 2)"
+    r = podkit(
+        "queue", "work", "--queue", url, "--exec", f'{PY} -c "{script}" {{}}', "--drain",
+        "--print-results", "--concurrency", "1",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.split()) == ["16", "9"]
 
 
 def test_cli_worker_sigterm_returns_items(tmp_path: Path) -> None:

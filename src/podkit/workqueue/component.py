@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from podkit.aio import run_async, stop_event, wait_for
-from podkit.backends import BackendError, open_kv
+from podkit.backends import BackendError, Message, open_kv
 from podkit.net.listen import ListenError, listening
 from podkit.workqueue import sources
 from podkit.workqueue.core import RetryPolicy, WorkerStats, WorkQueue
@@ -76,6 +76,9 @@ def work(
         str | None, typer.Option(help="Enqueue each result on this queue: the next step.")
     ] = None,
     drain: Annotated[bool, typer.Option(help="Stop when the queue is empty.")] = False,
+    print_results: Annotated[
+        bool, typer.Option(help="Print each item's result on stdout (one JSON line).")
+    ] = False,
     report: Annotated[
         bool, typer.Option(help="Report progress for autoscaling (needs a KV backend).")
     ] = True,
@@ -98,7 +101,7 @@ def work(
             queue, name, max_attempts=max_attempts, visibility=visibility,
             retry=RetryPolicy(base=retry_base),
         )  # fmt: skip
-        handler = _handler(exec_, http, mode_, timeout)
+        handler = _handler(exec_, http, mode_, timeout, print_results)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, wq.stop)
@@ -117,30 +120,53 @@ def work(
         log(f"working on '{name}' ({queue}) with concurrency {concurrency}")
         stats = await wq.run(
             handler, concurrency=concurrency, drain=drain, grace=grace, then=after,
-            on_done=progress, prefetch=prefetch, stats=counts,
+            on_done=progress, prefetch=prefetch, stats=counts, on_failed=_failed,
         )  # fmt: skip
-        if admin is not None:
-            await admin.close()
-        if reporter is not None:
-            await reporter.close()
-            await reporter.kv.close()
-        if after is not None:
-            await after.close()
         log(f"done {stats.done}, failed {stats.failed}, returned {stats.returned}")
-        if isinstance(handler, HTTPHandler):
-            await handler.close()
-        await wq.close()
+        kv = reporter.kv if reporter is not None else None
+        await _close(admin, reporter, kv, after, getattr(handler, "inner", handler), wq)
 
     mode_: Mode = mode  # type: ignore[assignment]
     _run(main())
 
 
-def _handler(exec_: str | None, http: str | None, mode: Mode, timeout: float | None) -> Any:
-    """`queue work`'s handler: the command (`--exec`) or the URL (`--http`)."""
-    if exec_ is not None:
-        return ExecHandler(exec_, mode=mode, timeout=timeout)
-    assert http is not None
-    return HTTPHandler(http)
+async def _close(*things: Any) -> None:
+    """Close each of `things` that is there and has a `close`."""
+    for thing in things:
+        close = getattr(thing, "close", None)
+        if close is not None:
+            await close()
+
+
+def _handler(
+    exec_: str | None, http: str | None, mode: Mode, timeout: float | None, print_results: bool
+) -> Any:
+    """`queue work`'s handler: the command (`--exec`) or the URL (`--http`); with
+    `print_results`, each result is printed on stdout, one JSON line per item."""
+    inner: Any = ExecHandler(exec_, mode=mode, timeout=timeout) if exec_ else None
+    if inner is None:
+        assert http is not None
+        inner = HTTPHandler(http)
+    if not print_results:
+        return inner
+    return _Printing(inner)
+
+
+class _Printing:
+    """A handler that prints what the handler it wraps returns."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(self, item: Any) -> Any:
+        result = await self.inner(item)
+        print(json.dumps(result, default=str), flush=True)
+        return result
+
+
+def _failed(message: Message, error: str) -> None:
+    """One line per failed delivery, with the handler's error (exit code, stderr tail)."""
+    log(f"item {message.id} failed (delivery {message.attempts}): {error}")
 
 
 async def _work_admin(counts: WorkerStats, name: str, queue: str, port: int) -> Any:
@@ -200,6 +226,12 @@ def enqueue(
     _run(main())
 
 
+def _shown(payload: bytes, limit: int = 500) -> str:
+    """An item as text for a person: its JSON or its bytes decoded, cut at `limit`."""
+    text = payload.decode("utf-8", "replace")
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def _parse(text: str) -> Any:
     try:
         return json.loads(text)
@@ -235,7 +267,12 @@ def status(
             }  # fmt: skip
             if dead:
                 data["dead_letters"] = [
-                    {"id": m.id, "attempts": m.attempts, "last_error": m.last_error}
+                    {
+                        "id": m.id,
+                        "attempts": m.attempts,
+                        "last_error": m.last_error,
+                        "item": _shown(m.payload),
+                    }
                     for m in await wq.queue.dead_letters(dead)
                 ]
             if as_json:
@@ -248,6 +285,7 @@ def status(
                 )
                 for d in data.get("dead_letters", []):
                     print(f"  dead {d['id']} after {d['attempts']} attempts: {d['last_error']}")
+                    print(f"    item: {d['item']}")
         finally:
             await wq.close()
 

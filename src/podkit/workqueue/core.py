@@ -214,6 +214,7 @@ class WorkQueue:
         then: WorkQueue | None = None,
         prefetch: int = 0,
         stats: WorkerStats | None = None,
+        on_failed: Callable[[Message, str], None] | None = None,
     ) -> WorkerStats:
         """Process items until `stop()` (or, with `drain`, until the queue is empty).
 
@@ -223,13 +224,15 @@ class WorkQueue:
         On stop, running items get `grace` seconds to finish; the rest are returned.
         With `then`, each result is enqueued there (a chain's next step) before the item
         is acked, keyed by the item's id, so a retried step forwards it only once.
-        The counts go into `stats` when given (read it while the pool runs).
+        The counts go into `stats` when given (read it while the pool runs);
+        `on_failed(message, error)` hears of each failed delivery.
         """
         if prefetch < 0:
             raise ValueError(f"prefetch must be 0 or more, not {prefetch}")
         marked: int = getattr(handler, "__podkit_concurrency__", 8)
         limit = concurrency if concurrency is not None else marked
         pool = _Pool(self, handler, limit, on_done, then, prefetch)
+        pool.on_failed = on_failed
         if stats is not None:
             pool.stats = stats
         return await pool.run(drain=drain, grace=grace)
@@ -260,6 +263,7 @@ class _Pool:
         self.limit = limit
         self.prefetch = prefetch
         self.on_done = on_done
+        self.on_failed: Callable[[Message, str], None] | None = None
         self.stats = WorkerStats()
         self.in_hand: dict[str, Message] = {}  # leased: running or waiting
         self.waiting: deque[Message] = deque()  # leased ahead, not started yet
@@ -363,6 +367,8 @@ class _Pool:
         except Exception as exc:
             self.stats.failed += 1
             error = "".join(traceback.format_exception_only(exc)).strip()[-2000:]
+            if self.on_failed is not None:
+                self.on_failed(m, error)
             with contextlib.suppress(Exception):
                 await self.wq.queue.nack(m, delay=self.wq.retry.delay(m.attempts), error=error)
             self._release(m)
