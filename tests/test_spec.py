@@ -323,3 +323,31 @@ def test_lb_values_the_balancer_takes_pass() -> None:
 def test_validate_counts_in_words() -> None:
     result = run_cli("validate", str(ROOT / "examples" / "legacy-https.yaml"))
     assert result.stdout.strip().endswith(": ok (1 pod, 1 replica, 2 services)")
+
+
+def test_field_and_reference_problems_come_in_one_pass() -> None:
+    """A field error (a bad replica count) does not hide the reference errors of the
+    parts that are valid: an unknown pod, a missing port name, a service name used
+    twice. A service naming the pod with the field error is not also told it names none."""
+    problems = errors(
+        """\
+name: s
+pods:
+  - name: web
+    replicas: -1
+    containers: [{name: app, command: [x], ports: {http: 80}}]
+  - name: api
+    containers: [{name: app, command: [x], ports: {http: 81}}]
+services:
+  - {name: a, port: 8000, pods: nowhere, target: 80}
+  - {name: b, port: 8001, pods: api, target: grpc}
+  - {name: b, port: 8002, pods: web, target: http}
+"""
+    )
+    assert [p.split(": ", 2)[1] for p in problems] == [
+        "pods[0].replicas",
+        "services[0].pods",
+        "services[1].target",
+        "services[2].name",
+    ]
+    assert "no pod named 'nowhere' (pods: web, api)" in problems[1]

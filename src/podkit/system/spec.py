@@ -361,16 +361,29 @@ Problems = list[tuple[tuple[str | int, ...], str]]
 
 def _check_references(spec: Spec) -> Problems:
     """Cross-field checks: names unique, references resolve, ports do not clash."""
+    pods = dict(enumerate(spec.pods))
+    services = dict(enumerate(spec.services))
+    return _references(pods, services, [p.name for p in spec.pods], list(spec.backends))
+
+
+def _references(
+    pods: dict[int, Pod], services: dict[int, Service], names: list[str], backends: list[str]
+) -> Problems:
+    """The cross-field checks over the pods and services that validated (by their place
+    in the spec); `names` are every pod's name, valid or not, so that a service naming
+    a pod with another problem is not also reported as naming none."""
     problems: Problems = []
-    pod_names: dict[str, int] = {}
-    for i, pod in enumerate(spec.pods):
-        if pod.name in pod_names:
+    pod_names: dict[str, Pod | None] = dict.fromkeys(names)
+    seen: set[str] = set()
+    for i, pod in sorted(pods.items()):
+        if pod.name in seen:
             problems.append((("pods", i, "name"), f"pod name '{pod.name}' is used twice"))
-        pod_names[pod.name] = i
-        problems += _check_pod(spec, i, pod)
+        seen.add(pod.name)
+        pod_names[pod.name] = pod
+        problems += _check_pod(backends, i, pod)
     svc_ports: dict[tuple[str, int], str] = {}
     svc_names: set[str] = set()
-    for k, svc in enumerate(spec.services):
+    for k, svc in sorted(services.items()):
         if svc.name in svc_names:
             problems.append((("services", k, "name"), f"service name '{svc.name}' is used twice"))
         svc_names.add(svc.name)
@@ -382,7 +395,7 @@ def _check_references(spec: Spec) -> Problems:
                 )
             )
         svc_ports[svc.host, svc.port] = svc.name
-        problems += _check_target(spec, k, svc, pod_names)
+        problems += _check_target(k, svc, pod_names)
         if (hooked := svc.hook()) is not None:
             hook, options = hooked
             for loc, message in hook.check(svc.port, options):
@@ -390,7 +403,33 @@ def _check_references(spec: Spec) -> Problems:
     return problems
 
 
-def _check_pod(spec: Spec, i: int, pod: Pod) -> Problems:
+M = typing.TypeVar("M", bound=BaseModel)
+
+
+def _each_valid(model: type[M], items: list[Any]) -> list[M | None]:
+    """Each item as a `model`, or None where it does not validate."""
+    out: list[M | None] = []
+    for item in items:
+        try:
+            out.append(model.model_validate(item))
+        except ValidationError:
+            out.append(None)
+    return out
+
+
+def _check_what_validates(data: dict[str, Any]) -> Problems:
+    """The cross-field checks over the pods and services that validate on their own, so a
+    spec with field errors gets its reference errors in the same pass."""
+    raw_pods: list[Any] = data["pods"] if isinstance(data.get("pods"), list) else []
+    raw_services: list[Any] = data["services"] if isinstance(data.get("services"), list) else []
+    pods = {i: p for i, p in enumerate(_each_valid(Pod, raw_pods)) if p is not None}
+    services = {k: s for k, s in enumerate(_each_valid(Service, raw_services)) if s is not None}
+    names = [p["name"] for p in raw_pods if isinstance(p, dict) and isinstance(p.get("name"), str)]
+    backends = data.get("backends")
+    return _references(pods, services, names, list(backends) if isinstance(backends, dict) else [])
+
+
+def _check_pod(backends: list[str], i: int, pod: Pod) -> Problems:
     """A pod's containers, ports, volumes, probes and hooks."""
     problems: Problems = []
     seen_containers: set[str] = set()
@@ -423,7 +462,7 @@ def _check_pod(spec: Spec, i: int, pod: Pod) -> Problems:
                         f"(declared: {', '.join(pod.volumes) or 'none'})",
                     )
                 )
-    named = ["state", *spec.backends]
+    named = ["state", *backends]
     for hook, options in pod.hooks():
         at = ("pods", i, hook.key)
         for field_name, backend in hook.backends(options).items():
@@ -457,8 +496,8 @@ def _check_pod(spec: Spec, i: int, pod: Pod) -> Problems:
     return problems
 
 
-def _check_target(spec: Spec, k: int, svc: Service, pod_names: dict[str, int]) -> Problems:
-    """A service's pod exists and has the port it targets."""
+def _check_target(k: int, svc: Service, pod_names: dict[str, Pod | None]) -> Problems:
+    """A service's pod exists and has the port it targets (when the pod validated)."""
     if svc.pods not in pod_names:
         return [
             (
@@ -466,8 +505,8 @@ def _check_target(spec: Spec, k: int, svc: Service, pod_names: dict[str, int]) -
                 f"no pod named '{svc.pods}' (pods: {', '.join(pod_names) or 'none'})",
             )
         ]
-    if isinstance(svc.target, str):
-        pod = spec.pods[pod_names[svc.pods]]
+    pod = pod_names[svc.pods]
+    if isinstance(svc.target, str) and pod is not None:
         names = [n for c in pod.all_containers() for n in c.ports]
         if svc.target not in names:
             return [
@@ -574,6 +613,7 @@ def parse_spec(text: str, file: str = "<spec>") -> Spec:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
         issues += [issue(tuple(e["loc"]), _describe(e)) for e in exc.errors()]
+        issues += [issue(loc, msg) for loc, msg in _check_what_validates(data)]
     else:
         issues += [issue(loc, msg) for loc, msg in _check_references(spec)]
     if issues:
