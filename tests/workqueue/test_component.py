@@ -374,3 +374,14 @@ def test_cli_work_counts_items_on_its_admin_port(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_status_of_a_database_that_is_not_there_says_so_and_makes_none(tmp_path: Path) -> None:
+    typo = tmp_path / "typo.db"
+    r = podkit("queue", "status", "--queue", f"sqlite:///{typo}")
+    assert r.returncode == 1
+    assert (
+        r.stderr.strip()
+        == f"queue: sqlite:///{typo}: no SQLite database at {typo}: no queue is there"
+    )
+    assert not typo.exists()

@@ -250,7 +250,7 @@ def status(
     """Depth, in flight, dead, drain rate and ETA of a queue."""
 
     async def main() -> None:
-        wq = await WorkQueue.open(queue, name)
+        wq = await WorkQueue.open(queue, name, create=False)  # a status makes no queue
         try:
             if watch:
                 await _watch(wq)

@@ -6,9 +6,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from podkit.backends.base import Message, QueueStats, StaleReceipt
+from podkit.backends.base import BackendError, Message, QueueStats, StaleReceipt
 from podkit.backends.prefixed import url_prefix
-from podkit.backends.sqlite.database import POLL, _Database
+from podkit.backends.sqlite.database import POLL, _Database, _file
 from podkit.backends.url import BackendURL
 from podkit.clock import Clock, WallClock
 
@@ -246,8 +246,13 @@ async def open_queue(
     clock: Clock | None = None,
     max_attempts: int = 5,
     dedupe_window: float = 3600.0,
+    create: bool = True,
     **_: Any,
 ) -> SQLiteQueue:
+    """Open queue `name`; with `create=False` a database file that is not there is a
+    BackendError (a reader that must not make one: `podkit queue status`)."""
     name = url_prefix(url.query) + name
+    if not create and not _file(url).exists():
+        raise BackendError(f"{url.masked}: no SQLite database at {_file(url)}: no queue is there")
     db = await _Database.open(url, f"queue:{name}")
     return SQLiteQueue(db, name, clock or WallClock(), max_attempts, dedupe_window)
