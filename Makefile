@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint venv clean wheel
+.PHONY: demo test test-unit lint venv clean wheel
 
 $(BIN)/podkit: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,12 +17,18 @@ venv: $(BIN)/podkit
 demo: venv
 	$(BIN)/podkit up examples/quickstart.yaml
 
-## lint, type-check and run the whole test suite against real servers
+## install the servers the tests need when missing, lint, type-check, run the whole suite
+## (a missing server fails the tests that need it, never skips them)
 test: venv
+	tools/setup-servers
 	$(BIN)/ruff check src tests benchmarks tools
 	$(BIN)/ruff format --check src tests benchmarks tools
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	PODKIT_REQUIRE_SERVERS=1 $(BIN)/pytest -q -n 3
+
+## the tests that need no server to install: the others are skipped and counted
+test-unit: venv
 	$(BIN)/pytest -q -n 3
 
 ## a platform wheel with the request path compiled by mypyc, from a fresh build venv, in dist/

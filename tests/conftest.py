@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from typing import TypeVar
 
@@ -25,7 +26,19 @@ def pytest_runtest_makereport(
     return report
 
 
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # every run says what it left out, so a green run with skips never looks whole
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if r.when != "teardown"]
+    reasons = Counter(_skip_reason(r) for r in skipped)
+    said = "; ".join(f"{n} x {why}" for why, n in reasons.most_common())
+    terminalreporter.write_sep("-", f"skipped: {len(skipped)}" + (f" ({said})" if said else ""))
     for server in _kept:
         terminalreporter.write_sep("-", f"kept {server.name} dir {server.dir}")
         terminalreporter.write_line(server.log_tail(12))

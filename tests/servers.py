@@ -46,12 +46,14 @@ def find_free_port() -> int:
 
 
 def require_binary(name: str, debian_pkg: str) -> str:
-    """Path of ``name``; skip the test if missing (fail instead when CI=true)."""
+    """Path of ``name``; skip the test if missing, or fail it when CI=true or
+    PODKIT_REQUIRE_SERVERS=1 (`make test`, which installs the servers first)."""
     path = shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
     if path:
         return path
     msg = f"{name} not installed: apt-get install {debian_pkg}"
-    if os.environ.get("CI", "").lower() == "true":
+    strict = os.environ.get("CI", "").lower() == "true"
+    if strict or os.environ.get("PODKIT_REQUIRE_SERVERS") == "1":
         pytest.fail(msg, pytrace=False)
     pytest.skip(msg)
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import shutil
+import subprocess
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -124,8 +127,34 @@ def test_start_failure_shows_log_tail() -> None:
 
 def test_require_binary_skips_or_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("PODKIT_REQUIRE_SERVERS", raising=False)
     with pytest.raises(pytest.skip.Exception, match="apt-get install pkg-x"):
         require_binary("podkit-no-such-binary", "pkg-x")
+    monkeypatch.setenv("PODKIT_REQUIRE_SERVERS", "1")  # make test: it installed them first
+    with pytest.raises(pytest.fail.Exception, match="apt-get install pkg-x"):
+        require_binary("podkit-no-such-binary", "pkg-x")
+    monkeypatch.delenv("PODKIT_REQUIRE_SERVERS")
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="apt-get install pkg-x"):
         require_binary("podkit-no-such-binary", "pkg-x")
+
+
+def test_setup_servers_names_what_is_missing_and_how_to_install_it(tmp_path: Path) -> None:
+    """Where it may not install (here: asked only to check, with a PATH that holds no
+    server), the set-up names each missing package and the command, and exits 2."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "python3", "env"):  # what the script itself runs on
+        (bin_dir / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
+    script = Path(__file__).parent.parent / "tools" / "setup-servers"
+    run = subprocess.run(
+        [str(bin_dir / "bash"), str(script), "--check"],
+        env={"PATH": str(bin_dir), "HOME": str(tmp_path), "SETUP_SYSTEM_PATH": ""},
+        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    first, second, _ = run.stderr.splitlines()
+    assert first.startswith("setup-servers: missing: ")
+    for pkg in ("redis-server", "nats-server", "etcd-server", "nginx", "wrk"):
+        assert pkg in first.split()
+    assert second.startswith("  install them with: sudo apt-get install -y")
