@@ -1,12 +1,14 @@
 """The field types of the system spec, shared by `podkit.system` and the patterns' hooks.
 
 `Model` forbids unknown fields; `Name` is a DNS label; `Text` takes numbers and booleans
-as text; `Port`, `PortRef` and `Seconds` are bounded numbers.
+as text; `Port`, `PortRef`, `Seconds` and `PositiveSeconds` are bounded numbers. A `Unit`
+in a number's annotation says what it counts, for the spec reference (docs/spec.md).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
@@ -35,11 +37,20 @@ def _dns_label(value: str) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class Unit:
+    """What a number of the spec counts (`seconds`, `bytes`, `percent`); validation
+    ignores it, the spec reference reads it."""
+
+    name: str
+
+
 Text = Annotated[str, BeforeValidator(_scalar_to_str)]
 Name = Annotated[str, AfterValidator(_dns_label)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 PortRef = Port | str
-Seconds = Annotated[float, Field(ge=0)]
+Seconds = Annotated[float, Field(ge=0), Unit("seconds")]
+PositiveSeconds = Annotated[float, Field(gt=0), Unit("seconds")]
 
 
 class Model(BaseModel):

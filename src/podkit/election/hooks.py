@@ -8,12 +8,12 @@ under a ServiceAccount whose Role may only get and update that one Lease.
 from __future__ import annotations
 
 import shlex
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import Field
 
 from podkit.contract import Added, KubePod, Loc, PodHook, PodInfo
-from podkit.spectypes import Model, Name, Port, Text
+from podkit.spectypes import Model, Name, Port, PositiveSeconds, Text
 
 EMBEDDED = ("memory", "sqlite")
 
@@ -21,11 +21,31 @@ EMBEDDED = ("memory", "sqlite")
 class Election(Model):
     """Leader election among a pod's replicas: `podkit elect` runs beside the app."""
 
-    name: Name | None = None  # defaults to the pod's name
-    backend: Name = "state"
-    ttl: Annotated[float, Field(gt=0)] = 5.0
-    port: Port = 4040
-    exec: list[Text] | None = None  # run only while leading
+    name: Name | None = Field(
+        None,
+        description="the election's name (on Kubernetes, the Lease's when it has one); "
+        "not set: the pod's name",
+    )
+    backend: Name = Field(
+        "state",
+        description="the backend the electors campaign on: a key of `backends:`, or `state`, "
+        "the embedded default (on Kubernetes an embedded one becomes a Lease)",
+    )
+    ttl: PositiveSeconds = Field(
+        5.0,
+        description="how long the leader's lease lasts unrenewed: how soon another replica "
+        "takes over when the leader dies",
+    )
+    port: Port = Field(
+        4040,
+        description="the elector's HTTP port on the replica's address: `GET /leader`, "
+        "`GET /me`; the container port `elector`",
+    )
+    exec: list[Text] | None = Field(
+        None,
+        description="a command the elector runs only while its replica leads, stopped when "
+        "it loses; not set: the app asks the elector",
+    )
 
 
 def _lease(kube: KubePod, pod: PodInfo, e: Election) -> str | None:

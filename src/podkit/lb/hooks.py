@@ -15,7 +15,7 @@ from pydantic import AfterValidator, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from podkit.contract import KubeService, Loc, Process, ServiceHook, flag_value, podkit_command
-from podkit.spectypes import Model, Port
+from podkit.spectypes import Model, Port, PositiveSeconds, Unit
 
 
 def _rate(text: str | None) -> str | None:
@@ -44,26 +44,44 @@ RateText = Annotated[str | None, AfterValidator(_rate)]
 class LBHealth(Model):
     """Active HTTP health checks of each replica."""
 
-    path: Annotated[str, AfterValidator(_path)] = "/healthz"
-    interval: Annotated[float, Field(gt=0)] = 5.0
-    timeout: Annotated[float, Field(gt=0)] = 1.0
-    healthy_threshold: Annotated[int, Field(ge=1)] = 2
-    unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
+    path: Annotated[str, AfterValidator(_path)] = Field(
+        "/healthz", description="the path to GET on each replica (it starts with `/`)"
+    )
+    interval: PositiveSeconds = Field(5.0, description="how long from one check to the next")
+    timeout: PositiveSeconds = Field(1.0, description="how long a check may take")
+    healthy_threshold: Annotated[int, Field(ge=1)] = Field(
+        2, description="passes in a row that bring a replica back"
+    )
+    unhealthy_threshold: Annotated[int, Field(ge=1)] = Field(
+        3, description="failures in a row that take a replica out"
+    )
 
 
 class LBCache(Model):
     """A response cache (Cache-Control, Expires, Vary), bounded in bytes."""
 
-    max_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
-    max_entry_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
+    max_bytes: Annotated[int, Field(ge=1024), Unit("bytes")] = Field(
+        64 * 1024 * 1024, description="the cache's size (64 MiB)"
+    )
+    max_entry_bytes: Annotated[int, Field(ge=1), Unit("bytes")] = Field(
+        1024 * 1024, description="the largest answer it keeps (1 MiB)"
+    )
 
 
 class LBRateLimit(Model):
     """Token buckets: `rate` like '100/s burst 200' per client, `global` for everyone."""
 
-    rate: RateText = None
-    by: str = "ip"  # ip or header:NAME
-    global_: RateText = Field(default=None, alias="global")
+    rate: RateText = Field(
+        None, description="each client's rate, such as `100/s burst 200`; not set: no limit"
+    )
+    by: str = Field(
+        "ip", description="what tells clients apart: `ip`, or `header:NAME` (that header)"
+    )
+    global_: RateText = Field(
+        default=None,
+        alias="global",
+        description="one rate for all clients together; not set: no limit",
+    )
 
     @model_validator(mode="after")
     def _something_to_limit(self) -> LBRateLimit:
@@ -81,17 +99,29 @@ class LBRateLimit(Model):
 class LBBreaker(Model):
     """Circuit breaking per upstream: over a limit the request goes elsewhere, or gets 503."""
 
-    max_connections: Annotated[int, Field(ge=1)] | None = None
-    max_pending: Annotated[int, Field(ge=1)] | None = None
-    max_requests: Annotated[int, Field(ge=1)] | None = None
+    max_connections: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="connections to one replica; not set: no limit"
+    )
+    max_pending: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="connections being opened to one replica; not set: no limit"
+    )
+    max_requests: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="requests in flight to one replica; not set: no limit"
+    )
 
 
 class LBTLS(Model):
     """TLS at the edge: a certificate and key (reloaded when they change), or self-signed."""
 
-    cert: str | None = None
-    key: str | None = None
-    self_signed: bool = False
+    cert: str | None = Field(
+        None,
+        description="the certificate chain file (PEM), relative to the spec's directory; "
+        "reloaded when it changes",
+    )
+    key: str | None = Field(None, description="its private key file (PEM)")
+    self_signed: bool = Field(
+        False, description="serve a fresh self-signed certificate instead (for development)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> LBTLS:
@@ -105,19 +135,53 @@ class LBTLS(Model):
 class LBOptions(Model):
     """Run `podkit lb` for this service instead of the plain TCP forwarder."""
 
-    policy: Literal["round-robin", "weighted", "least-requests", "consistent-hash"] = "round-robin"
-    hash_on: str | None = None  # header:NAME, cookie:NAME or ip, for consistent-hash
-    workers: Annotated[int, Field(ge=1, le=64)] = 1
-    tries: Annotated[int, Field(ge=1, le=10)] = 3
-    retry_budget: Annotated[float, Field(ge=0, le=100)] | None = None  # percent
-    upstream_timeout: Annotated[float, Field(gt=0)] | None = None  # seconds, per try
-    request_timeout: Annotated[float, Field(gt=0)] | None = None  # seconds, tries included
-    breaker: LBBreaker | None = None
-    health: LBHealth | None = None
-    cache: LBCache | None = None
-    rate_limit: LBRateLimit | None = None
-    tls: LBTLS | None = None
-    admin_port: Port | None = None
+    policy: Literal["round-robin", "weighted", "least-requests", "consistent-hash"] = Field(
+        "round-robin", description="how requests are spread over the ready replicas"
+    )
+    hash_on: str | None = Field(
+        None,
+        description="the key of `consistent-hash`: `header:NAME`, `cookie:NAME` or `ip`; "
+        "with that policy only",
+    )
+    workers: Annotated[int, Field(ge=1, le=64)] = Field(
+        1, description="balancer processes sharing the service's port"
+    )
+    tries: Annotated[int, Field(ge=1, le=10)] = Field(
+        3, description="attempts per request, where trying again is safe"
+    )
+    retry_budget: Annotated[float, Field(ge=0, le=100), Unit("percent")] | None = Field(
+        None,
+        description="retries allowed, as a share of the requests of the last 10 s, plus 10 "
+        "a second; not set: 20",
+    )
+    upstream_timeout: PositiveSeconds | None = Field(
+        None,
+        description="how long a replica may stay silent while answering, per try (then "
+        "504); not set: 60",
+    )
+    request_timeout: PositiveSeconds | None = Field(
+        None,
+        description="how long from a whole request to its answer, all tries included (then "
+        "504); not set: no limit",
+    )
+    breaker: LBBreaker | None = Field(
+        None, description="limits per replica, over which a request goes elsewhere or gets 503"
+    )
+    health: LBHealth | None = Field(
+        None,
+        description="active health checks of each replica, with outlier ejection; not set: neither",
+    )
+    cache: LBCache | None = Field(None, description="a response cache; not set: none")
+    rate_limit: LBRateLimit | None = Field(
+        None, description="rate limits, per client and for all; not set: none"
+    )
+    tls: LBTLS | None = Field(None, description="TLS for the service's clients; not set: HTTP")
+    admin_port: Port | None = Field(
+        None,
+        description="the first port of the balancer's admin endpoints (`/metrics`, "
+        "`/status`), worker i on this port plus i; not set: free ports under `podkit up`, "
+        "none on Kubernetes",
+    )
 
     def flags(self, *, tls_dir: str | None = None) -> list[str]:
         """The `podkit lb` flags for these options (without --listen and membership);

@@ -1,7 +1,8 @@
 """The system spec: pods, containers, probes, services and backends, loaded from YAML.
 
 A wrong spec raises `SpecError`, which lists every problem with the file, line,
-field path and what was expected.
+field path and what was expected. The models are in `podkit.system.specmodels`; this
+module names them too.
 """
 
 from __future__ import annotations
@@ -12,29 +13,23 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Union
 
-from pydantic import (
-    BaseModel,
-    Field,
-    ValidationError,
-    create_model,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ValidationError
 
-from podkit.contract import (
-    Added,
-    KubePod,
-    PodHook,
-    PodInfo,
-    ServiceHook,
-    patterns,
-    pod_hooks,
-    service_hooks,
+from podkit.contract import PodInfo
+from podkit.system.specmodels import (
+    BACKEND_SCHEMES,
+    Container,
+    ExecProbe,
+    HTTPProbe,
+    Pod,
+    Probe,
+    Service,
+    Spec,
+    TCPProbe,
+    tls_components,
 )
-from podkit.spectypes import Model, Name, Port, PortRef, Seconds, Text
 from podkit.yamlpos import (
     YAMLSyntaxError,
     format_path,
@@ -42,226 +37,22 @@ from podkit.yamlpos import (
     nearest_position,
 )
 
-BACKEND_SCHEMES = ("memory", "sqlite", "redis", "rediss", "nats", "etcd", "k8s")
-
-
-class HTTPProbe(Model):
-    path: str = "/"
-    port: PortRef
-    host: str | None = None
-
-
-class TCPProbe(Model):
-    port: PortRef
-
-
-class ExecProbe(Model):
-    command: list[Text] = Field(min_length=1)
-
-
-class Probe(Model):
-    """Exactly one of http, tcp or exec, with Kubernetes' timing knobs (in seconds)."""
-
-    http: HTTPProbe | None = None
-    tcp: TCPProbe | None = None
-    exec: ExecProbe | None = None
-    initial_delay: Seconds = 0.0
-    period: Annotated[float, Field(gt=0)] = 1.0
-    timeout: Annotated[float, Field(gt=0)] = 1.0
-    success_threshold: Annotated[int, Field(ge=1)] = 1
-    failure_threshold: Annotated[int, Field(ge=1)] = 3
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> Probe:
-        kinds = [k for k in ("http", "tcp", "exec") if getattr(self, k) is not None]
-        if len(kinds) != 1:
-            raise PydanticCustomError(
-                "probe_kind",
-                "a probe needs exactly one of 'http', 'tcp' or 'exec' (got {got})",
-                {"got": ", ".join(kinds) or "none"},
-            )
-        return self
-
-
-class Container(Model):
-    """One process of a pod: a command of the user's, or a podkit component."""
-
-    name: Name
-    image: str | None = None  # on Kubernetes; defaults to the spec's `image`
-    command: list[Text] | None = None
-    args: list[Text] = []
-    component: str | None = None
-    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
-    env: dict[str, Text] = {}
-    ports: dict[Name, Port] = {}
-    volumes: dict[Name, str] = Field(
-        default_factory=dict, description="volume name -> mount path (on Kubernetes)"
-    )
-    workdir: str | None = None
-    readiness: Probe | None = None
-    liveness: Probe | None = None
-
-    @model_validator(mode="after")
-    def _command_or_component(self) -> Container:
-        if self.command is None and self.component is None:
-            raise PydanticCustomError(
-                "missing_command",
-                "container '{name}' needs a 'command' (a program to run) "
-                "or a 'component' (a podkit component)",
-                {"name": self.name},
-            )
-        if self.command is not None and self.component is not None:
-            raise PydanticCustomError(
-                "command_and_component",
-                "container '{name}' has both 'command' and 'component': choose one",
-                {"name": self.name},
-            )
-        if self.with_ and self.component is None:
-            raise PydanticCustomError(
-                "with_without_component",
-                "container '{name}': 'with' configures a component, but none is named",
-                {"name": self.name},
-            )
-        return self
-
-
-class _PodHead(Model):
-    """A group of containers that share an address and volumes, run as `replicas` copies;
-    the patterns' pod hooks add fields (`election:`, `autoscale:`)."""
-
-    name: Name
-    replicas: Annotated[int, Field(ge=0, le=250)] = 1
-    restart: Literal["Always", "OnFailure", "Never"] = "Always"
-    grace_period: Seconds = 10.0
-    volumes: list[Name] = []
-
-    def hooks(self) -> list[tuple[PodHook, Any]]:
-        """The pod hooks this pod sets, each with its options."""
-        return [(h, o) for h in pod_hooks() if (o := getattr(self, h.key, None)) is not None]
-
-    def added(self, kube: KubePod | None = None) -> list[tuple[PodHook, Added, Container]]:
-        """The containers the pod's hooks add (for Kubernetes when `kube` is given)."""
-        return [
-            (hook, a, Container.model_validate(a.spec))
-            for hook, options in self.hooks()
-            for a in hook.containers(typing.cast(PodInfo, self), options, kube)
-        ]
-
-    def all_containers(self) -> list[Container]:
-        """The declared containers, plus those the pod's hooks add (an elector...)."""
-        declared: list[Container] = getattr(self, "containers")  # noqa: B009
-        return [*declared, *(c for _, _, c in self.added())]
-
-
-class _ServiceFields(Model):
-    """A stable port that balances over the ready replicas of one pod; the patterns'
-    service hooks add fields (`lb:`) that put a program of theirs in front."""
-
-    name: Name
-    port: Port
-    pods: Name
-    target: PortRef
-    host: str = "127.0.0.1"
-    policy: Literal["round-robin"] = "round-robin"
-
-    def hook(self) -> tuple[ServiceHook, Any] | None:
-        """The service hook this service sets (at most one), with its options."""
-        for h in service_hooks():
-            if (options := getattr(self, h.key, None)) is not None:
-                return h, options
-        return None
-
-    @model_validator(mode="after")
-    def _one_hook(self) -> _ServiceFields:
-        keys = [h.key for h in service_hooks() if getattr(self, h.key, None) is not None]
-        if len(keys) > 1:
-            raise PydanticCustomError(
-                "service_hooks", "a service takes one of {keys}, not several",
-                {"keys": ", ".join(repr(k) for k in keys)},
-            )  # fmt: skip
-        return self
-
-
-def tls_components() -> set[str]:
-    """Components whose ports serve TLS."""
-    return {c.name for p in patterns() for c in p.components if c.serves_tls}
-
-
-def _optional(model: type[BaseModel]) -> Any:
-    return (model | None, None)
-
-
-if typing.TYPE_CHECKING:
-
-    class Pod(_PodHead):
-        containers: list[Container]
-
-    class Service(_ServiceFields):
-        pass
-
-else:
-    Pod = create_model(
-        "Pod",
-        __base__=_PodHead,
-        __doc__=_PodHead.__doc__,
-        **{h.key: _optional(h.model) for h in pod_hooks()},
-        containers=(list[Container], Field(min_length=1)),
-    )
-    Service = create_model(
-        "Service",
-        __base__=_ServiceFields,
-        __doc__=_ServiceFields.__doc__,
-        **{h.key: _optional(h.model) for h in service_hooks()},
-    )
-
-
-class Spec(Model):
-    """A whole system: named backends, pods and services."""
-
-    name: Name
-    image: str | None = None  # on Kubernetes: the image holding the spec's own programs
-    backends: dict[Name, str] = {}
-    pods: list[Pod] = []
-    services: list[Service] = []
-
-    @field_validator("backends")
-    @classmethod
-    def _backend_urls(cls, value: dict[str, str]) -> dict[str, str]:
-        for key, url in value.items():
-            scheme = url.split("://", 1)[0] if "://" in url else ""
-            if scheme not in BACKEND_SCHEMES:
-                raise PydanticCustomError(
-                    "backend_url",
-                    "backend '{key}': '{url}' is not a backend URL; expected one of {schemes}",
-                    {
-                        "key": key,
-                        "url": url,
-                        "schemes": ", ".join(f"{s}://" for s in BACKEND_SCHEMES),
-                    },
-                )
-        return value
-
-    def pod(self, name: str) -> Pod:
-        for pod in self.pods:
-            if pod.name == name:
-                return pod
-        raise KeyError(name)
-
-    def service_url(self, svc: Service) -> str:
-        """Where clients reach `svc`: https:// when it serves TLS, else http://. With a
-        service hook (`lb:`) its program answers; without, the target port does (TLS when
-        a component that serves TLS, such as `sidecar.tls`, has it)."""
-        if (hooked := svc.hook()) is not None:
-            tls = hooked[0].tls(hooked[1])
-        else:
-            pod = next((p for p in self.pods if p.name == svc.pods), None)
-            tls = any(
-                c.component in tls_components()
-                and svc.target in (c.ports if isinstance(svc.target, str) else c.ports.values())
-                for c in (pod.all_containers() if pod is not None else [])
-            )
-        scheme = "https" if tls else "http"
-        return f"{scheme}://{svc.host}:{svc.port}/"
+__all__ = [
+    "BACKEND_SCHEMES",
+    "Container",
+    "ExecProbe",
+    "HTTPProbe",
+    "Issue",
+    "Pod",
+    "Probe",
+    "Service",
+    "Spec",
+    "SpecError",
+    "TCPProbe",
+    "load_spec",
+    "parse_spec",
+    "tls_components",
+]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from podkit.contract import KubePod, Loc, LocalPod, PodHook, flag_value, whole_seconds
-from podkit.spectypes import Model, Name, Seconds
+from podkit.spectypes import Model, Name, PositiveSeconds, Seconds
 
 SCALER_PORT = 9464
 METRIC = "podkit_queue_scaler_desired_replicas"
@@ -23,13 +23,34 @@ class Autoscale(Model):
     """Scale a pod of queue workers between `min` and `max` replicas from the queue's
     backlog and the workers' rate, to drain it within `target_drain` seconds."""
 
-    queue: str
-    backend: Name = "state"
-    min: Annotated[int, Field(ge=0, le=250)] = 1
-    max: Annotated[int, Field(ge=1, le=250)] = 8
-    target_drain: Annotated[float, Field(gt=0)] = 30.0
-    cooldown_up: Seconds = 5.0
-    cooldown_down: Seconds = 30.0
+    queue: str = Field(description="the name of the queue whose backlog sets the replica count")
+    backend: Name = Field(
+        "state",
+        description="the backend holding the queue: a key of `backends:`, or `state`, the "
+        "embedded default",
+    )
+    min: Annotated[int, Field(ge=0, le=250)] = Field(
+        1,
+        description="the fewest replicas (0: none while the queue is empty; on Kubernetes "
+        "only with `--autoscaler keda`)",
+    )
+    max: Annotated[int, Field(ge=1, le=250)] = Field(
+        8,
+        description="the most replicas; the pod's `replicas`, kept between the two, is the "
+        "count to start with",
+    )
+    target_drain: PositiveSeconds = Field(
+        30.0,
+        description="how soon the replicas should work off the backlog, at the rate one "
+        "replica has shown",
+    )
+    cooldown_up: Seconds = Field(
+        5.0, description="how long after a change before the count may change again"
+    )
+    cooldown_down: Seconds = Field(
+        30.0,
+        description="how long the backlog must ask for fewer replicas before the count goes down",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscale:
