@@ -26,6 +26,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> int:
+    """The first of `count` consecutive loopback ports free now (a balancer's workers
+    take admin_port + i)."""
+    for _ in range(100):
+        first = free_port(host)
+        if first + count > 65535:
+            continue
+        socks = []
+        try:
+            for port in range(first, first + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 @contextlib.contextmanager
 def port_in_use(host: str = "127.0.0.1") -> Iterator[int]:
     """A loopback port some other socket listens on, for as long as the block runs."""

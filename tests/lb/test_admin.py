@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from podkit.lb.features import Features
 from podkit.lb.members import write_members
-from support import free_port
+from support import free_port, free_ports
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -208,26 +208,11 @@ def test_a_port_in_use_is_refused_not_shared() -> None:
         first.wait(timeout=10)
 
 
-def _two_free_ports() -> int:
-    """A port P with P+1 free too (worker i's admin port is P+i)."""
-    import socket
-
-    for _ in range(50):
-        p = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p + 1))
-            except OSError:
-                continue
-        return p
-    raise RuntimeError("no two consecutive free ports")
-
-
 @asynccontextmanager
 async def two_workers(upstream: str, *flags: str) -> AsyncIterator[tuple[int, int]]:
     """`podkit lb --workers 2 FLAGS` with admin ports P and P+1: (port, P) once both answer;
     it must exit 0 on SIGTERM."""
-    port, admin = free_port(), _two_free_ports()
+    port, admin = free_port(), free_ports(2)
     cmd = [
         sys.executable, "-m", "podkit", "lb", "--listen", f"127.0.0.1:{port}",
         "--upstream", upstream, "--workers", "2", "--admin-port", str(admin), *flags,

@@ -15,7 +15,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from podkit.net.tls import self_signed
-from support import TinyHTTP, free_port
+from support import TinyHTTP, free_port, free_ports
 
 PROGRAM = textwrap.dedent(
     """
@@ -69,7 +69,7 @@ def test_a_custom_policy_gets_workers_tls_health_checks_and_admin(tmp_path: Path
     cert, key = self_signed(str(tmp_path), ["localhost", "127.0.0.1"])
     script = tmp_path / "custom.py"
     script.write_text(PROGRAM)
-    port, admin = free_port(), free_port()
+    port, admin = free_port(), free_ports(2)  # worker i's admin: admin + i
     proc = subprocess.Popen(
         [sys.executable, str(script), str(port), str(admin), str(cert), str(key), a.url, b.url],
         stderr=subprocess.PIPE,
