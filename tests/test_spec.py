@@ -351,3 +351,14 @@ services:
         "services[2].name",
     ]
     assert "no pod named 'nowhere' (pods: web, api)" in problems[1]
+
+
+def test_args_on_a_component_are_refused_not_ignored() -> None:
+    (problem,) = errors(
+        "name: s\npods:\n  - name: p\n    containers:\n"
+        "      - {name: t, component: sidecar.tls, args: [--workers, '2'],"
+        " with: {upstream: '1', self_signed: true}}\n"
+    )
+    assert "container 't': 'args' go with a 'command'; a component is configured by 'with'" in (
+        problem
+    )

@@ -140,7 +140,7 @@ def _describe(err: Any) -> str:
         ("dns_label", "probe_kind", "missing_command", "backend_url", "autoscale_bounds", "lb_")
     ):
         return msg
-    if kind in ("command_and_component", "with_without_component"):
+    if kind in ("command_and_component", "with_without_component", "args_with_component"):
         return msg
     if "input" in err and not isinstance(err["input"], dict | list):
         return f"{msg} (got {err['input']!r})"

@@ -114,7 +114,7 @@ class Container(Model):
     )
     args: list[Text] = Field(
         [],
-        description="more arguments after `command` (unused with `component`); `$(VAR)` expands",
+        description="more arguments after `command` (refused with `component`); `$(VAR)` expands",
     )
     component: str | None = Field(
         None, description="a podkit component to run instead of a command (listed below)"
@@ -177,6 +177,13 @@ class Container(Model):
             raise PydanticCustomError(
                 "with_without_component",
                 "container '{name}': 'with' configures a component, but none is named",
+                {"name": self.name},
+            )
+        if self.args and self.component is not None:
+            raise PydanticCustomError(
+                "args_with_component",
+                "container '{name}': 'args' go with a 'command'; a component is configured "
+                "by 'with'",
                 {"name": self.name},
             )
         return self
