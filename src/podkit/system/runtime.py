@@ -48,6 +48,9 @@ def expand(text: str, env: Mapping[str, str]) -> str:
     return _VAR.sub(sub, text)
 
 
+SAY_AFTER = 3  # readiness failures in a row before the log hears why
+
+
 def exit_text(code: int) -> str:
     """How a process ended: `exited with code 3`, or `killed by SIGKILL` for code -9."""
     if code < 0:
@@ -154,6 +157,9 @@ class ContainerRunner:
         self._proc: asyncio.subprocess.Process | None = None
         self._stopping = False
         self._liveness_failed = asyncio.Event()
+        self._failing = 0  # readiness probes failed in a row
+        self._said = False  # whether the log was told it is not ready
+        self._said_message = ""
         self._task: asyncio.Task[None] | None = None
         self.log_source = f"{replica.name}/{spec.name}"
 
@@ -319,17 +325,25 @@ class ContainerRunner:
             await self.runtime.clock.sleep(probe.period)
 
     def _readiness_said(self, ok: bool, why: str) -> None:
-        """Keep why the container is not ready in its status, and log each new reason."""
+        """Keep why the container is not ready in its status; log each new reason once
+        it has failed SAY_AFTER probes in a row (a starting app is not news), and log
+        when it is ready again after that."""
+        self._failing = 0 if ok else self._failing + 1
         before = self.status.message
         if ok:
             if before.startswith("not ready:"):
-                self.runtime.log.event(f"{self.log_source} ready")
+                if self._said:
+                    self.runtime.log.event(f"{self.log_source} ready")
                 self.status.message = ""
+            self._said = False
+            self._said_message = ""
             return
         message = f"not ready: {why}"
-        if message != before:
+        self.status.message = message
+        if self._failing >= SAY_AFTER and message != self._said_message:
             self.runtime.log.event(f"{self.log_source} {message}")
-            self.status.message = message
+            self._said = True
+            self._said_message = message
 
     async def _liveness_loop(self) -> None:
         probe = self.spec.liveness
