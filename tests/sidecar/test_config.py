@@ -594,3 +594,11 @@ def test_an_admin_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
     with port_in_use() as port:
         error = f"sidecar: cannot listen on 127.0.0.1:{port} (--admin-port): Address already in use"
         assert podkit_error([*argv, "--admin-port", str(port)]) == (1, error)
+
+
+async def test_an_on_change_command_is_heard_in_the_log(tmp_path: Path) -> None:
+    lines: list[str] = []
+    notifiers = [CommandNotifier(["sh", "-c", 'echo "reloaded $PODKIT_CONFIG_VERSION"'])]
+    sync = ConfigSync(ListSource(), tmp_path / "app.conf", notifiers=notifiers, log=lines.append)
+    assert await sync.apply(Snapshot(b"v\n", "v3"))
+    assert any(line.endswith("said: reloaded v3") for line in lines), lines

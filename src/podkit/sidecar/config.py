@@ -337,12 +337,14 @@ class CommandNotifier:
         self.argv = list(argv)
         self.timeout = timeout
         self.description = f"command {shlex.join(self.argv)}"
+        self.said = ""
 
     async def notify(self, path: Path, version: str) -> None:
         env = dict(os.environ, PODKIT_CONFIG_PATH=str(path), PODKIT_CONFIG_VERSION=version)
         code, output = await run_command(self.argv, env, self.timeout)
         if code != 0:
             raise NotifyError(f"{self.description} exited with {code}: {output}")
+        self.said = output  # what the command printed, for the log
 
 
 async def run_command(
@@ -522,6 +524,10 @@ class ConfigSync:
             except NotifyError as exc:
                 self.status.notify_failures += 1
                 self._error(f"notify failed: {exc}")
+                continue
+            said = getattr(notifier, "said", "")
+            if said:  # an --on-change command's output (its last 500 characters)
+                self.log(f"{notifier.description} said: {said}")
 
     def _file_hash(self) -> str:
         try:
