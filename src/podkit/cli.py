@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from pathlib import Path
 from typing import Annotated
@@ -12,12 +14,16 @@ from rich.table import Table
 
 from podkit import __version__
 from podkit.aio import run_async
+from podkit.clihelp import App, epilog
 
-app = typer.Typer(
+app = App(
     name="podkit",
     help="Patterns for reliable distributed systems: run a spec locally, or its components.",
     no_args_is_help=True,
-    add_completion=False,
+    epilog=epilog(
+        "podkit up examples/quickstart.yaml",
+        docs="README.md; podkit COMMAND --help for a command's options",
+    ),
 )
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -51,7 +57,7 @@ def _print_spec_error(exc: Exception) -> None:
         err.print(f"  {issue}", highlight=False, markup=False)
 
 
-@app.command()
+@app.command(epilog=epilog("podkit validate examples/quickstart.yaml", docs="docs/spec.md"))
 def validate(spec: SpecPath) -> None:
     """Check a spec; print every problem with its file, line and field, exit 2 if any."""
     from podkit.system.spec import SpecError, load_spec
@@ -67,12 +73,15 @@ def validate(spec: SpecPath) -> None:
     out.print(f"{spec}: ok ({said})", highlight=False)
 
 
-@app.command()
+@app.command(epilog=epilog("podkit up examples/quickstart.yaml", docs="docs/spec.md"))
 def up(
     spec: SpecPath,
     subnet: Annotated[
         str | None,
-        typer.Option(help="Loopback network for pod addresses, e.g. 127.42.0.0/16."),
+        typer.Option(
+            help="Loopback network for pod addresses, e.g. 127.42.0.0/16.",
+            show_default="a 127.X.0.0/16 picked by the spec's path and name",
+        ),
     ] = None,
     admin_port: Annotated[
         int,
@@ -95,7 +104,7 @@ def up(
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(epilog=epilog("podkit status quickstart", docs="README.md"))
 def status(
     name: Annotated[str | None, typer.Argument(help="A system's name; all when omitted.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print raw JSON.")] = False,
@@ -154,13 +163,39 @@ def _where(spec: Path, loc: tuple[str | int, ...]) -> str:
     return f"{where}: {format_path(loc)}"
 
 
-@app.command()
+ManifestDir = Annotated[
+    Path | None,
+    typer.Option("-o", "--output", help="Write one file per object here.", show_default="stdout"),
+]
+Namespace = Annotated[
+    str | None,
+    typer.Option(
+        "--namespace", help="Namespace of every object.", show_default="kubectl's current one"
+    ),
+]
+AppImage = Annotated[
+    str | None,
+    typer.Option(
+        "--image", help="Image for containers that name none.", show_default="the spec's image"
+    ),
+]
+PodkitImage = Annotated[
+    str | None,
+    typer.Option(
+        "--podkit-image",
+        help="Image that runs podkit's components.",
+        show_default="podkit's, this version",
+    ),
+]
+
+
+@app.command(
+    epilog=epilog("podkit k8s examples/quickstart.yaml -o k8s/ --validate", docs="docs/k8s.md")
+)
 def k8s(
     spec: SpecPath,
-    output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Write one file per object here.")
-    ] = None,
-    namespace: Annotated[str | None, typer.Option(help="Namespace of every object.")] = None,
+    output: ManifestDir = None,
+    namespace: Namespace = None,
     kube_version: Annotated[
         str, typer.Option(help="Target Kubernetes version (native sidecars from 1.29).")
     ] = "1.33",
@@ -170,10 +205,8 @@ def k8s(
     with_backends: Annotated[
         bool, typer.Option(help="Add Redis, NATS and etcd StatefulSets and their Secret.")
     ] = False,
-    image: Annotated[str | None, typer.Option(help="Image for containers that name none.")] = None,
-    podkit_image: Annotated[
-        str | None, typer.Option(help="Image that runs podkit's components.")
-    ] = None,
+    image: AppImage = None,
+    podkit_image: PodkitImage = None,
     app_root: Annotated[
         str, typer.Option(help="Where the app image holds the spec's directory.")
     ] = "/app",
@@ -236,11 +269,20 @@ def k8s(
         )
 
 
+@functools.cache  # once: `main` and the tests of the help both ask for them
 def _register_components() -> None:
+    """Mount each pattern's commands: an app of one command and no callback as that
+    command (`podkit lb --listen ...`), any other as a group (`podkit queue work ...`)."""
     from podkit.system.components import command_app, commands
 
     for command, target in commands().items():
-        app.add_typer(command_app(target), name=command)
+        sub = command_app(target)
+        if sub.registered_callback is None and len(sub.registered_commands) == 1:
+            info = copy.copy(sub.registered_commands[0])
+            info.name = command
+            app.registered_commands.append(info)
+        else:
+            app.add_typer(sub, name=command)
 
 
 def open_standard_fds() -> None:
