@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from podkit.clihelp import App, epilog
 from podkit.lb.balancer import LoadBalancer
 from podkit.lb.features import Features
 from podkit.lb.policy import POLICIES, make_policy, parse_upstream
@@ -23,6 +24,7 @@ from podkit.net.listen import ListenError
 from podkit.net.proxy.config import parse_listen, proxy_config
 from podkit.net.proxy.engine import ProxyConfig
 from podkit.net.proxy.flags import (
+    TIMEOUTS,
     BodyTimeout,
     ConnectTimeout,
     HeaderTimeout,
@@ -63,127 +65,233 @@ def build_config(
     return proxy_config(listen, upstreams, workers=workers, **options)
 
 
-cli = typer.Typer(help="HTTP load balancer.", no_args_is_help=True)
+cli = App()
 
 # -- the balancer's own options (the engine's are in podkit.net.proxy.flags) -------------
+
+UPSTREAMS = "Upstreams and membership"  # the groups of `podkit lb --help`
+HEALTH = "Health checks"
+CACHE = "Cache"
+RATES = "Rate limits"
+BREAKER = "Circuit breaking"
+TLS = "TLS"
+ADMIN = "Admin"
 
 Upstreams = Annotated[
     list[str] | None,
     typer.Option(
         "--upstream",
-        help="An upstream, http://HOST:PORT with an optional ,weight=N; repeat for each.",
+        help="[http://]HOST:PORT[,weight=N]; repeat for each.",
+        rich_help_panel=UPSTREAMS,
     ),
 ]
 PolicyName = Annotated[
-    str, typer.Option("--policy", help=f"Balancing policy: {', '.join(POLICIES)}.")
+    str,
+    typer.Option("--policy", help=f"{', '.join(POLICIES)}.", rich_help_panel=UPSTREAMS),
 ]
 HashOn = Annotated[
     str | None,
-    typer.Option("--hash-on", help="Key for consistent-hash: header:NAME, cookie:NAME or ip."),
+    typer.Option(
+        "--hash-on",
+        help="Key: header:NAME, cookie:NAME or ip.",
+        show_default="ip",
+        rich_help_panel=UPSTREAMS,
+    ),
 ]
 HealthPath = Annotated[
     str | None,
-    typer.Option("--health-path", help="Active checks: GET this path on every upstream."),
+    typer.Option(
+        "--health-path",
+        help="Active checks: GET this path on each upstream.",
+        rich_help_panel=HEALTH,
+    ),
 ]
-HealthInterval = Annotated[float, typer.Option("--health-interval", help="Seconds between checks.")]
-HealthTimeout = Annotated[float, typer.Option("--health-timeout", help="Seconds a check may take.")]
+HealthInterval = Annotated[
+    float,
+    typer.Option("--health-interval", help="Seconds between checks.", rich_help_panel=HEALTH),
+]
+HealthTimeout = Annotated[
+    float,
+    typer.Option("--health-timeout", help="Seconds a check may take.", rich_help_panel=HEALTH),
+]
 HealthyThreshold = Annotated[
-    int, typer.Option("--healthy-threshold", help="Passes in a row to bring a host back.")
+    int,
+    typer.Option(
+        "--healthy-threshold", help="Passes in a row to bring a host back.", rich_help_panel=HEALTH
+    ),
 ]
 UnhealthyThreshold = Annotated[
-    int, typer.Option("--unhealthy-threshold", help="Failures in a row to take a host out.")
+    int,
+    typer.Option(
+        "--unhealthy-threshold",
+        help="Failures in a row to take a host out.",
+        rich_help_panel=HEALTH,
+    ),
 ]
 PassiveHealth = Annotated[
     bool,
     typer.Option(
         "--passive-health/--no-passive-health",
-        help="Outlier ejection even without --health-path.",
+        help="Eject outliers, even with no checks.",
+        rich_help_panel=HEALTH,
     ),
 ]
 Consecutive5xx = Annotated[
     int,
     typer.Option(
-        "--consecutive-5xx", help="5xx or connect errors in a row that eject a host (0: off)."
+        "--consecutive-5xx",
+        help="Errors in a row that eject (0: off).",
+        rich_help_panel=HEALTH,
     ),
 ]
 EjectionTime = Annotated[
     float,
-    typer.Option("--ejection-time", help="Seconds of the first ejection; grows with repeats."),
+    typer.Option(
+        "--ejection-time",
+        help="Seconds of a first ejection (grows).",
+        rich_help_panel=HEALTH,
+    ),
 ]
 MaxEjectionPercent = Annotated[
     float,
     typer.Option(
-        "--max-ejection-percent", help="Most hosts ejected at once, in percent (one always may)."
+        "--max-ejection-percent",
+        help="Percent of hosts ejected at once.",
+        rich_help_panel=HEALTH,
     ),
 ]
 CacheBytes = Annotated[
-    int, typer.Option("--cache-bytes", help="Response cache size in bytes (0: off).")
+    int,
+    typer.Option(
+        "--cache-bytes", help="Response cache size in bytes (0: off).", rich_help_panel=CACHE
+    ),
 ]
 CacheEntryBytes = Annotated[
-    int, typer.Option("--cache-entry-bytes", help="Largest answer the cache stores, in bytes.")
+    int,
+    typer.Option(
+        "--cache-entry-bytes", help="Largest answer cached, in bytes.", rich_help_panel=CACHE
+    ),
 ]
 RateLimit = Annotated[
-    str | None, typer.Option("--rate-limit", help="Per-client rate, e.g. '100/s burst 200'.")
+    str | None,
+    typer.Option("--rate-limit", help="Per client, e.g. '100/s burst 200'.", rich_help_panel=RATES),
 ]
 RateLimitBy = Annotated[
-    str, typer.Option("--rate-limit-by", help="Client key of --rate-limit: ip or header:NAME.")
+    str,
+    typer.Option(
+        "--rate-limit-by", help="Who a client is: ip or header:NAME.", rich_help_panel=RATES
+    ),
 ]
 GlobalRateLimit = Annotated[
-    str | None, typer.Option("--global-rate-limit", help="One rate for all clients together.")
+    str | None,
+    typer.Option(
+        "--global-rate-limit", help="One rate for all clients together.", rich_help_panel=RATES
+    ),
 ]
 MaxConnections = Annotated[
     int | None,
-    typer.Option("--max-connections", help="Circuit breaker: connections per upstream."),
+    typer.Option(
+        "--max-connections",
+        help="Connections per upstream.",
+        show_default="no limit",
+        rich_help_panel=BREAKER,
+    ),
 ]
 MaxPending = Annotated[
     int | None,
-    typer.Option("--max-pending", help="Circuit breaker: connects in progress per upstream."),
+    typer.Option(
+        "--max-pending",
+        help="Connects under way per upstream.",
+        show_default="no limit",
+        rich_help_panel=BREAKER,
+    ),
 ]
 MaxRequests = Annotated[
     int | None,
-    typer.Option("--max-requests", help="Circuit breaker: requests in flight per upstream."),
+    typer.Option(
+        "--max-requests",
+        help="Requests in flight per upstream.",
+        show_default="no limit",
+        rich_help_panel=BREAKER,
+    ),
 ]
 RetryBudgetPercent = Annotated[
     float | None,
     typer.Option(
         "--retry-budget",
-        help="Retries of sent requests: at most this percent of the requests of the last "
-        "10 s, plus 10 a second (20). Also turns on the breaker's cap on retries in "
-        "flight, the same percent of the requests in flight.",
+        help="Retries: % of the last 10 s' requests, +10/s; given, also caps retries in flight.",
+        show_default="20, no cap",
+        rich_help_panel=TIMEOUTS,
     ),
 ]
-TLSCert = Annotated[str | None, typer.Option("--tls-cert", help="TLS certificate chain (PEM).")]
-TLSKey = Annotated[str | None, typer.Option("--tls-key", help="TLS private key (PEM).")]
+TLSCert = Annotated[
+    str | None,
+    typer.Option(
+        "--tls-cert", help="Serve HTTPS with this certificate chain (PEM).", rich_help_panel=TLS
+    ),
+]
+TLSKey = Annotated[
+    str | None, typer.Option("--tls-key", help="Private key (PEM).", rich_help_panel=TLS)
+]
 SelfSigned = Annotated[
     bool,
     typer.Option(
-        "--self-signed/--no-self-signed", help="Serve TLS with a fresh self-signed certificate."
+        "--self-signed/--no-self-signed",
+        help="Serve TLS with a self-signed cert.",
+        rich_help_panel=TLS,
     ),
 ]
-AdminHost = Annotated[str, typer.Option("--admin-host", help="Admin address.")]
+AdminHost = Annotated[
+    str, typer.Option("--admin-host", help="Admin address.", rich_help_panel=ADMIN)
+]
 AdminPort = Annotated[
     int | None,
     typer.Option(
         "--admin-port",
-        help="Admin port (/metrics, /status, /purge); worker i uses PORT+i, and each "
-        "answers /metrics and /purge for all workers.",
+        help="Port of /metrics, /status, /purge; worker i: +i.",
+        rich_help_panel=ADMIN,
     ),
 ]
 MembersFile = Annotated[
-    str | None, typer.Option("--members-file", help="Follow upstreams listed in this file.")
+    str | None,
+    typer.Option(
+        "--members-file",
+        help="Follow the upstreams listed in this file.",
+        rich_help_panel=UPSTREAMS,
+    ),
 ]
 MembersKV = Annotated[
     str | None,
-    typer.Option("--members-kv", help="Follow upstreams under a KV prefix (backend URL)."),
+    typer.Option(
+        "--members-kv",
+        help="Follow the upstreams under a KV backend URL.",
+        rich_help_panel=UPSTREAMS,
+    ),
 ]
-MembersPrefix = Annotated[str | None, typer.Option("--members-prefix", help="The KV prefix.")]
+MembersPrefix = Annotated[
+    str | None,
+    typer.Option(
+        "--members-prefix", help="The KV prefix of --members-kv.", rich_help_panel=UPSTREAMS
+    ),
+]
 MembersDNS = Annotated[
     str | None,
-    typer.Option("--members-dns", help="Follow every address of NAME, as NAME:PORT."),
+    typer.Option(
+        "--members-dns",
+        help="Follow every address of a DNS NAME:PORT.",
+        rich_help_panel=UPSTREAMS,
+    ),
 ]
 
 
-@cli.callback(invoke_without_command=True)
+@cli.command(
+    "lb",
+    no_args_is_help=True,
+    epilog=epilog(
+        "podkit lb --upstream 10.0.0.1:8000 --upstream 10.0.0.2:8000,weight=2",
+        docs="docs/lb.md",
+    ),
+)
 def lb(
     upstream: Upstreams = None,
     listen: Listen = "127.0.0.1:8080",
