@@ -30,6 +30,7 @@ import typer
 
 from podkit.aio import run_async, stop_event
 from podkit.backends import BackendError, open_kv
+from podkit.clihelp import App, epilog
 from podkit.election.core import Election, LeaderElection, LeadershipLost
 from podkit.net.listen import ListenError, listening
 from podkit.observe.admin import AdminServer
@@ -176,33 +177,61 @@ async def run(config: ElectorConfig) -> None:
         raise task.exception()  # type: ignore[misc]
 
 
-cli = typer.Typer(help="Leader election.", no_args_is_help=True)
+cli = App()
+ELECTION = "Election"
+HTTP = "HTTP"
+COMMAND = "Command"
 
 
-@cli.callback(invoke_without_command=True)
+@cli.command(
+    "elect",
+    no_args_is_help=True,
+    epilog=epilog(
+        "podkit elect --backend sqlite:///state.db --name nightly",
+        "--exec 'python3 report.py'",
+        docs="docs/election.md",
+    ),
+)
 def elect(
     backend: Annotated[
         str,
         typer.Option(
             help="KV backend URL, or k8s://NAMESPACE for a Kubernetes Lease.",
             envvar="PODKIT_BACKEND_STATE",
+            rich_help_panel=ELECTION,
         ),
     ],
-    name: Annotated[str, typer.Option(help="The election's name.")],
+    name: Annotated[str, typer.Option(help="The election's name.", rich_help_panel=ELECTION)],
     identity: Annotated[
         str | None,
-        typer.Option(help="This candidate's identity [default: $POD_NAME, else HOSTNAME-PID]"),
+        typer.Option(
+            help="This candidate's identity.",
+            show_default="$POD_NAME, else HOSTNAME-PID",
+            rich_help_panel=ELECTION,
+        ),
     ] = None,
-    ttl: Annotated[float, typer.Option(help="Lease TTL in seconds.")] = 5.0,
-    host: Annotated[str, typer.Option(help="HTTP address.")] = "127.0.0.1",
+    ttl: Annotated[
+        float, typer.Option(help="Lease TTL in seconds.", rich_help_panel=ELECTION)
+    ] = 5.0,
+    host: Annotated[str, typer.Option(help="HTTP address.", rich_help_panel=HTTP)] = "127.0.0.1",
     port: Annotated[
-        int, typer.Option(help="HTTP port (/leader, /me); 0: a free one, printed at start.")
+        int,
+        typer.Option(
+            help="HTTP port (/leader, /me); 0: a free one, printed at start.",
+            rich_help_panel=HTTP,
+        ),
     ] = 0,
     exec_: Annotated[
-        str | None, typer.Option("--exec", help="Command to run only while leading.")
+        str | None,
+        typer.Option("--exec", help="Command to run only while leading.", rich_help_panel=COMMAND),
     ] = None,
     grace: Annotated[
-        float | None, typer.Option(help="Seconds between SIGTERM and SIGKILL on loss.")
+        float | None,
+        typer.Option(
+            help="Seconds from SIGTERM to SIGKILL when leadership is lost.",
+            show_default="the lease's margin, TTL/4 up to 0.5",
+            rich_help_panel=COMMAND,
+        ),
     ] = None,
 ) -> None:
     """Campaign for leadership; serve /leader and /me; run --exec only while leading."""
