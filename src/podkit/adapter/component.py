@@ -19,9 +19,13 @@ from typing import Annotated, Any, TextIO
 import typer
 
 from podkit.aio import stop_event, wait_for
+from podkit.clihelp import App, epilog
 
-cli = typer.Typer(
-    help="Adapters: logs, metrics and health in standard shapes.", no_args_is_help=True
+DOCS = "docs/adapters.md"
+cli = App(
+    help="Adapters: logs, metrics and health in standard shapes.",
+    no_args_is_help=True,
+    epilog=epilog("podkit adapter logs -- gunicorn app:app", docs=DOCS),
 )
 
 
@@ -267,7 +271,10 @@ async def _adapt(
     return code
 
 
-@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@cli.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog=epilog("podkit adapter logs --file /var/log/nginx/access.log", docs=DOCS),
+)
 def logs(
     ctx: typer.Context,
     file: Annotated[Path | None, typer.Option(help="Follow this log file (like tail -F).")] = None,
@@ -299,14 +306,23 @@ def logs(
 # -- health ----------------------------------------------------------------------------------
 
 
-@cli.command()
+@cli.command(
+    epilog=epilog(
+        "podkit adapter health --sql postgresql://app@127.0.0.1/app",
+        "--http http://127.0.0.1:8080/ping --port 8086",
+        docs=DOCS,
+    )
+)
 def health(
     sql: Annotated[list[str], typer.Option(help="postgresql:// or mysql:// URL: SELECT 1.")] = [],  # noqa: B006
     redis: Annotated[list[str], typer.Option(help="redis:// URL: PING + replication.")] = [],  # noqa: B006
     http: Annotated[list[str], typer.Option(help="URL that must answer 2xx.")] = [],  # noqa: B006
     command: Annotated[list[str], typer.Option(help="Command that must exit 0.")] = [],  # noqa: B006
     config: Annotated[Path | None, typer.Option(help="YAML: interval and checks.")] = None,
-    interval: Annotated[float | None, typer.Option(help="Seconds between rounds.")] = None,
+    interval: Annotated[
+        float | None,
+        typer.Option(help="Seconds between rounds.", show_default="--config's, else 5"),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 8086,
 ) -> None:
@@ -361,7 +377,9 @@ def health(
 # -- metrics ---------------------------------------------------------------------------------
 
 
-@cli.command()
+@cli.command(
+    epilog=epilog("podkit adapter metrics --redis redis://127.0.0.1:6379/0 --port 9121", docs=DOCS)
+)
 def metrics(
     redis: Annotated[str | None, typer.Option(help="redis:// URL: INFO.")] = None,
     postgres: Annotated[str | None, typer.Option(help="postgresql:// URL: stats views.")] = None,

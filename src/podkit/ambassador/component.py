@@ -14,15 +14,23 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from podkit.aio import stop_event
+from podkit.clihelp import App, epilog
 from podkit.net.listen import run_server
-from podkit.net.proxy.flags import Listen
+from podkit.net.proxy.flags import LISTENING, Listen
 
 if TYPE_CHECKING:
     from podkit.ambassador.broker import Broker, Resolver
 
-cli = typer.Typer(
-    help="Ambassadors: local proxies in front of remote services.", no_args_is_help=True
+DOCS = "docs/single-node.md"
+cli = App(
+    help="Ambassadors: local proxies in front of remote services.",
+    no_args_is_help=True,
+    epilog=epilog("podkit ambassador broker --service redis --listen 6379 --env", docs=DOCS),
 )
+ENDPOINTS = "Endpoints"  # the groups of the ambassadors' options
+FAILOVER = "Failover"
+ARMS = "Arms and users"
+ADMIN = "Admin"
 
 
 def _log(message: str) -> None:
@@ -62,43 +70,111 @@ async def _run_broker(broker: Broker, admin_port: int | None) -> int:
     return 0
 
 
-@cli.command()
+Endpoint = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--endpoint", help="A static endpoint host:port (repeatable).", rich_help_panel=ENDPOINTS
+    ),
+]
+FromEnv = Annotated[
+    bool,
+    typer.Option(
+        "--env/--no-env",
+        help="Use <SERVICE>_SERVICE_HOST/_PORT from the environment.",
+        rich_help_panel=ENDPOINTS,
+    ),
+]
+PortName = Annotated[
+    str | None,
+    typer.Option(
+        "--port-name",
+        help="With --env: read <SERVICE>_SERVICE_PORT_<NAME>.",
+        rich_help_panel=ENDPOINTS,
+    ),
+]
+SRVName = Annotated[
+    str | None,
+    typer.Option(
+        "--srv", help="DNS SRV name, e.g. _redis._tcp.cache.example.", rich_help_panel=ENDPOINTS
+    ),
+]
+DNSName = Annotated[
+    str | None,
+    typer.Option(
+        "--dns", help="DNS name:port resolved by A/AAAA records.", rich_help_panel=ENDPOINTS
+    ),
+]
+DNSServer = Annotated[
+    str | None,
+    typer.Option(
+        "--dns-server",
+        help="Name server host[:port].",
+        show_default="resolv.conf's",
+        rich_help_panel=ENDPOINTS,
+    ),
+]
+Registry = Annotated[
+    str | None,
+    typer.Option(
+        "--registry", help="KV backend URL where instances register.", rich_help_panel=ENDPOINTS
+    ),
+]
+RegistryPrefix = Annotated[
+    str | None,
+    typer.Option(
+        "--prefix",
+        help="Registry prefix.",
+        show_default="services/<service>/",
+        rich_help_panel=ENDPOINTS,
+    ),
+]
+Refresh = Annotated[
+    float, typer.Option("--refresh", help="Seconds between re-resolves.", rich_help_panel=ENDPOINTS)
+]
+
+
+@cli.command(
+    epilog=epilog(
+        "podkit ambassador broker --service cache --listen 6379",
+        "--srv _redis._tcp.cache.example",
+        docs=DOCS,
+    )
+)
 def broker(
-    service: Annotated[str, typer.Option(help="The logical service name.")],
-    listen: Annotated[int, typer.Option(help="Local port the app connects to.")],
-    host: Annotated[str, typer.Option(help="Local address to listen on.")] = "127.0.0.1",
-    endpoint: Annotated[
-        list[str] | None, typer.Option(help="A static endpoint host:port (repeatable).")
-    ] = None,
-    env: Annotated[
-        bool, typer.Option(help="Use <SERVICE>_SERVICE_HOST/_PORT from the environment.")
-    ] = False,
-    port_name: Annotated[
-        str | None, typer.Option(help="With --env: read <SERVICE>_SERVICE_PORT_<NAME>.")
-    ] = None,
-    srv: Annotated[
-        str | None, typer.Option(help="DNS SRV name, e.g. _redis._tcp.cache.example.")
-    ] = None,
-    dns: Annotated[
-        str | None, typer.Option(help="DNS name:port resolved by A/AAAA records.")
-    ] = None,
-    dns_server: Annotated[
-        str | None, typer.Option(help="Name server host[:port] (default: resolv.conf).")
-    ] = None,
-    registry: Annotated[
-        str | None, typer.Option(help="KV backend URL where instances register.")
-    ] = None,
-    prefix: Annotated[
-        str | None, typer.Option(help="Registry prefix [default: services/<service>/].")
-    ] = None,
-    refresh: Annotated[float, typer.Option(help="Seconds between re-resolves.")] = 5.0,
-    connect_timeout: Annotated[float, typer.Option(help="Seconds to connect upstream.")] = 1.0,
-    down_for: Annotated[
-        float, typer.Option(help="Seconds a failed endpoint is skipped (doubles, capped).")
+    service: Annotated[
+        str, typer.Option(help="The logical service name.", rich_help_panel=ENDPOINTS)
+    ],
+    listen: Annotated[
+        int, typer.Option(help="Local port the app connects to.", rich_help_panel=LISTENING)
+    ],
+    host: Annotated[
+        str, typer.Option(help="Local address to listen on.", rich_help_panel=LISTENING)
+    ] = "127.0.0.1",
+    endpoint: Endpoint = None,
+    env: FromEnv = False,
+    port_name: PortName = None,
+    srv: SRVName = None,
+    dns: DNSName = None,
+    dns_server: DNSServer = None,
+    registry: Registry = None,
+    prefix: RegistryPrefix = None,
+    refresh: Refresh = 5.0,
+    connect_timeout: Annotated[
+        float, typer.Option(help="Seconds to connect upstream.", rich_help_panel=FAILOVER)
     ] = 1.0,
-    max_down_for: Annotated[float, typer.Option(help="Cap of --down-for.")] = 30.0,
+    down_for: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a failed endpoint is skipped (doubles, capped).",
+            rich_help_panel=FAILOVER,
+        ),
+    ] = 1.0,
+    max_down_for: Annotated[
+        float, typer.Option(help="Cap of --down-for.", rich_help_panel=FAILOVER)
+    ] = 30.0,
     admin_port: Annotated[
-        int | None, typer.Option(help="Loopback port for GET /status and /healthz.")
+        int | None,
+        typer.Option(help="Loopback port for GET /status and /healthz.", rich_help_panel=ADMIN),
     ] = None,
 ) -> None:
     """Forward a local port to a service's endpoints: round-robin, failover, re-resolve."""
@@ -202,19 +278,35 @@ def parse_arms(texts: list[str]) -> list[tuple[str, list[str], float]]:
     return arms
 
 
-@cli.command()
+@cli.command(
+    epilog=epilog(
+        "podkit ambassador split --sticky cookie:uid",
+        "--arm stable=http://10.0.0.1:80,weight=90",
+        "--arm canary=http://10.0.0.3:80,weight=10",
+        docs=DOCS,
+    )
+)
 def split(
     arm: Annotated[
         list[str],
-        typer.Option(help="An arm: NAME=URL[+URL...][,weight=W]; repeat; the last is the canary."),
+        typer.Option(
+            help="An arm: NAME=URL[+URL...][,weight=W]; repeat; the last is the canary.",
+            rich_help_panel=ARMS,
+        ),
     ],
     listen: Listen = "127.0.0.1:8000",
     sticky: Annotated[
-        str, typer.Option(help="Who a user is: header:NAME, cookie:NAME or ip.")
+        str,
+        typer.Option(help="Who a user is: header:NAME, cookie:NAME or ip.", rich_help_panel=ARMS),
     ] = "header:X-User",
-    experiment: Annotated[str, typer.Option(help="Name that salts the user hash.")] = "default",
+    experiment: Annotated[
+        str, typer.Option(help="Name that salts the user hash.", rich_help_panel=ARMS)
+    ] = "default",
     admin_port: Annotated[
-        int | None, typer.Option(help="Loopback port: /status, /metrics, GET/PUT /weights.")
+        int | None,
+        typer.Option(
+            help="Loopback port: /status, /metrics, GET/PUT /weights.", rich_help_panel=ADMIN
+        ),
     ] = None,
 ) -> None:
     """Split HTTP traffic over weighted arms, each user sticking to one arm."""

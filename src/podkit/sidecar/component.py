@@ -16,13 +16,23 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from podkit.aio import stop_event
+from podkit.clihelp import App, epilog
 from podkit.net.listen import LISTEN_HELP, run_server
-from podkit.net.proxy.flags import IdleTimeout, Workers
+from podkit.net.proxy.flags import LISTENING, IdleTimeout, Workers
 
 if TYPE_CHECKING:
     from podkit.sidecar.config import ConfigSync, Notifier
 
-cli = typer.Typer(help="Sidecars: containers that extend an app beside it.", no_args_is_help=True)
+DOCS = "docs/single-node.md"
+cli = App(
+    help="Sidecars: containers that extend an app beside it.",
+    no_args_is_help=True,
+    epilog=epilog("podkit sidecar tls --upstream 8080 --self-signed", docs=DOCS),
+)
+SOURCE = "Source"  # the groups of the sidecars' options
+NOTIFY = "Validate and notify"
+TLS = "TLS"
+ADMIN = "Admin"
 
 
 def _log(message: str) -> None:
@@ -76,44 +86,94 @@ async def _run_config(sync: ConfigSync, admin_port: int | None, once: bool) -> i
     return 0
 
 
-@cli.command()
+ValidateCommand = Annotated[
+    str | None,
+    typer.Option(
+        "--validate",
+        help="Command run on the candidate ({} or last arg); non-zero rejects it.",
+        rich_help_panel=NOTIFY,
+    ),
+]
+NotifySignal = Annotated[
+    str | None,
+    typer.Option("--signal", help="Signal sent after a change, e.g. HUP.", rich_help_panel=NOTIFY),
+]
+PidFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--pid-file", help="File holding the PID that --signal goes to.", rich_help_panel=NOTIFY
+    ),
+]
+ReloadURL = Annotated[
+    str | None,
+    typer.Option(
+        "--reload-url",
+        help="URL requested after a change (2xx is success).",
+        rich_help_panel=NOTIFY,
+    ),
+]
+ReloadMethod = Annotated[
+    str,
+    typer.Option("--reload-method", help="POST or GET for --reload-url.", rich_help_panel=NOTIFY),
+]
+OnChange = Annotated[
+    str | None,
+    typer.Option(
+        "--on-change",
+        help="Command run after a change (PODKIT_CONFIG_PATH/_VERSION set).",
+        rich_help_panel=NOTIFY,
+    ),
+]
+
+
+@cli.command(
+    epilog=epilog(
+        "podkit sidecar config --source http://config/app.yaml",
+        "--path /etc/app/app.yaml --signal HUP --pid-file /run/app.pid",
+        docs=DOCS,
+    )
+)
 def config(
     source: Annotated[
         str,
         typer.Option(
-            help="A file path (or file://), an http(s):// URL, or a KV backend URL with --key."
+            help="A file path (or file://), an http(s):// URL, or a KV backend URL with --key.",
+            rich_help_panel=SOURCE,
         ),
     ],
-    path: Annotated[Path, typer.Option(help="The config file to keep in sync.")],
-    key: Annotated[str | None, typer.Option(help="The key, when the source is a KV URL.")] = None,
+    path: Annotated[
+        Path, typer.Option(help="The config file to keep in sync.", rich_help_panel=SOURCE)
+    ],
+    key: Annotated[
+        str | None,
+        typer.Option(help="The key, when the source is a KV URL.", rich_help_panel=SOURCE),
+    ] = None,
     interval: Annotated[
-        float, typer.Option(help="Seconds between polls of a file or URL (KV is watched).")
+        float,
+        typer.Option(
+            help="Seconds between polls of a file or URL (KV is watched).", rich_help_panel=SOURCE
+        ),
     ] = 0.5,
-    validate: Annotated[
-        str | None,
-        typer.Option(help="Command run on the candidate ({} or last arg); non-zero rejects it."),
-    ] = None,
-    signal_: Annotated[
-        str | None, typer.Option("--signal", help="Signal sent after a change, e.g. HUP.")
-    ] = None,
-    pid_file: Annotated[
-        Path | None, typer.Option(help="File holding the PID that --signal goes to.")
-    ] = None,
-    reload_url: Annotated[
-        str | None, typer.Option(help="URL requested after a change (2xx is success).")
-    ] = None,
-    reload_method: Annotated[str, typer.Option(help="POST or GET for --reload-url.")] = "POST",
-    on_change: Annotated[
-        str | None,
-        typer.Option(help="Command run after a change (PODKIT_CONFIG_PATH/_VERSION set)."),
-    ] = None,
+    validate: ValidateCommand = None,
+    signal_: NotifySignal = None,
+    pid_file: PidFile = None,
+    reload_url: ReloadURL = None,
+    reload_method: ReloadMethod = "POST",
+    on_change: OnChange = None,
     max_backoff: Annotated[
-        float, typer.Option(help="Longest wait between retries of a failing source.")
+        float,
+        typer.Option(
+            help="Longest wait between retries of a failing source.", rich_help_panel=SOURCE
+        ),
     ] = 10.0,
     admin_port: Annotated[
-        int | None, typer.Option(help="Loopback port for GET /status and /healthz.")
+        int | None,
+        typer.Option(help="Loopback port for GET /status and /healthz.", rich_help_panel=ADMIN),
     ] = None,
-    once: Annotated[bool, typer.Option(help="Sync once and exit (an init container).")] = False,
+    once: Annotated[
+        bool,
+        typer.Option(help="Sync once and exit (an init container).", rich_help_panel=SOURCE),
+    ] = False,
 ) -> None:
     """Keep --path equal to --source; validate, swap atomically, then notify the app."""
     from podkit.sidecar.config import Backoff, ConfigSync, open_source
@@ -173,27 +233,58 @@ def _notifiers(
 # -- tls -------------------------------------------------------------------------------------
 
 
-@cli.command()
+TLSCert = Annotated[
+    Path | None,
+    typer.Option(
+        "--cert", help="Certificate chain (PEM); reloaded when it changes.", rich_help_panel=TLS
+    ),
+]
+TLSKey = Annotated[
+    Path | None, typer.Option("--key", help="Private key (PEM).", rich_help_panel=TLS)
+]
+SelfSigned = Annotated[
+    bool,
+    typer.Option(
+        "--self-signed/--no-self-signed",
+        help="Make a self-signed certificate (development).",
+        rich_help_panel=TLS,
+    ),
+]
+TLSAdminPort = Annotated[
+    int | None,
+    typer.Option(
+        "--admin-port",
+        help="Loopback port for /metrics, /healthz, /readyz, /status (worker i: +i).",
+        rich_help_panel=ADMIN,
+    ),
+]
+
+
+@cli.command(
+    epilog=epilog(
+        "podkit sidecar tls --upstream 8080 --listen :8443",
+        "--cert /tls/tls.crt --key /tls/tls.key",
+        docs=DOCS,
+    )
+)
 def tls(
     upstream: Annotated[
-        str, typer.Option(help="The plain-HTTP app: PORT, HOST:PORT or http://HOST:PORT.")
+        str,
+        typer.Option(
+            help="The plain-HTTP app: PORT, HOST:PORT or http://HOST:PORT.",
+            rich_help_panel="Upstream",
+        ),
     ],
-    listen: Annotated[str, typer.Option(help=f"Address to serve HTTPS on: {LISTEN_HELP}")] = (
-        "0.0.0.0:8443"
-    ),
-    cert: Annotated[
-        Path | None, typer.Option(help="Certificate chain (PEM); reloaded when it changes.")
-    ] = None,
-    key: Annotated[Path | None, typer.Option(help="Private key (PEM).")] = None,
-    self_signed: Annotated[
-        bool, typer.Option(help="Make a self-signed certificate (development).")
-    ] = False,
+    listen: Annotated[
+        str,
+        typer.Option(help=f"Address to serve HTTPS on: {LISTEN_HELP}", rich_help_panel=LISTENING),
+    ] = "0.0.0.0:8443",
+    cert: TLSCert = None,
+    key: TLSKey = None,
+    self_signed: SelfSigned = False,
     workers: Workers = 1,
     idle_timeout: IdleTimeout = 60.0,
-    admin_port: Annotated[
-        int | None,
-        typer.Option(help="Loopback port for /metrics, /healthz, /readyz, /status (worker i: +i)."),
-    ] = None,
+    admin_port: TLSAdminPort = None,
 ) -> None:
     """HTTPS in front of a plain-HTTP app: TLS 1.2+, modern ciphers, keep-alive both
     ways, X-Forwarded-For/-Proto, WebSocket upgrades passed through."""

@@ -19,6 +19,7 @@ import typer
 
 from podkit.aio import run_async, stop_event, wait_for
 from podkit.backends import BackendError, Message, open_kv
+from podkit.clihelp import App, epilog
 from podkit.net.listen import ListenError, listening
 from podkit.workqueue import sources
 from podkit.workqueue.core import RetryPolicy, WorkerStats, WorkQueue
@@ -31,14 +32,30 @@ if TYPE_CHECKING:
     from podkit.backends import QueueStats
     from podkit.workqueue.scaling import Demand
 
-cli = typer.Typer(help="Work queues: workers, sources and status.", no_args_is_help=True)
-source_cli = typer.Typer(help="Feed a queue.", no_args_is_help=True)
+DOCS = "docs/workqueue.md"
+cli = App(
+    help="Work queues: workers, sources and status.",
+    no_args_is_help=True,
+    epilog=epilog("podkit queue status --queue sqlite:///q.db --name images", docs=DOCS),
+)
+source_cli = App(
+    help="Feed a queue.",
+    no_args_is_help=True,
+    epilog=epilog("podkit queue source dir in/ --queue sqlite:///q.db --name images", docs=DOCS),
+)
 cli.add_typer(source_cli, name="source")
 
+QUEUE = "Queue"  # the groups of the queue commands' options
+HANDLER = "Handler"
+DELIVERY = "Delivery"
+ADMIN = "Admin"
 QueueURL = Annotated[
-    str, typer.Option("--queue", help="Queue backend URL.", envvar="PODKIT_BACKEND_STATE")
+    str,
+    typer.Option(
+        "--queue", help="Queue backend URL.", envvar="PODKIT_BACKEND_STATE", rich_help_panel=QUEUE
+    ),
 ]
-QueueName = Annotated[str, typer.Option("--name", help="The queue's name.")]
+QueueName = Annotated[str, typer.Option("--name", help="The queue's name.", rich_help_panel=QUEUE)]
 
 
 def log(message: str) -> None:
@@ -53,40 +70,127 @@ def _run(coro: Any) -> None:
         raise typer.Exit(1) from None
 
 
-@cli.command()
+# -- the options of `queue work` ------------------------------------------------------------
+
+ExecCommand = Annotated[
+    str | None,
+    typer.Option(
+        "--exec", help="Command per item: {} {name} {stem} {file}.", rich_help_panel=HANDLER
+    ),
+]
+ExecMode = Annotated[
+    str,
+    typer.Option(
+        "--mode", help="How the command gets the item: arg, stdin, file.", rich_help_panel=HANDLER
+    ),
+]
+HTTPTarget = Annotated[
+    str | None,
+    typer.Option("--http", help="POST each item to this URL instead.", rich_help_panel=HANDLER),
+]
+Concurrency = Annotated[
+    int, typer.Option("--concurrency", help="Items in hand at once.", rich_help_panel=DELIVERY)
+]
+Prefetch = Annotated[
+    int,
+    typer.Option(
+        "--prefetch",
+        help="Items leased ahead of free slots (heartbeated, returned on stop).",
+        rich_help_panel=DELIVERY,
+    ),
+]
+Visibility = Annotated[
+    float,
+    typer.Option("--visibility", help="Seconds an item stays hidden.", rich_help_panel=DELIVERY),
+]
+MaxAttempts = Annotated[
+    int,
+    typer.Option(
+        "--max-attempts", help="Deliveries before dead-lettering.", rich_help_panel=DELIVERY
+    ),
+]
+RetryBase = Annotated[
+    float,
+    typer.Option(
+        "--retry-base", help="Seconds before a first retry, doubling.", rich_help_panel=DELIVERY
+    ),
+]
+ExecTimeout = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        help="Seconds a command may run.",
+        show_default="no limit",
+        rich_help_panel=HANDLER,
+    ),
+]
+Then = Annotated[
+    str | None,
+    typer.Option(
+        "--then", help="Enqueue each result on this queue: the next step.", rich_help_panel=QUEUE
+    ),
+]
+Drain = Annotated[
+    bool,
+    typer.Option(
+        "--drain/--no-drain", help="Stop when the queue is empty.", rich_help_panel=DELIVERY
+    ),
+]
+PrintResults = Annotated[
+    bool,
+    typer.Option(
+        "--print-results/--no-print-results",
+        help="Print each result on stdout, a JSON line.",
+        rich_help_panel=HANDLER,
+    ),
+]
+ReportProgress = Annotated[
+    bool,
+    typer.Option(
+        "--report/--no-report",
+        help="Report progress for autoscaling (needs a KV backend).",
+        rich_help_panel=ADMIN,
+    ),
+]
+Grace = Annotated[
+    float,
+    typer.Option("--grace", help="Seconds to finish items on SIGTERM.", rich_help_panel=DELIVERY),
+]
+WorkAdminPort = Annotated[
+    int | None,
+    typer.Option(
+        "--admin-port",
+        help="Loopback port for /metrics, /healthz, /readyz, /status.",
+        rich_help_panel=ADMIN,
+    ),
+]
+
+
+@cli.command(
+    epilog=epilog(
+        "podkit queue work --queue sqlite:///q.db --name images",
+        "--exec 'convert {} out/{stem}.webp'",
+        docs=DOCS,
+    )
+)
 def work(
     queue: QueueURL,
     name: QueueName = "default",
-    exec_: Annotated[
-        str | None, typer.Option("--exec", help="Command per item: {} {name} {stem} {file}.")
-    ] = None,
-    mode: Annotated[
-        str, typer.Option(help="How the command gets the item: arg|stdin|file.")
-    ] = "arg",
-    http: Annotated[str | None, typer.Option(help="POST each item to this URL instead.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Items in hand at once.")] = 4,
-    prefetch: Annotated[
-        int, typer.Option(help="Items leased ahead of free slots (heartbeated, returned on stop).")
-    ] = 0,
-    visibility: Annotated[float, typer.Option(help="Seconds an item stays hidden.")] = 30.0,
-    max_attempts: Annotated[int, typer.Option(help="Deliveries before dead-lettering.")] = 5,
-    retry_base: Annotated[float, typer.Option(help="First retry delay, doubling.")] = 1.0,
-    timeout: Annotated[float | None, typer.Option(help="Seconds a command may run.")] = None,
-    then: Annotated[
-        str | None, typer.Option(help="Enqueue each result on this queue: the next step.")
-    ] = None,
-    drain: Annotated[bool, typer.Option(help="Stop when the queue is empty.")] = False,
-    print_results: Annotated[
-        bool, typer.Option(help="Print each item's result on stdout (one JSON line).")
-    ] = False,
-    report: Annotated[
-        bool, typer.Option(help="Report progress for autoscaling (needs a KV backend).")
-    ] = True,
-    grace: Annotated[float, typer.Option(help="Seconds to finish items on SIGTERM.")] = 30.0,
-    admin_port: Annotated[
-        int | None,
-        typer.Option(help="Loopback port for /metrics, /healthz, /readyz, /status."),
-    ] = None,
+    exec_: ExecCommand = None,
+    mode: ExecMode = "arg",
+    http: HTTPTarget = None,
+    concurrency: Concurrency = 4,
+    prefetch: Prefetch = 0,
+    visibility: Visibility = 30.0,
+    max_attempts: MaxAttempts = 5,
+    retry_base: RetryBase = 1.0,
+    timeout: ExecTimeout = None,
+    then: Then = None,
+    drain: Drain = False,
+    print_results: PrintResults = False,
+    report: ReportProgress = True,
+    grace: Grace = 30.0,
+    admin_port: WorkAdminPort = None,
 ) -> None:
     """Process items with a command (exit 0 acks) or an HTTP endpoint (2xx acks)."""
     if (exec_ is None) == (http is None):
@@ -204,7 +308,13 @@ async def _work_admin(counts: WorkerStats, name: str, queue: str, port: int) -> 
     return admin
 
 
-@cli.command()
+@cli.command(
+    epilog=epilog(
+        "podkit queue enqueue in/cat.png in/dog.png",
+        "--queue sqlite:///q.db --name images",
+        docs=DOCS,
+    )
+)
 def enqueue(
     items: Annotated[list[str], typer.Argument(help="Items (JSON, or plain text).")],
     queue: QueueURL,
@@ -239,7 +349,9 @@ def _parse(text: str) -> Any:
         return text
 
 
-@cli.command()
+@cli.command(
+    epilog=epilog("podkit queue status --queue sqlite:///q.db --name images --dead 10", docs=DOCS)
+)
 def status(
     queue: QueueURL,
     name: QueueName = "default",
@@ -292,7 +404,11 @@ def status(
     _run(main())
 
 
-@cli.command()
+@cli.command(
+    epilog=epilog(
+        "podkit queue scaler --queue redis://redis:6379 --name images --max 20", docs=DOCS
+    )
+)
 def scaler(
     queue: QueueURL,
     name: QueueName = "default",
@@ -432,7 +548,14 @@ def _feed(
     _run(main())
 
 
-@source_cli.command("dir")
+@source_cli.command(
+    "dir",
+    epilog=epilog(
+        "podkit queue source dir in/ --pattern '*.png'",
+        "--queue sqlite:///q.db --name images",
+        docs=DOCS,
+    ),
+)
 def source_dir(
     path: Annotated[str, typer.Argument(help="The directory to watch.")],
     queue: QueueURL,
@@ -451,7 +574,10 @@ def source_dir(
     )
 
 
-@source_cli.command("lines")
+@source_cli.command(
+    "lines",
+    epilog=epilog("podkit queue source lines urls.txt --queue sqlite:///q.db", docs=DOCS),
+)
 def source_lines(
     file: Annotated[str, typer.Argument(help="A text file: one item per line.")],
     queue: QueueURL,
@@ -461,7 +587,14 @@ def source_lines(
     _feed(queue, name, lambda wq, _stop: sources.lines(wq, file, log=log))
 
 
-@source_cli.command("every")
+@source_cli.command(
+    "every",
+    epilog=epilog(
+        "podkit queue source every 3600 --item report",
+        "--queue sqlite:///q.db --name nightly",
+        docs=DOCS,
+    ),
+)
 def source_every(
     seconds: Annotated[float, typer.Argument(help="The period.")],
     queue: QueueURL,
@@ -476,7 +609,10 @@ def source_every(
     )
 
 
-@source_cli.command("http")
+@source_cli.command(
+    "http",
+    epilog=epilog("podkit queue source http --port 8090 --queue sqlite:///q.db", docs=DOCS),
+)
 def source_http(
     queue: QueueURL,
     name: QueueName = "default",
@@ -495,7 +631,14 @@ def source_http(
     _feed(queue, name, serve)
 
 
-@source_cli.command("kv")
+@source_cli.command(
+    "kv",
+    epilog=epilog(
+        "podkit queue source kv uploads/ --kv redis://redis:6379",
+        "--queue redis://redis:6379 --name uploads",
+        docs=DOCS,
+    ),
+)
 def source_kv(
     prefix: Annotated[str, typer.Argument(help="Key prefix to watch.")],
     kv: Annotated[str, typer.Option(help="KV backend URL.")],
@@ -506,7 +649,14 @@ def source_kv(
     _feed(queue, name, lambda wq, stop: sources.kv_prefix(wq, kv, prefix, stop=stop, log=log))
 
 
-@source_cli.command("redis-list")
+@source_cli.command(
+    "redis-list",
+    epilog=epilog(
+        "podkit queue source redis-list jobs --redis redis://redis:6379",
+        "--queue sqlite:///q.db --name jobs",
+        docs=DOCS,
+    ),
+)
 def source_redis_list(
     key: Annotated[str, typer.Argument(help="The Redis list.")],
     redis: Annotated[str, typer.Option(help="Redis URL.")],
