@@ -371,6 +371,7 @@ def test_status_shows_pods_and_services(up_process) -> None:  # type: ignore[no-
     )
     assert result.returncode == 0, result.stderr
     assert "web-0" in result.stdout and "web-1" in result.stdout
+    assert "http:8080" in result.stdout  # the pod's named ports, as promised
     assert f"service web: http://127.0.0.1:{port}/ ->" in result.stdout
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=15)

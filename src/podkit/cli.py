@@ -128,18 +128,21 @@ def status(
             print(json.dumps(data, indent=2))
             continue
         table = Table(title=f"{data['name']} (pid {data['pid']})")
-        for col in ("pod", "ip", "container", "state", "ready", "restarts", "pid"):
+        for col in ("pod", "ip", "ports", "container", "state", "ready", "restarts", "pid", "why"):
             table.add_column(col)
         for pod in data["pods"]:
+            ports = " ".join(f"{n}:{p}" for n, p in pod.get("ports", {}).items()) or "-"
             for c in pod["containers"]:
                 table.add_row(
                     pod["name"],
                     pod["ip"],
+                    ports,
                     c["name"],
                     c["state"],
                     "yes" if c["ready"] else "no",
                     str(c["restarts"]),
                     str(c["pid"] or "-"),
+                    c.get("message") or "",
                 )
         out.print(table)
         for svc in data["services"]:
