@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Union
 
 import pydantic
 import yaml
@@ -130,14 +133,74 @@ def load_yaml_file(path: str | os.PathLike[str]) -> tuple[Any, dict[Path, Positi
 
 
 def validation_problems(
-    exc: pydantic.ValidationError, file: str, positions: dict[Path, Position]
+    exc: pydantic.ValidationError,
+    file: str,
+    positions: dict[Path, Position],
+    model: type[pydantic.BaseModel] | None = None,
 ) -> ConfigFileError:
-    """A ValidationError of data loaded by `load_yaml_file`, as file:line problems."""
+    """A ValidationError of data loaded by `load_yaml_file`, as file:line problems; with
+    the `model` validated, an unknown field gets the closest known one."""
     lines = []
     for err in exc.errors():
         loc = tuple(err["loc"])
+        at = _at(file, nearest_position(positions, loc))
+        if err["type"] == "extra_forbidden" and model is not None:
+            lines.append(f"{at}: {format_path(loc)}: {unknown_field(model, loc)}")
+            continue
         got = err.get("input")
         shown = f" (got {got!r})" if isinstance(got, str | int | float | bool) else ""
-        at = _at(file, nearest_position(positions, loc))
         lines.append(f"{at}: {format_path(loc)}: {err['msg']}{shown}")
     return ConfigFileError("\n".join(lines))
+
+
+def model_in(annotation: Any) -> type[pydantic.BaseModel] | None:
+    """The BaseModel class inside an annotation like `Probe | None` or `list[Pod]`."""
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return model_in(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType, list, dict):
+        args = typing.get_args(annotation)
+        for arg in args[-1:] if origin is dict else args:
+            found = model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def model_at(
+    root: type[pydantic.BaseModel], loc: tuple[str | int, ...]
+) -> type[pydantic.BaseModel] | None:
+    """The model of the mapping at `loc` under `root` (None where it is not one)."""
+    model: type[pydantic.BaseModel] | None = root
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            continue
+        field = next(
+            (f for n, f in model.model_fields.items() if n == part or f.alias == part), None
+        )
+        if field is None:
+            return None
+        model = model_in(field.annotation)
+    return model
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """` (did you mean 'x'?)` for the closest of `choices`, or '' when none is close."""
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def unknown_field(root: type[pydantic.BaseModel], loc: tuple[str | int, ...]) -> str:
+    """What to say of the unknown field at `loc`: the closest known name, and the known."""
+    model = model_at(root, loc[:-1])
+    name = loc[-1]
+    if model is None:
+        return f"unknown field '{name}'"
+    known = [f.alias or n for n, f in model.model_fields.items()]
+    return f"unknown field '{name}'{did_you_mean(str(name), known)}; expected one of: " + ", ".join(
+        known
+    )

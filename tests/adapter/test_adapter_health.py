@@ -203,6 +203,13 @@ def test_a_bad_config_is_refused_with_where(tmp_path: Path) -> None:
     assert f"{cfg}:3:5: checks[0]: " in run.stderr
     assert "not a postgresql:// or mysql:// URL" in run.stderr
     assert f"{cfg}:4:15: checks[1].bogus: " in run.stderr
+    # a misspelt field gets the closest one, as a spec does
+    cfg.write_text("intervall: 1\nchecks:\n  - {http: 'http://h/', expekt: ok}\n")
+    run = subprocess.run([*PODKIT, "adapter", "health", "--config", str(cfg)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 2
+    assert "intervall: unknown field 'intervall' (did you mean 'interval'?)" in run.stderr
+    assert "checks[0].expekt: unknown field 'expekt' (did you mean 'expect'?)" in run.stderr
     cfg.write_text("interval: 1\nchecks:\n  - command: [sleep\n")
     run = subprocess.run([*PODKIT, "adapter", "health", "--config", str(cfg)],
                          capture_output=True, text=True)  # fmt: skip

@@ -349,7 +349,7 @@ def health(
             data["interval"] = interval
         cfg = HealthConfig.model_validate(data)
     except ValidationError as exc:  # checks from flags have no place: the file's name alone
-        log(str(validation_problems(exc, str(config or "flags"), positions)))
+        log(str(validation_problems(exc, str(config or "flags"), positions, HealthConfig)))
         raise typer.Exit(2) from None
     except ValueError as exc:
         log(str(exc))
@@ -417,7 +417,7 @@ def metrics(
             data, positions = load_yaml_file(mapping)
             loaded = JSONMapping.model_validate(data)
         except ValidationError as exc:
-            log(str(validation_problems(exc, str(mapping), positions)))
+            log(str(validation_problems(exc, str(mapping), positions, JSONMapping)))
             raise typer.Exit(2) from None
         except ValueError as exc:
             log(str(exc))

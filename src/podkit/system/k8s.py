@@ -51,8 +51,8 @@ from podkit.system.spec import (
     Service,
     Spec,
     TCPProbe,
-    _model_in,
 )
+from podkit.yamlpos import model_in
 
 DEFAULT_PODKIT_IMAGE = f"ghcr.io/podkit/podkit:{__version__}"
 DEFAULT_KUBE_VERSION = "1.33"
@@ -644,7 +644,7 @@ def iter_fields(model: type[BaseModel] = Spec, prefix: str = "") -> Iterator[str
     for name, info in model.model_fields.items():
         path = f"{prefix}{info.alias or name}"
         yield path
-        sub = _model_in(info.annotation)
+        sub = model_in(info.annotation)
         if sub is None or sub is Probe or issubclass(sub, HTTPProbe | TCPProbe | ExecProbe):
             continue
         many = typing.get_origin(info.annotation) in (list, dict)

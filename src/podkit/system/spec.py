@@ -7,13 +7,11 @@ module names them too.
 
 from __future__ import annotations
 
-import difflib
 import os
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -32,9 +30,11 @@ from podkit.system.specmodels import (
 )
 from podkit.yamlpos import (
     YAMLSyntaxError,
+    did_you_mean,
     format_path,
     load_with_positions,
     nearest_position,
+    unknown_field,
 )
 
 __all__ = [
@@ -80,59 +80,11 @@ class SpecError(ValueError):
         super().__init__("\n".join(str(i) for i in issues))
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The BaseModel class inside an annotation like `Probe | None` or `list[Pod]`."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        return _model_in(typing.get_args(annotation)[0])
-    if origin in (Union, types.UnionType, list, dict):
-        args = typing.get_args(annotation)
-        for arg in args[-1:] if origin is dict else args:
-            found = _model_in(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = Spec
-    for part in loc:
-        if model is None:
-            return None
-        if isinstance(part, int):
-            continue
-        field = next(
-            (f for n, f in model.model_fields.items() if n == part or f.alias == part), None
-        )
-        if field is None:
-            return None
-        model = _model_in(field.annotation)
-    return model
-
-
-def _field_names(model: type[BaseModel]) -> list[str]:
-    return [f.alias or n for n, f in model.model_fields.items()]
-
-
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    """` (did you mean 'x'?)` for the closest of `choices`, or '' when none is close."""
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _describe(err: Any) -> str:
     kind = err["type"]
     loc = tuple(err["loc"])
     if kind == "extra_forbidden":
-        model = _model_at(loc[:-1])
-        name = loc[-1]
-        if model is None:
-            return f"unknown field '{name}'"
-        known = _field_names(model)
-        hint = _did_you_mean(str(name), known)
-        return f"unknown field '{name}'{hint}; expected one of: {', '.join(known)}"
+        return unknown_field(Spec, loc)
     if kind == "missing":
         return f"missing required field '{loc[-1]}'"
     msg = str(err["msg"])
@@ -327,7 +279,7 @@ def _check_components(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...],
             base: tuple[str | int, ...] = ("pods", i, "containers", j)
             known = known_components()
             if name not in known:
-                hint = _did_you_mean(name, known)
+                hint = did_you_mean(name, known)
                 problems.append(
                     (
                         (*base, "component"),
@@ -345,7 +297,7 @@ def _check_components(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...],
             for key in given:
                 if isinstance(key, str) and option_flag(key) in flags:
                     continue
-                hint = _did_you_mean(str(key), keys)
+                hint = did_you_mean(str(key), keys)
                 problems.append(
                     (
                         (*base, "with", key if isinstance(key, str) else str(key)),

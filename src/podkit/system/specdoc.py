@@ -26,8 +26,9 @@ from podkit.contract import pod_hooks, service_hooks
 from podkit.spectypes import Name, Port, PortRef, Text, Unit
 from podkit.system.components import command_words, known_components
 from podkit.system.k8s import FIELDS
-from podkit.system.spec import BACKEND_SCHEMES, Container, Probe, Spec, _model_in
+from podkit.system.spec import BACKEND_SCHEMES, Container, Probe, Spec
 from podkit.system.specmodels import summary
+from podkit.yamlpos import model_in
 
 REGENERATE = ".venv/bin/python -m podkit.system.specdoc > docs/spec.md"
 
@@ -112,7 +113,7 @@ def sections() -> list[Section]:
         out.append(section)
         seen[section.model] = section
         for _, path, info in section.fields():
-            sub = _model_in(info.annotation)
+            sub = model_in(info.annotation)
             if sub is None:
                 continue
             if sub in seen:
@@ -198,7 +199,7 @@ def words(tp: Any, meta: tuple[Any, ...] = (), plural: bool = False) -> str:
 
 
 def _type_cell(info: FieldInfo, targets: dict[type[BaseModel], Section]) -> str:
-    sub = _model_in(info.annotation)
+    sub = model_in(info.annotation)
     if sub is not None:
         link = f"[{targets[sub].heading}](#{targets[sub].anchor})"
         if typing.get_origin(info.annotation) is list:
