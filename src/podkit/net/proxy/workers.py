@@ -6,7 +6,9 @@ silently shared with it. With `workers == 1` the proxy runs in this process. Wit
 this process becomes a small supervisor: it forks the workers (each binds its own
 SO_REUSEPORT socket, so the kernel spreads new connections across them), restarts a
 worker that dies, and on SIGTERM or SIGINT passes the signal on and waits for the
-workers to drain.
+workers to drain. Until a process has its handlers (the supervisor its own, a worker its
+event loop's), it keeps SIGTERM and SIGINT blocked, so one that comes while it starts (a
+Ctrl-C or a SIGTERM to the whole process group) waits for them and is not lost.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class WorkerFeatures(Protocol):
 
 
 FeaturesFactory = Callable[[ProxyConfig, int], WorkerFeatures]  # (config, worker index)
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 async def run_worker(
@@ -60,6 +63,8 @@ async def run_worker(
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain for up to `grace` seconds. `proxy` makes
     the worker's proxy (`Proxy`, a subclass, or a partial with a policy)."""
+    stop = stop_event()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by `serve` until now
     extra = features(config, index) if features else None
     chain = [*(filters(config) if filters else ()), *(extra.filters if extra else ())]
     lb = proxy(config, filters=chain)
@@ -70,7 +75,6 @@ async def run_worker(
     # so a full collection never walks the CLI's modules in the middle of requests.
     gc.collect()
     gc.freeze()
-    stop = stop_event()
     await stop.wait()
     await lb.close(grace)
     if extra is not None:
@@ -125,11 +129,26 @@ def serve(
         except OSError as exc:
             raise ListenError.of(exc, config.host, config.port, "--listen") from None
         config.port = int(shared.getsockname()[1])
-    if ready is not None:
-        ready()
-    if config.workers <= 1:
-        run_async(run_worker(config, filters, sock=shared, features=features, proxy=proxy))
-        return 0
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # until handled
+    try:
+        if ready is not None:
+            ready()
+        if config.workers <= 1:
+            run_async(run_worker(config, filters, sock=shared, features=features, proxy=proxy))
+            return 0
+        return _supervise(config, filters, shared, features, proxy)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _supervise(
+    config: ProxyConfig,
+    filters: FilterFactory | None,
+    shared: socket.socket | None,
+    features: FeaturesFactory | None,
+    proxy: ProxyFactory,
+) -> int:
+    """Fork the workers, restart those that die, pass SIGTERM and SIGINT on to them."""
     ctx = multiprocessing.get_context("fork")
     procs: list[multiprocessing.process.BaseProcess] = []
     stopping = False
@@ -140,7 +159,11 @@ def serve(
             args=(config, filters, shared, features, i, proxy),
             name=f"lb-worker-{i}",
         )
-        p.start()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the child's too
+        try:
+            p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return p
 
     def on_signal(signum: int, frame: object) -> None:
@@ -154,6 +177,7 @@ def serve(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     procs.extend(start(i) for i in range(config.workers))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # every worker is in `procs`
     budget = RestartBudget(5 * config.workers)
     while True:
         live = [p for p in procs if p.exitcode is None]
