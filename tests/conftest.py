@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from typing import TypeVar
@@ -39,9 +40,32 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     reasons = Counter(_skip_reason(r) for r in skipped)
     said = "; ".join(f"{n} x {why}" for why, n in reasons.most_common())
     terminalreporter.write_sep("-", f"skipped: {len(skipped)}" + (f" ({said})" if said else ""))
+    _doc_examples(terminalreporter)
     for server in _kept:
         terminalreporter.write_sep("-", f"kept {server.name} dir {server.dir}")
         terminalreporter.write_line(server.log_tail(12))
+
+
+def _doc_examples(terminalreporter: pytest.TerminalReporter) -> None:
+    """How many examples of README.md and docs/ ran (tests/test_docs.py), and how many
+    are marked not run there."""
+    reports = [
+        r
+        for kind in ("passed", "failed", "skipped")
+        for r in terminalreporter.stats.get(kind, [])
+        if r.when == "call" and re.search(r"test_docs\.py::test_(example|not_run)\[", r.nodeid)
+    ]
+    if not reports:
+        return
+    ran = [r for r in reports if "::test_example[" in r.nodeid]
+    passed = sum(r.passed for r in ran)
+    commands = sum(int(v) for r in ran for k, v in r.user_properties if k == "doc commands")
+    not_run = len(reports) - len(ran)
+    terminalreporter.write_sep(
+        "-",
+        f"doc examples: {len(ran)} run ({passed} passed; {commands} commands and Python "
+        f"blocks), {not_run} marked not run (their reasons are with the skips)",
+    )
 
 
 def _serve(server: S, failed: Callable[[], bool]) -> Iterator[S]:
