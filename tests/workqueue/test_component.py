@@ -385,3 +385,27 @@ def test_status_of_a_database_that_is_not_there_says_so_and_makes_none(tmp_path:
         == f"queue: sqlite:///{typo}: no SQLite database at {typo}: no queue is there"
     )
     assert not typo.exists()
+
+
+def test_cli_work_keeps_results_where_asked(tmp_path: Path) -> None:
+    import asyncio
+
+    from podkit.workqueue import WorkQueue
+
+    url, kept = f"sqlite:///{tmp_path / 'q.db'}", f"sqlite:///{tmp_path / 'results.db'}"
+    (item_id,) = podkit("queue", "enqueue", "7", "--queue", url).stdout.split()
+    script = "import sys; print(int(sys.argv[1]) * 6)"
+    r = podkit(
+        "queue", "work", "--queue", url, "--exec", f'{PY} -c "{script}" {{}}', "--drain",
+        "--results", kept,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+    async def result() -> object:
+        wq = await WorkQueue.open(url, results=kept)
+        try:
+            return await wq.result(item_id, timeout=5)
+        finally:
+            await wq.close()
+
+    assert asyncio.run(result()) == 42

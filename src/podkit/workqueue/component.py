@@ -136,6 +136,14 @@ Drain = Annotated[
         "--drain/--no-drain", help="Stop when the queue is empty.", rich_help_panel=DELIVERY
     ),
 ]
+Results = Annotated[
+    str | None,
+    typer.Option(
+        "--results",
+        help="Keep each result in this KV backend URL, by item id.",
+        rich_help_panel=QUEUE,
+    ),
+]
 PrintResults = Annotated[
     bool,
     typer.Option(
@@ -186,6 +194,7 @@ def work(
     retry_base: RetryBase = 1.0,
     timeout: ExecTimeout = None,
     then: Then = None,
+    results: Results = None,
     drain: Drain = False,
     print_results: PrintResults = False,
     report: ReportProgress = True,
@@ -203,7 +212,7 @@ def work(
     async def main() -> None:
         wq = await WorkQueue.open(
             queue, name, max_attempts=max_attempts, visibility=visibility,
-            retry=RetryPolicy(base=retry_base),
+            retry=RetryPolicy(base=retry_base), results=results,
         )  # fmt: skip
         handler = _handler(exec_, http, mode_, timeout, print_results)
         loop = asyncio.get_running_loop()
