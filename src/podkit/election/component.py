@@ -28,7 +28,7 @@ from typing import Annotated, Any
 
 import typer
 
-from podkit.aio import run_async, stop_event
+from podkit.aio import run_async, stop_event, wait_for
 from podkit.backends import BackendError, open_kv
 from podkit.clihelp import App, epilog
 from podkit.election.core import Election, LeaderElection, LeadershipLost
@@ -55,6 +55,7 @@ def log(message: str) -> None:
 
 EXEC_STABLE = 10.0  # seconds: a command that ran this long resets the back-off
 EXEC_BACKOFF = (0.5, 30.0)  # the first and the longest pause after a quick exit
+CLOSE_WAIT = 3.0  # seconds each step of a stop may take (resigning, closing the backend)
 
 
 class Elector:
@@ -171,8 +172,12 @@ async def run(config: ElectorConfig) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    await elector.close()
-    await close()
+    # a backend that does not answer must not hold a stopping elector: the lease then
+    # lapses by its TTL, and fencing tokens keep a late write out
+    with contextlib.suppress(TimeoutError):
+        await wait_for(elector.close(), CLOSE_WAIT)
+    with contextlib.suppress(TimeoutError):
+        await wait_for(close(), CLOSE_WAIT)
     if task.done() and not task.cancelled() and task.exception():
         raise task.exception()  # type: ignore[misc]
 
