@@ -434,3 +434,24 @@ def test_exits_are_told_by_code_or_by_signal() -> None:
     assert exit_text(3) == "exited with code 3"
     assert exit_text(-9) == "killed by SIGKILL"
     assert exit_text(-15) == "killed by SIGTERM"
+
+
+async def test_a_system_not_ready_after_its_start_window_names_who_and_why(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    out = io.StringIO()
+    spec = parse_spec(web_spec(port, replicas=2, extra_env=", UNREADY_REPLICAS: '1'"))
+    rt = Runtime(
+        spec, base_dir=tmp_path, log=LogSink(out), subnet=unique_subnet(), start_window=1.5
+    )
+    await rt.start()
+    try:
+        await asyncio.sleep(2.5)
+        assert (
+            "web is not ready after 1.5s: web-1/app (not ready: GET /ready: HTTP 503)"
+            in out.getvalue()
+        )
+        assert "web-0/app (" not in out.getvalue()  # the ready replica is not named
+    finally:
+        await rt.stop()

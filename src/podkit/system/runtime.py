@@ -30,6 +30,7 @@ from podkit.proc import Watchdog, parent_death_signal, signal_group, stop_group
 from podkit.system.backoff import RestartBackoff
 from podkit.system.components import component_argv
 from podkit.system.forwarder import Endpoint, ServiceProxy, TCPForwarder
+from podkit.system.localpod import LocalPodView
 from podkit.system.probes import ProbeState, run_probe
 from podkit.system.spec import Container, Pod, Service, Spec
 
@@ -452,9 +453,11 @@ class Runtime:
         backoff: Mapping[str, float] | None = None,
         proxy_factory: ProxyFactory | None = None,
         settle: float = 1.0,
+        start_window: float = 30.0,
     ) -> None:
         self.spec = spec
         self.settle = settle
+        self.start_window = start_window  # seconds to be ready before the log names who is not
         self.base_dir = base_dir.resolve()
         self.state_dir = self.base_dir / ".podkit" / spec.name
         self.clock: Clock = clock or SystemClock()
@@ -478,7 +481,7 @@ class Runtime:
         self._announced = False
         self._settling: asyncio.Task[None] | None = None
         self._exits_reported: set[str] = set()
-        self._controls: list[asyncio.Task[None]] = []
+        self._controls: list[asyncio.Task[None]] = []  # hooks' loops, and the start window
         self.scale_events: list[tuple[float, str, int, int]] = []
 
     def _default_proxy(self, svc: Service) -> ServiceProxy:
@@ -513,6 +516,7 @@ class Runtime:
             for hook, options in pod.hooks():
                 control = hook.control(LocalPodView(self, pod), options)
                 self._controls.append(asyncio.create_task(control))
+        self._controls.append(asyncio.create_task(self._not_ready_yet()))
 
     def add_replica(self, pod: Pod) -> PodReplica:
         """Start one more replica of `pod` (the next free index, a new address)."""
@@ -578,6 +582,21 @@ class Runtime:
             if svc.pods in running and (proxy is None or not proxy.routing):
                 return False
         return True
+
+    async def _not_ready_yet(self) -> None:
+        """After the start window, name the containers that keep the system from being
+        ready, with why (the probe's reason, a restart), if it is not ready by then."""
+        await self.clock.sleep(self.start_window)
+        if self._announced or self._stopping:
+            return
+        waiting = [
+            f"{c.log_source} ({c.status.message or c.status.state})"
+            for rep in self.replicas
+            for c in rep.containers
+            if not (c.ready or c.status.state == "completed")
+        ]
+        who = ", ".join(waiting) or "a service that does not route yet"
+        self.log.event(f"{self.spec.name} is not ready after {self.start_window:g}s: {who}")
 
     async def _announce(self) -> None:
         """Print `<name> is ready` once the system has stayed ready for `settle` seconds
@@ -660,29 +679,3 @@ class Runtime:
                 for s in self.spec.services
             ],
         }
-
-
-class LocalPodView:
-    """A pod as its hooks' control loops see it (`podkit.contract.LocalPod`)."""
-
-    def __init__(self, runtime: Runtime, pod: Pod) -> None:
-        self._runtime = runtime
-        self._pod = pod
-        self.name = pod.name
-        self.clock = runtime.clock
-
-    @property
-    def stopping(self) -> bool:
-        return self._runtime.stopping
-
-    def backend_url(self, name: str) -> str:
-        return self._runtime.backends[name]
-
-    def replicas(self) -> int:
-        return sum(1 for r in self._runtime.replicas if r.pod is self._pod)
-
-    async def scale(self, count: int) -> None:
-        await self._runtime.scale(self._pod, count)
-
-    def event(self, text: str) -> None:
-        self._runtime.log.event(text)
